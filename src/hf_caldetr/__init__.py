@@ -1,0 +1,18 @@
+"""Cal-DETR (train-time calibration of detection transformers, NeurIPS 2023) for HuggingFace Transformers.
+
+The Cal configs keep their parent's ``model_type`` so that saved checkpoints load in stock transformers; for that
+reason they are not registered with the Auto classes under a name of their own (a model type can map to one
+config class only).
+"""
+
+from .configuration import CalDeformableDetrConfig, CalibrationConfigMixin
+from .models import CalDeformableDetrForObjectDetection, CalDeformableDetrObjectDetectionOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalDeformableDetrConfig",
+    "CalDeformableDetrForObjectDetection",
+    "CalDeformableDetrObjectDetectionOutput",
+    "CalibrationConfigMixin",
+]

@@ -1,0 +1,166 @@
+"""The Cal-DETR method, model-agnostic: pure tensor functions.
+
+Notation (see the spec): ``Z`` holds the class logits of every decoder layer, ``[B, L, Q, C]``; ``Z_L`` the final
+layer's. ``C`` is the number of labels for sigmoid heads (Deformable DETR, RT-DETR) and labels + 1 (the no-object
+column) for softmax heads (DETR).
+
+Nothing here imports a model: each model subclass gathers its decoder-layer logits and its matched queries, and
+calls these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import sum_across_processes
+
+MODULATION_MODES = ("multiplicative", "subtractive", "none")
+
+
+def logit_uncertainty(layer_logits: torch.Tensor) -> torch.Tensor:
+    """Per-logit uncertainty ``U = Var_l(Z)``: the unbiased variance over the decoder-layer axis.
+
+    Args:
+        layer_logits: ``[B, L, Q, C]`` logits of every decoder layer.
+
+    Returns:
+        ``[B, Q, C]``. Gradients flow through it (the paper and the released code do not detach it).
+    """
+    if layer_logits.dim() != 4:
+        raise ValueError(f"layer_logits must be [batch, layers, queries, classes], got shape {tuple(layer_logits.shape)}")
+    if layer_logits.shape[1] < 2:
+        raise ValueError(
+            "logit_uncertainty needs at least 2 decoder layers: the variance over one layer is undefined "
+            f"(got {layer_logits.shape[1]})"
+        )
+    return layer_logits.var(dim=1, unbiased=True)
+
+
+def modulate_logits(final_logits: torch.Tensor, uncertainty: torch.Tensor, mode: str = "multiplicative") -> torch.Tensor:
+    """Uncertainty-guided logit modulation of the final layer.
+
+    - ``"multiplicative"`` (the paper's equation): ``Z_L * (1 - tanh(U))``, which pulls uncertain logits towards 0.
+    - ``"subtractive"`` (the authors' released code, an operator-precedence slip ``z * 1 - tanh(u)``):
+      ``Z_L - tanh(U)``, which lowers every score.
+    - ``"none"``: ``Z_L`` unchanged.
+
+    Args:
+        final_logits: ``[B, Q, C]``.
+        uncertainty: ``[B, Q, C]``, from :func:`logit_uncertainty`.
+    """
+    if mode not in MODULATION_MODES:
+        raise ValueError(f"uncertainty_modulation must be one of {MODULATION_MODES}, got {mode!r}")
+    if mode == "none":
+        return final_logits
+    if final_logits.shape != uncertainty.shape:
+        raise ValueError(
+            f"final_logits {tuple(final_logits.shape)} and uncertainty {tuple(uncertainty.shape)} must have one shape"
+        )
+    squashed = torch.tanh(uncertainty)
+    if mode == "multiplicative":
+        return final_logits * (1 - squashed)
+    return final_logits - squashed
+
+
+def gather_positives(
+    logits: torch.Tensor, targets: list[dict], indices: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The matched ("positive") queries of a batch, pooled over its images.
+
+    Args:
+        logits: ``[B, Q, C]``.
+        targets: per image, a dict with ``class_labels`` ``[T_b]``.
+        indices: per image, the matcher's ``(query_indices, target_indices)``.
+
+    Returns:
+        ``((batch_idx, query_idx), classes)``: the positions of the ``P`` positives in ``logits`` and their
+        ground-truth classes ``[P]``.
+    """
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
+    query_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+    classes = torch.cat([t["class_labels"][tgt.to(t["class_labels"].device)] for t, (_, tgt) in zip(targets, indices)])
+    return (batch_idx, query_idx), classes.to(logits.device)
+
+
+def mix_logits(positive_logits: torch.Tensor, prototype: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Mixed logits ``ztilde_i = alpha * z_i + (1 - alpha) * zbar``.
+
+    Args:
+        positive_logits: ``[P, C]``, the final-layer (modulated) logits of the positives.
+        prototype: ``[C]``, ``zbar``: the mean of the positives (paper form), see :func:`logit_prototype`.
+    """
+    return alpha * positive_logits + (1 - alpha) * prototype
+
+
+def logit_prototype(positive_logits: torch.Tensor) -> torch.Tensor:
+    """The paper's prototype ``zbar = (1/P) sum_i z_i``, ``[P, C] -> [C]``.
+
+    The released code weights each ``z_i`` by ``1 / (P * n_{c_i})`` instead, which is the mean only when all
+    positives have distinct classes; we follow the paper.
+    """
+    if positive_logits.shape[0] == 0:
+        raise ValueError("logit_prototype needs at least one positive")
+    return positive_logits.mean(dim=0)
+
+
+def mixed_targets_from_counts(
+    positive_classes: torch.Tensor, class_counts: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Smoothed targets of the mixed logits, given the class counts of all ``P`` positives in the pool.
+
+    Positive ``i`` gets ``alpha`` on its own class; each of the other ``P - 1`` positives adds
+    ``(1 - alpha) / (P - 1)`` to its own class, so a class shared with ``i`` adds to ``i``'s entry and every row
+    sums to 1. With ``P = 1`` the target is the one-hot. Class id 0 is a class like any other.
+
+    Args:
+        positive_classes: ``[P_local]`` class ids of the positives whose targets are wanted.
+        class_counts: ``[C]`` number of positives of each class in the whole pool (``P = class_counts.sum()``),
+            which may be larger than the local positives when the pool spans processes.
+    """
+    num_columns = class_counts.shape[0]
+    one_hot = F.one_hot(positive_classes.long(), num_columns).to(dtype)
+    total = class_counts.sum()
+    if total <= 1:
+        return one_hot
+    others = class_counts.to(dtype).unsqueeze(0) - one_hot
+    return alpha * one_hot + (1 - alpha) / (total.to(dtype) - 1) * others
+
+
+def mixed_targets(positive_classes: torch.Tensor, num_columns: int, alpha: float, dtype=torch.float32) -> torch.Tensor:
+    """:func:`mixed_targets_from_counts` when the pool is exactly ``positive_classes``: ``[P] -> [P, num_columns]``."""
+    counts = torch.bincount(positive_classes.long(), minlength=num_columns)
+    return mixed_targets_from_counts(positive_classes, counts, alpha, dtype)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Cross-entropy of softmax ``logits`` ``[P, C]`` against soft ``targets`` ``[P, C]``, summed, over ``normalizer``.
+
+    The mixing loss of softmax heads (DETR): ``-sum_i sum_c t_ic log softmax(z~_i)_c / normalizer``.
+    """
+    return -(targets * F.log_softmax(logits, dim=-1)).sum() / normalizer
+
+
+def pooled_logit_mixing(
+    positive_logits: torch.Tensor, positive_classes: torch.Tensor, num_columns: int, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mixed logits and smoothed targets of this process's positives, pooled over the global batch.
+
+    The prototype and the class counts are summed over all processes (a no-op in a single process), so a batch
+    sharded over processes mixes exactly like the whole batch in one process.
+
+    Args:
+        positive_logits: ``[P_local, C]``.
+        positive_classes: ``[P_local]``.
+
+    Returns:
+        ``(mixed_logits [P_local, C], targets [P_local, C], P)`` with ``P`` the number of positives of the global
+        batch; with ``P = 0`` the logits come back unchanged and the targets empty.
+    """
+    counts = sum_across_processes(torch.bincount(positive_classes.long(), minlength=num_columns))
+    total = int(counts.sum())
+    if total == 0:
+        return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
+    prototype = sum_across_processes(positive_logits.sum(dim=0), differentiable=True) / total
+    targets = mixed_targets_from_counts(positive_classes, counts, alpha, positive_logits.dtype)
+    return mix_logits(positive_logits, prototype, alpha), targets, total

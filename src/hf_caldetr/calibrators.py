@@ -1,0 +1,425 @@
+"""Post-hoc calibrators for detection confidences.
+
+A post-hoc calibrator is a monotone map fitted on held-out detections: each detection has a confidence
+``score`` in [0, 1] and a boolean ``matched`` (true positive under the D-ECE matching protocol). The map is
+fitted so that, among detections with calibrated score ``q``, a fraction ``q`` are true positives. Kuzucu et
+al. (ECCV 2024) found such calibrators, isotonic regression above all, strong baselines against train-time
+methods such as Cal-DETR; the two also combine (calibrate a Cal-DETR model post hoc).
+
+Four calibrators share one interface::
+
+    calibrator = IsotonicCalibrator().fit(scores, matched)
+    calibrated = calibrator.transform(new_scores)
+    calibrator.save("calibrator.json")
+    calibrator = load_calibrator("calibrator.json")
+
+- ``TemperatureScaling``: ``q = sigmoid(logit(s) / T)``, one parameter, keeps the ranking (and so the AP).
+- ``PlattScaling``: ``q = sigmoid(a * logit(s) + b)`` with ``a >= 0``.
+- ``IsotonicCalibrator``: the best non-decreasing step-then-linear map (scikit-learn's isotonic regression).
+- ``HistogramBinning``: equal-width bins over [0, 1], each mapped to its fraction of true positives.
+
+The scores are detection confidences (sigmoid probabilities), so the two parametric calibrators work on
+``logit(s)``, with ``s`` clipped to ``[LOGIT_EPS, 1 - LOGIT_EPS]`` so that scores of exactly 0 or 1 stay
+finite. Both are fitted by minimising the mean binary negative log-likelihood with scipy.optimize.
+
+Class-wise calibration: with ``class_wise=True`` the calibrator fits one map per class label (``fit(scores,
+matched, labels)``), and ``transform(scores, labels)`` applies each detection's own class map. A class with
+fewer than ``min_class_detections`` detections, or whose detections are all true positives or all false
+positives, gets no map of its own and falls back to the class-agnostic map fitted on all detections; so does
+a label never seen at fit time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import optimize, special
+from sklearn.exceptions import NotFittedError
+from sklearn.isotonic import IsotonicRegression
+
+from hf_caldetr.metrics.inputs import to_numpy
+
+__all__ = [
+    "HistogramBinning",
+    "IsotonicCalibrator",
+    "LOGIT_EPS",
+    "MIN_CLASS_DETECTIONS",
+    "MIN_DETECTIONS",
+    "PlattScaling",
+    "PostHocCalibrator",
+    "TemperatureScaling",
+    "load_calibrator",
+]
+
+MIN_DETECTIONS = 10
+"""Fewest detections a calibrator may be fitted on: below this any fit is noise, so ``fit`` refuses."""
+
+MIN_CLASS_DETECTIONS = 50
+"""Default fewest detections a class needs for its own map under ``class_wise=True``; else it falls back."""
+
+LOGIT_EPS = 1e-12
+"""Scores are clipped to ``[LOGIT_EPS, 1 - LOGIT_EPS]`` before ``logit``: ``logit(1 - 1e-12)`` is about 27.6."""
+
+# Search ranges of the parametric fits. They only bind on degenerate data (e.g. every detection a true
+# positive, where the likelihood keeps improving as the map steepens); they keep the parameters finite.
+TEMPERATURE_BOUNDS = (1e-2, 1e2)
+PLATT_SLOPE_BOUNDS = (0.0, 1e2)
+PLATT_BIAS_BOUNDS = (-1e2, 1e2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_scores(scores) -> np.ndarray:
+    """Return ``scores`` (numpy, list, or torch tensor of any dtype/device) as a 1-D float64 array, refusing
+    NaN/inf and values outside [0, 1]."""
+    scores = to_numpy(scores)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be a 1-D array of detection confidences, got shape {scores.shape}")
+    if scores.dtype == bool or not np.issubdtype(scores.dtype, np.number):
+        raise ValueError(f"scores must be numeric confidences in [0, 1], got dtype {scores.dtype}")
+    scores = scores.astype(np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"scores contain {int(np.sum(~np.isfinite(scores)))} NaN or infinite values")
+    if scores.size and (scores.min() < 0.0 or scores.max() > 1.0):
+        raise ValueError(
+            f"scores must lie in [0, 1] (they are probabilities), got range [{scores.min()}, {scores.max()}]"
+        )
+    return scores
+
+
+def _check_matched(matched, num_scores: int) -> np.ndarray:
+    """Return ``matched`` as a boolean array of length ``num_scores``; accepts bool or 0/1 values only."""
+    matched = to_numpy(matched)
+    if matched.shape != (num_scores,):
+        raise ValueError(f"matched must have one entry per score ({num_scores}), got shape {matched.shape}")
+    if matched.dtype == bool:
+        return matched
+    if not np.issubdtype(matched.dtype, np.number) or not np.all(np.isin(matched, (0, 1))):
+        raise ValueError("matched must be boolean or 0/1 (true positive or not), got other values")
+    return matched.astype(bool)
+
+
+def _check_labels(labels, num_scores: int) -> np.ndarray:
+    """Return ``labels`` as an int64 array of length ``num_scores``; integer-valued floats are accepted."""
+    labels = to_numpy(labels)
+    if labels.shape != (num_scores,):
+        raise ValueError(f"labels must have one class id per score ({num_scores}), got shape {labels.shape}")
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels.astype(np.int64)
+    is_numeric = np.issubdtype(labels.dtype, np.number) and labels.dtype != bool
+    if not is_numeric or not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype} with non-integer values")
+    return labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The maps and their fits: small pure functions on float64 arrays
+
+
+def score_logits(scores: np.ndarray) -> np.ndarray:
+    """``logit(s) = log(s / (1 - s))``, with ``s`` clipped to ``[LOGIT_EPS, 1 - LOGIT_EPS]`` first."""
+    return special.logit(np.clip(scores, LOGIT_EPS, 1.0 - LOGIT_EPS))
+
+
+def binary_nll(logits: np.ndarray, matched: np.ndarray) -> float:
+    """Mean binary negative log-likelihood of ``matched`` (y) under ``p = sigmoid(z)``.
+
+    ``NLL = mean(-y log p - (1 - y) log(1 - p)) = mean(log(1 + exp(z)) - y z)``; the second form is the one
+    evaluated (``logaddexp``), as it never overflows.
+    """
+    return float(np.mean(np.logaddexp(0.0, logits) - matched * logits))
+
+
+def fit_temperature(logits: np.ndarray, matched: np.ndarray) -> float:
+    """The temperature ``T`` minimising ``binary_nll(logits / T, matched)``.
+
+    The NLL is convex in ``1 / T`` (a logistic regression with one weight and no bias), hence unimodal in
+    ``log T``; a bounded Brent search over ``log T`` within ``TEMPERATURE_BOUNDS`` finds its minimum.
+    """
+    result = optimize.minimize_scalar(
+        lambda log_t: binary_nll(logits * math.exp(-log_t), matched),
+        bounds=tuple(math.log(bound) for bound in TEMPERATURE_BOUNDS),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
+    return math.exp(result.x)
+
+
+def fit_platt(logits: np.ndarray, matched: np.ndarray) -> tuple[float, float]:
+    """The slope ``a`` and bias ``b`` minimising ``binary_nll(a * logits + b, matched)``.
+
+    Convex in ``(a, b)``; solved by L-BFGS-B with the exact gradient
+    ``d NLL / d(a, b) = mean((sigmoid(z) - y) * (x, 1))``. The slope is bounded below by 0 so the map can
+    never reverse the ranking of the scores (which would wreck the AP).
+    """
+
+    def nll_and_gradient(params: np.ndarray) -> tuple[float, np.ndarray]:
+        slope, bias = params
+        z = slope * logits + bias
+        residual = special.expit(z) - matched
+        return binary_nll(z, matched), np.array([np.mean(residual * logits), np.mean(residual)])
+
+    result = optimize.minimize(
+        nll_and_gradient,
+        x0=np.array([1.0, 0.0]),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[PLATT_SLOPE_BOUNDS, PLATT_BIAS_BOUNDS],
+    )
+    return float(result.x[0]), float(result.x[1])
+
+
+def fit_isotonic(scores: np.ndarray, matched: np.ndarray) -> tuple[list[float], list[float]]:
+    """Knots ``(x, q)`` of the non-decreasing map minimising ``sum (q(s_i) - y_i)^2`` (pool adjacent violators).
+
+    Fitted by scikit-learn's ``IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip")``; between knots
+    the map is linear and beyond them constant, which ``apply_isotonic`` reproduces from the knots alone.
+    """
+    regression = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    regression.fit(scores, matched.astype(np.float64))
+    return regression.X_thresholds_.tolist(), regression.y_thresholds_.tolist()
+
+
+def apply_isotonic(scores: np.ndarray, knots_x: list[float], knots_q: list[float]) -> np.ndarray:
+    """Piecewise-linear interpolation through the knots, constant beyond the first and last (``np.interp``)."""
+    return np.interp(scores, knots_x, knots_q)
+
+
+def histogram_bin_indices(scores: np.ndarray, num_bins: int) -> np.ndarray:
+    """Bin of each score: equal-width half-open bins ``[e_k, e_k+1)`` with ``e = linspace(0, 1, num_bins + 1)``,
+    1.0 in the last bin; the same edges as the D-ECE protocol."""
+    inner_edges = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
+    return np.digitize(scores, inner_edges, right=False)
+
+
+def fit_histogram(scores: np.ndarray, matched: np.ndarray, num_bins: int) -> list[float]:
+    """Each bin's calibrated score: its precision ``n_tp_k / n_k``; an empty bin gets its midpoint, so scores
+    falling there later are left roughly where they were."""
+    bins = histogram_bin_indices(scores, num_bins)
+    counts = np.bincount(bins, minlength=num_bins)
+    true_positives = np.bincount(bins, weights=matched.astype(np.float64), minlength=num_bins)
+    midpoints = (np.arange(num_bins) + 0.5) / num_bins
+    precision = np.divide(true_positives, counts, out=midpoints.copy(), where=counts > 0)
+    return precision.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The calibrators
+
+
+class PostHocCalibrator:
+    """Shared fit/transform/save logic; a subclass supplies ``_fit_map`` and ``_apply_map``.
+
+    A fitted map is a small JSON-able dict of parameters: ``params_`` is the class-agnostic map, and
+    ``class_params_`` (class id -> map) holds the class-wise maps when ``class_wise=True``.
+
+    Args:
+        class_wise: fit one map per class label (``fit``/``transform`` then need ``labels``).
+        min_class_detections: fewest detections of a class for its own map; classes below it, classes whose
+            detections are all of one outcome, and labels unseen at fit time use the class-agnostic map.
+    """
+
+    def __init__(self, class_wise: bool = False, min_class_detections: int = MIN_CLASS_DETECTIONS):
+        if not isinstance(class_wise, bool):
+            raise ValueError(f"class_wise must be True or False, got {class_wise!r}")
+        if isinstance(min_class_detections, bool) or not isinstance(min_class_detections, int):
+            raise ValueError(f"min_class_detections must be an int, got {min_class_detections!r}")
+        if min_class_detections < MIN_DETECTIONS:
+            raise ValueError(
+                f"min_class_detections must be at least MIN_DETECTIONS={MIN_DETECTIONS}, got {min_class_detections}"
+            )
+        self.class_wise = class_wise
+        self.min_class_detections = min_class_detections
+        self.params_: dict | None = None
+        self.class_params_: dict[int, dict] = {}
+
+    # subclass hooks ---------------------------------------------------------------------------------------
+
+    def _fit_map(self, scores: np.ndarray, matched: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def _apply_map(self, params: dict, scores: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _config(self) -> dict:
+        """Constructor arguments, saved with the parameters so ``load_calibrator`` can rebuild the object."""
+        return {"class_wise": self.class_wise, "min_class_detections": self.min_class_detections}
+
+    # public interface -------------------------------------------------------------------------------------
+
+    def fit(self, scores, matched, labels=None):
+        """Fit on held-out detections: ``scores`` [N] in [0, 1], ``matched`` [N] bool, ``labels`` [N] int.
+
+        ``labels`` is required when ``class_wise=True`` and ignored (but still checked) otherwise.
+        Returns ``self``.
+        """
+        scores = _check_scores(scores)
+        matched = _check_matched(matched, scores.size)
+        labels = self._labels_for(labels, scores.size)
+        if scores.size < MIN_DETECTIONS:
+            raise ValueError(
+                f"cannot fit a calibrator on {scores.size} detections: need at least MIN_DETECTIONS={MIN_DETECTIONS}"
+            )
+        self.params_ = self._fit_map(scores, matched)
+        self.class_params_ = {}
+        if self.class_wise:
+            for label in np.unique(labels):
+                in_class = labels == label
+                enough = in_class.sum() >= self.min_class_detections
+                # All true positives (or none) would drive a parametric fit to its bounds: fall back instead.
+                both_outcomes = 0 < matched[in_class].sum() < in_class.sum()
+                if enough and both_outcomes:
+                    self.class_params_[int(label)] = self._fit_map(scores[in_class], matched[in_class])
+        return self
+
+    def transform(self, scores, labels=None) -> np.ndarray:
+        """Calibrated scores [N] (float64, in [0, 1]); each detection uses its class map when class-wise."""
+        if self.params_ is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit(scores, matched) first")
+        scores = _check_scores(scores)
+        labels = self._labels_for(labels, scores.size)
+        calibrated = self._apply_map(self.params_, scores)
+        for label, params in self.class_params_.items():
+            in_class = labels == label
+            if in_class.any():
+                calibrated[in_class] = self._apply_map(params, scores[in_class])
+        # The maps stay in [0, 1] mathematically; the clip only guards against rounding.
+        return np.clip(calibrated, 0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        """A JSON-able description: ``type``, constructor ``config``, ``params`` and ``class_params``."""
+        if self.params_ is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: nothing to save")
+        return {
+            "type": type(self).__name__,
+            "config": self._config(),
+            "params": self.params_,
+            # JSON object keys are strings; load_calibrator turns them back into ints.
+            "class_params": {str(label): params for label, params in self.class_params_.items()},
+        }
+
+    def save(self, path) -> None:
+        """Write ``to_dict()`` to ``path`` as JSON (floats round-trip exactly)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def _labels_for(self, labels, num_scores: int) -> np.ndarray | None:
+        if labels is None:
+            if self.class_wise:
+                raise ValueError(f"class-wise {type(self).__name__} needs labels (one class id per score)")
+            return None
+        return _check_labels(labels, num_scores)
+
+    def __repr__(self) -> str:
+        config = ", ".join(f"{key}={value!r}" for key, value in self._config().items())
+        return f"{type(self).__name__}({config})"
+
+
+class TemperatureScaling(PostHocCalibrator):
+    """``q = sigmoid(logit(s) / T)``, ``T`` fitted by minimising the binary NLL (``fit_temperature``).
+
+    ``T > 1`` softens an over-confident detector, ``T < 1`` sharpens an under-confident one. The map is
+    strictly increasing, so the ranking of the scores, and with it the AP, is unchanged (class-agnostic
+    only: class-wise temperatures may reorder detections of different classes).
+    """
+
+    def _fit_map(self, scores, matched):
+        return {"temperature": fit_temperature(score_logits(scores), matched)}
+
+    def _apply_map(self, params, scores):
+        return special.expit(score_logits(scores) / params["temperature"])
+
+    @property
+    def temperature(self) -> float:
+        """The class-agnostic temperature ``T``."""
+        if self.params_ is None:
+            raise NotFittedError("this TemperatureScaling is not fitted yet: call fit(scores, matched) first")
+        return self.params_["temperature"]
+
+
+class PlattScaling(PostHocCalibrator):
+    """``q = sigmoid(a * logit(s) + b)``, ``(a, b)`` fitted by minimising the binary NLL (``fit_platt``).
+
+    Temperature scaling is the special case ``a = 1 / T, b = 0``; the bias also corrects a detector whose
+    scores are shifted rather than just too sharp.
+    """
+
+    def _fit_map(self, scores, matched):
+        slope, bias = fit_platt(score_logits(scores), matched)
+        return {"slope": slope, "bias": bias}
+
+    def _apply_map(self, params, scores):
+        return special.expit(params["slope"] * score_logits(scores) + params["bias"])
+
+
+class IsotonicCalibrator(PostHocCalibrator):
+    """Isotonic regression of ``matched`` on ``s`` (``fit_isotonic``): the best non-decreasing map in squared
+    error, the strongest post-hoc baseline of Kuzucu et al. (ECCV 2024). It may merge distinct scores into
+    ties, so the AP can change slightly."""
+
+    def _fit_map(self, scores, matched):
+        knots_x, knots_q = fit_isotonic(scores, matched)
+        return {"knots_x": knots_x, "knots_q": knots_q}
+
+    def _apply_map(self, params, scores):
+        return apply_isotonic(scores, params["knots_x"], params["knots_q"])
+
+
+class HistogramBinning(PostHocCalibrator):
+    """Each of ``num_bins`` equal-width bins over [0, 1] maps to its fraction of true positives
+    (``fit_histogram``; Zadrozny & Elkan 2001). Scores within a bin become ties.
+
+    Args:
+        num_bins: number of equal-width bins (default 10, the D-ECE binning).
+    """
+
+    def __init__(
+        self, num_bins: int = 10, class_wise: bool = False, min_class_detections: int = MIN_CLASS_DETECTIONS
+    ):
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+            raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+        super().__init__(class_wise=class_wise, min_class_detections=min_class_detections)
+        self.num_bins = num_bins
+
+    def _config(self):
+        return {"num_bins": self.num_bins, **super()._config()}
+
+    def _fit_map(self, scores, matched):
+        return {"bin_values": fit_histogram(scores, matched, self.num_bins)}
+
+    def _apply_map(self, params, scores):
+        return np.asarray(params["bin_values"])[histogram_bin_indices(scores, self.num_bins)]
+
+
+CALIBRATOR_TYPES = {
+    cls.__name__: cls for cls in (TemperatureScaling, PlattScaling, IsotonicCalibrator, HistogramBinning)
+}
+
+
+def calibrator_from_dict(description: dict) -> PostHocCalibrator:
+    """Rebuild a fitted calibrator from ``PostHocCalibrator.to_dict()`` output, dispatching on ``"type"``."""
+    if not isinstance(description, dict):
+        raise ValueError(f"a calibrator description must be a JSON object, got {type(description).__name__}")
+    missing = {"type", "config", "params"} - description.keys()
+    if missing:
+        raise ValueError(f"calibrator description lacks the field(s) {sorted(missing)}")
+    calibrator_type = description["type"]
+    if calibrator_type not in CALIBRATOR_TYPES:
+        raise ValueError(f"unknown calibrator type {calibrator_type!r}; known: {sorted(CALIBRATOR_TYPES)}")
+    calibrator = CALIBRATOR_TYPES[calibrator_type](**description["config"])
+    calibrator.params_ = description["params"]
+    calibrator.class_params_ = {int(label): params for label, params in description.get("class_params", {}).items()}
+    return calibrator
+
+
+def load_calibrator(path) -> PostHocCalibrator:
+    """Load a calibrator written by ``save(path)``; the JSON's ``"type"`` field picks the class."""
+    try:
+        description = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a valid calibrator JSON file: {error}") from error
+    return calibrator_from_dict(description)

@@ -1,0 +1,96 @@
+"""The detection schema every source is brought to, and helpers to read its class names.
+
+One row per image::
+
+    image      datasets.Image (RGB)
+    image_id   int64
+    objects    {"bbox": [[x, y, w, h], ...]  COCO xywh in pixels,
+                "category": [int, ...]        ClassLabel ids,
+                "area": [float, ...],
+                "id": [int, ...]}             annotation ids
+
+This is the layout of the Hub's detection datasets (cppe-5 and the like). ``datasets`` may present
+``objects`` either as a dict of lists or, for data written as a list of structs, as a list of dicts; the
+helpers below accept both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OBJECT_KEYS = ("bbox", "category", "area", "id")
+
+
+def detection_features(class_names: list[str]):
+    """``datasets.Features`` of the detection schema for the given class names."""
+    from datasets import ClassLabel, Features, Image, List, Value
+
+    return Features(
+        {
+            "image": Image(mode="RGB"),
+            "image_id": Value("int64"),
+            "objects": {
+                "bbox": List(List(Value("float32"), length=4)),
+                "category": List(ClassLabel(names=list(class_names))),
+                "area": List(Value("float32")),
+                "id": List(Value("int64")),
+            },
+        }
+    )
+
+
+def _unwrap_list(feature: Any) -> Any:
+    """The item feature of a ``List`` / ``LargeList`` / legacy ``Sequence``, else the feature itself."""
+    from datasets import LargeList, List
+
+    return feature.feature if isinstance(feature, (List, LargeList)) else feature
+
+
+def category_feature(features) -> Any:
+    """The ``objects.category`` feature, whichever way ``datasets`` nests it.
+
+    Raises:
+        ValueError: when there is no ``objects`` column or it has no ``category``.
+    """
+    if "objects" not in features:
+        raise ValueError(f"dataset has no 'objects' column (columns: {sorted(features)})")
+    objects = _unwrap_list(features["objects"])
+    if not isinstance(objects, dict) or "category" not in objects:
+        raise ValueError(f"'objects' has no 'category' field (got {features['objects']!r})")
+    return _unwrap_list(objects["category"])
+
+
+def category_names(dataset) -> list[str]:
+    """Class names of a detection dataset (``Dataset`` or ``DatasetDict``), in ClassLabel id order.
+
+    Raises:
+        ValueError: when ``objects.category`` is not a ``ClassLabel`` (the names would be unknown).
+    """
+    from datasets import ClassLabel, DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        dataset = next(iter(dataset.values()))
+    feature = category_feature(dataset.features)
+    if not isinstance(feature, ClassLabel):
+        raise ValueError(
+            f"'objects.category' must be a ClassLabel so that class names are known, got {feature!r}; "
+            "pass class_names when loading, or cast the column to a ClassLabel"
+        )
+    return list(feature.names)
+
+
+def id2label(dataset) -> dict[int, str]:
+    """``{ClassLabel id: name}``, the form a transformers config takes."""
+    return dict(enumerate(category_names(dataset)))
+
+
+def label2id(dataset) -> dict[str, int]:
+    """``{name: ClassLabel id}``, the form a transformers config takes."""
+    return {name: index for index, name in enumerate(category_names(dataset))}
+
+
+def objects_as_columns(objects: Any) -> dict[str, list]:
+    """One row's ``objects`` as a dict of lists, whether stored as a dict of lists or a list of dicts."""
+    if isinstance(objects, dict):
+        return objects
+    return {key: [item.get(key) for item in objects] for key in OBJECT_KEYS}

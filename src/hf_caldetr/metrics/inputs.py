@@ -1,0 +1,208 @@
+"""Input checking and conversion for the detection metrics.
+
+Every metric takes per-image detections the way transformers' ``post_process_object_detection`` returns them
+(``boxes`` absolute xyxy, ``scores``, ``labels``) and per-image references (``boxes`` absolute xyxy,
+``labels``), as torch tensors, numpy arrays or lists. This module turns them into flat float64 / int64 numpy
+arrays over all images and raises ``ValueError`` naming the image and the problem for anything malformed.
+
+Checks that need every value (NaN, ranges, box corners) run once on the concatenated arrays, so the per-image
+Python work is only the conversion itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FlatBoxes:
+    """Boxes of many images, concatenated.
+
+    Attributes:
+        boxes: ``[N, 4]`` float64, absolute xyxy.
+        labels: ``[N]`` int64 class ids.
+        scores: ``[N]`` float64 in [0, 1]; ``None`` for references.
+        image_index: ``[N]`` int64, which image each box belongs to.
+        position: ``[N]`` int64, the box's position in its own image's list.
+        num_images: the number of images, including those without boxes.
+        extras: further per-box float64 arrays requested by key (e.g. uncertainties), ``[N]`` each.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray | None
+    image_index: np.ndarray
+    position: np.ndarray
+    num_images: int
+    extras: dict
+
+    @property
+    def counts_per_image(self) -> np.ndarray:
+        """``[num_images]`` int64, the number of boxes in each image."""
+        return np.bincount(self.image_index, minlength=self.num_images)
+
+
+def to_numpy(value, dtype=None) -> np.ndarray:
+    """A torch tensor (any device, any float dtype including bfloat16), numpy array or list as a numpy array.
+
+    Floating tensors are widened to float64 before leaving torch because numpy has no bfloat16.
+    """
+    if hasattr(value, "detach"):  # a torch tensor: duck-typed so metrics/ never imports torch
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.double()
+        value = value.numpy()
+    return np.asarray(value, dtype=dtype)
+
+
+def _as_boxes(value, where: str) -> np.ndarray:
+    boxes = to_numpy(value, dtype=np.float64)
+    if boxes.size == 0:
+        return boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{where}['boxes'] must have shape [num_boxes, 4] (xyxy), got {tuple(boxes.shape)}")
+    return boxes
+
+
+def _as_vector(value, where: str, key: str, dtype=None) -> np.ndarray:
+    array = to_numpy(value, dtype=dtype)
+    if array.size == 0:
+        return array.reshape(0)
+    if array.ndim != 1:
+        raise ValueError(f"{where}['{key}'] must be one-dimensional, got shape {tuple(array.shape)}")
+    return array
+
+
+def _get(entry, key: str, where: str):
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be a dict with 'boxes' and 'labels', got {type(entry).__name__}")
+    if key not in entry:
+        hint = ""
+        if key == "labels" and "class_labels" in entry:
+            hint = (" (found 'class_labels': training labels hold normalised cxcywh boxes; pass absolute xyxy "
+                    "'boxes' and 'labels')")
+        raise ValueError(f"{where} is missing '{key}'{hint}")
+    return entry[key]
+
+
+def _first_bad_image(bad: np.ndarray, image_index: np.ndarray) -> int:
+    return int(image_index[np.flatnonzero(bad)[0]])
+
+
+def _check_per_image_list(value, name: str) -> None:
+    if isinstance(value, Mapping) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list of per-image dicts, got {type(value).__name__}")
+
+
+def _integer_labels(labels: np.ndarray, image_index: np.ndarray, name: str) -> np.ndarray:
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64, copy=False)
+    if labels.dtype.kind == "f":
+        not_integral = ~np.isfinite(labels) | (labels != np.round(labels))
+        if not_integral.any():
+            image = _first_bad_image(not_integral, image_index)
+            raise ValueError(f"{name}[{image}]['labels'] must be integer class ids")
+        return labels.astype(np.int64)
+    raise ValueError(f"{name}['labels'] must be integer class ids, got dtype {labels.dtype}")
+
+
+def _check_boxes(boxes: np.ndarray, image_index: np.ndarray, name: str) -> None:
+    not_finite = ~np.isfinite(boxes).all(axis=1)
+    if not_finite.any():
+        image = _first_bad_image(not_finite, image_index)
+        raise ValueError(f"{name}[{image}]['boxes'] contains NaN or infinite coordinates")
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if inverted.any():
+        image = _first_bad_image(inverted, image_index)
+        raise ValueError(f"{name}[{image}]['boxes'] has a box with x2 < x1 or y2 < y1 (boxes must be xyxy)")
+
+
+def check_unit_interval(values: np.ndarray, what: str, upper_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``what`` unless every value is finite and in [0, 1] (or [0, 1))."""
+    if np.isnan(values).any():
+        raise ValueError(f"{what} contains NaN")
+    too_high = values >= 1 if upper_open else values > 1
+    if (values < 0).any() or too_high.any():
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{what} must lie in {interval}, got values in "
+                         f"[{values.min()}, {values.max()}]")
+
+
+def flatten_boxes(entries, name: str, with_scores: bool, extra_keys: Sequence[str] = ()) -> FlatBoxes:
+    """Check and concatenate per-image dicts.
+
+    Args:
+        entries: list of per-image dicts with ``boxes`` ``[n_i, 4]`` (xyxy), ``labels`` ``[n_i]`` and, when
+            ``with_scores``, ``scores`` ``[n_i]`` in [0, 1]; ``extra_keys`` name further ``[n_i]`` arrays.
+        name: ``"predictions"`` or ``"references"``, used in error messages.
+
+    Returns:
+        ``FlatBoxes`` over all images, in image order and, within an image, in the given order.
+    """
+    _check_per_image_list(entries, name)
+    keys = ["boxes", "labels"] + (["scores"] if with_scores else []) + list(extra_keys)
+    columns = {key: [] for key in keys}
+    for index, entry in enumerate(entries):
+        where = f"{name}[{index}]"
+        boxes = _as_boxes(_get(entry, "boxes", where), where)
+        columns["boxes"].append(boxes)
+        for key in keys[1:]:
+            dtype = None if key == "labels" else np.float64
+            vector = _as_vector(_get(entry, key, where), where, key, dtype)
+            if len(vector) != len(boxes):
+                raise ValueError(f"{where} has {len(boxes)} boxes but {len(vector)} {key}")
+            columns[key].append(vector)
+
+    counts = np.array([len(boxes) for boxes in columns["boxes"]], dtype=np.int64)
+    image_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    starts = np.cumsum(counts) - counts
+    position = np.arange(len(image_index), dtype=np.int64) - np.repeat(starts, counts)
+
+    def concatenate(key, dtype):
+        return np.concatenate(columns[key]) if columns[key] else np.zeros((0,), dtype)
+
+    boxes = np.concatenate(columns["boxes"]) if entries else np.zeros((0, 4))
+    _check_boxes(boxes, image_index, name)
+    labels = _integer_labels(concatenate("labels", np.int64), image_index, name)
+    scores = None
+    if with_scores:
+        scores = concatenate("scores", np.float64)
+        _check_scores(scores, image_index, name)
+    extras = {key: concatenate(key, np.float64) for key in extra_keys}
+    return FlatBoxes(boxes, labels, scores, image_index, position, len(counts), extras)
+
+
+def _check_scores(scores: np.ndarray, image_index: np.ndarray, name: str) -> None:
+    is_nan = np.isnan(scores)
+    if is_nan.any():
+        raise ValueError(f"{name}[{_first_bad_image(is_nan, image_index)}]['scores'] contains NaN")
+    out_of_range = (scores < 0) | (scores > 1)
+    if out_of_range.any():
+        image = _first_bad_image(out_of_range, image_index)
+        raise ValueError(f"{name}[{image}]['scores'] must lie in [0, 1] (probabilities, not logits), got "
+                         f"{scores[np.flatnonzero(out_of_range)[0]]}")
+
+
+def flatten_pair(predictions, references, extra_keys: Sequence[str] = ()) -> tuple[FlatBoxes, FlatBoxes]:
+    """Check and flatten predictions and references of the same images (see ``flatten_boxes``)."""
+    _check_per_image_list(predictions, "predictions")
+    _check_per_image_list(references, "references")
+    if len(predictions) != len(references):
+        raise ValueError(f"predictions cover {len(predictions)} images but references cover {len(references)}")
+    return (flatten_boxes(predictions, "predictions", with_scores=True, extra_keys=extra_keys),
+            flatten_boxes(references, "references", with_scores=False))
+
+
+def image_sizes_array(image_sizes, num_images: int) -> np.ndarray:
+    """``image_sizes`` (one ``(height, width)`` per image: list, array or tensor) as ``[num_images, 2]`` float64."""
+    sizes = to_numpy(image_sizes, dtype=np.float64)
+    if sizes.ndim != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes must have shape [num_images, 2] as (height, width), got {sizes.shape}")
+    if len(sizes) != num_images:
+        raise ValueError(f"image_sizes covers {len(sizes)} images but predictions cover {num_images}")
+    if not np.isfinite(sizes).all() or (sizes <= 0).any():
+        raise ValueError("image_sizes must be positive and finite")
+    return sizes

@@ -1,0 +1,233 @@
+"""Cal-DETR on transformers' Deformable DETR (sigmoid heads, focal loss)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DeformableDetrForObjectDetection
+from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher, DeformableDetrImageLoss
+from transformers.loss.loss_for_object_detection import _set_aux_loss, sigmoid_focal_loss
+from transformers.models.deformable_detr.modeling_deformable_detr import (
+    DeformableDetrObjectDetectionOutput,
+    inverse_sigmoid,
+)
+from transformers.utils.generic import can_return_tuple
+
+from ..calibration import gather_positives, logit_uncertainty, modulate_logits, pooled_logit_mixing
+from ..configuration import CalDeformableDetrConfig
+from ..distributed import num_boxes_across_processes
+
+
+@dataclass
+class CalDeformableDetrObjectDetectionOutput(DeformableDetrObjectDetectionOutput):
+    r"""
+    Differs from `DeformableDetrObjectDetectionOutput` in two fields, and in `logits`:
+
+    logits (`torch.Tensor` of shape `(batch_size, num_queries, num_labels)`):
+        The final layer's logits, modulated by their uncertainty in training (and at inference when
+        `config.modulate_at_inference`), raw otherwise.
+    intermediate_logits (`torch.Tensor` of shape `(batch_size, decoder_layers, num_queries, num_labels)`):
+        Raw class logits of every decoder layer (the layout of RT-DETR's field of the same name).
+    logit_uncertainty (`torch.Tensor` of shape `(batch_size, num_queries, num_labels)`):
+        Variance of the logits over the decoder layers (unbiased). `None` with a single decoder layer.
+    """
+
+    intermediate_logits: torch.Tensor | None = None
+    logit_uncertainty: torch.Tensor | None = None
+
+
+class CalDeformableDetrImageLoss(DeformableDetrImageLoss):
+    """Differs from `DeformableDetrImageLoss` in a `"logit_mixing"` loss and in the normalisation across processes.
+
+    - `loss_logit_mixing`: sigmoid focal loss on the mixed logits against the smoothed targets (spec section 3),
+      final layer only, normalised like `loss_ce`.
+    - `num_boxes` is summed over processes then divided by the world size (the parent averages, then divides
+      again), so two processes on one batch give the loss of one process.
+    """
+
+    final_layer_only_losses = ("logit_mixing",)
+
+    def __init__(self, matcher, num_classes, focal_alpha, losses, logit_mixing_alpha: float = 0.9):
+        super().__init__(matcher, num_classes, focal_alpha, losses)
+        self.logit_mixing_alpha = logit_mixing_alpha
+
+    def loss_logit_mixing(self, outputs, targets, indices, num_boxes):
+        logits = outputs["logits"]
+        positions, classes = gather_positives(logits, targets, indices)
+        mixed, soft_targets, total_positives = pooled_logit_mixing(
+            logits[positions], classes, logits.shape[-1], self.logit_mixing_alpha
+        )
+        if total_positives == 0:
+            # No box anywhere in the global batch: mixing is undefined; keep the graph connected.
+            return {"loss_logit_mixing": logits.sum() * 0.0}
+        # Non-positive queries keep their logits and an all-zero target, as in `loss_labels`.
+        mixed_logits = logits.index_put(positions, mixed)
+        full_targets = torch.zeros_like(logits).index_put(positions, soft_targets.to(logits.dtype))
+        loss = sigmoid_focal_loss(mixed_logits, full_targets, num_boxes, alpha=self.focal_alpha, gamma=2)
+        return {"loss_logit_mixing": loss * logits.shape[1]}
+
+    def get_loss(self, loss, outputs, targets, indices, num_boxes):
+        if loss == "logit_mixing":
+            return self.loss_logit_mixing(outputs, targets, indices, num_boxes)
+        return super().get_loss(loss, outputs, targets, indices, num_boxes)
+
+    def forward(self, outputs, targets):
+        """Mirrors `ImageLoss.forward`, with the cross-process `num_boxes` and final-layer-only losses."""
+        outputs_without_aux = {k: v for k, v in outputs.items() if k != "auxiliary_outputs"}
+        indices = self.matcher(outputs_without_aux, targets)
+        num_boxes = num_boxes_across_processes(targets, outputs["logits"].device)
+
+        losses = {}
+        for loss in self.losses:
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+        for i, auxiliary_outputs in enumerate(outputs.get("auxiliary_outputs", [])):
+            aux_indices = self.matcher(auxiliary_outputs, targets)
+            for loss in self.losses:
+                if loss in self.final_layer_only_losses:
+                    continue
+                aux_losses = self.get_loss(loss, auxiliary_outputs, targets, aux_indices, num_boxes)
+                losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        return losses
+
+
+def CalDeformableDetrForObjectDetectionLoss(
+    logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs
+):
+    """transformers' `DeformableDetrForObjectDetectionLoss`, plus `logit_mixing_loss_coefficient * L_R`.
+
+    `logits` are the (modulated) final-layer logits: the final layer's Hungarian matching and classification loss
+    see them, the auxiliary layers (`outputs_class[:-1]`) their raw logits.
+    """
+    # First: the matcher, with the config's costs, on the logits it is given.
+    matcher = DeformableDetrHungarianMatcher(
+        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
+    )
+    # Second: the criterion, with the mixing loss when enabled.
+    losses = ["labels", "boxes", "cardinality"]
+    if config.use_logit_mixing:
+        losses.append("logit_mixing")
+    criterion = CalDeformableDetrImageLoss(
+        matcher=matcher,
+        num_classes=config.num_labels,
+        focal_alpha=config.focal_alpha,
+        losses=losses,
+        logit_mixing_alpha=config.logit_mixing_alpha,
+    ).to(device)
+    # Third: the losses.
+    outputs_loss = {"logits": logits, "pred_boxes": pred_boxes}
+    auxiliary_outputs = None
+    if config.auxiliary_loss:
+        auxiliary_outputs = _set_aux_loss(outputs_class, outputs_coord)
+        outputs_loss["auxiliary_outputs"] = auxiliary_outputs
+    loss_dict = criterion(outputs_loss, labels)
+    # Fourth: the weighted sum; the mixing loss stays unweighted in `loss_dict`.
+    layer_weights = {"loss_ce": 1, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+    weight_dict = dict(layer_weights)
+    if config.auxiliary_loss:
+        for i in range(config.decoder_layers - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in layer_weights.items()})
+    weight_dict["loss_logit_mixing"] = config.logit_mixing_loss_coefficient
+    loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+    return loss, loss_dict, auxiliary_outputs
+
+
+class CalDeformableDetrForObjectDetection(DeformableDetrForObjectDetection):
+    """Differs from `DeformableDetrForObjectDetection` in modulating the final logits by their uncertainty over the
+    decoder layers (in training), adding the logit-mixing loss, and returning every layer's logits.
+
+    The parameters are exactly the parent's, so checkpoints load both ways.
+    """
+
+    config_class = CalDeformableDetrConfig
+
+    @property
+    def loss_function(self):
+        # Set explicitly: transformers picks a loss by matching the class name, and "CalDeformableDetr..." would
+        # silently get the wrong one.
+        return getattr(self, "_loss_function", CalDeformableDetrForObjectDetectionLoss)
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self._loss_function = value
+
+    def _predict_every_layer(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits and boxes of every decoder layer, ``[L, B, Q, C]`` and ``[L, B, Q, 4]``.
+
+        The same head computation as the parent's forward, which does not expose its per-layer results.
+        """
+        hidden_states = outputs.intermediate_hidden_states
+        classes, coords = [], []
+        for level in range(hidden_states.shape[1]):
+            reference = outputs.init_reference_points if level == 0 else outputs.intermediate_reference_points[:, level - 1]
+            reference = inverse_sigmoid(reference)
+            delta_bbox = self.bbox_embed[level](hidden_states[:, level])
+            if reference.shape[-1] == 4:
+                coord_logits = delta_bbox + reference
+            elif reference.shape[-1] == 2:
+                coord_logits = torch.cat([delta_bbox[..., :2] + reference, delta_bbox[..., 2:]], dim=-1)
+            else:
+                raise ValueError(f"reference.shape[-1] should be 4 or 2, but got {reference.shape[-1]}")
+            classes.append(self.class_embed[level](hidden_states[:, level]))
+            coords.append(coord_logits.sigmoid())
+        return torch.stack(classes), torch.stack(coords)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: list[dict] | None = None,
+        **kwargs,
+    ) -> CalDeformableDetrObjectDetectionOutput:
+        outputs = self.model(
+            pixel_values,
+            pixel_mask=pixel_mask,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            **kwargs,
+        )
+        outputs_class, outputs_coord = self._predict_every_layer(outputs)
+        raw_logits, pred_boxes = outputs_class[-1], outputs_coord[-1]
+
+        uncertainty = None
+        if outputs_class.shape[0] >= 2:
+            uncertainty = logit_uncertainty(outputs_class.transpose(0, 1))
+        mode = self.config.uncertainty_modulation
+        logits = raw_logits
+        if mode != "none" and (self.training or self.config.modulate_at_inference):
+            logits = modulate_logits(raw_logits, uncertainty, mode)
+
+        loss, loss_dict, auxiliary_outputs = None, None, None
+        if labels is not None:
+            loss, loss_dict, auxiliary_outputs = self.loss_function(
+                logits, labels, self.device, pred_boxes, self.config, outputs_class, outputs_coord
+            )
+
+        return CalDeformableDetrObjectDetectionOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits,
+            pred_boxes=pred_boxes,
+            auxiliary_outputs=auxiliary_outputs,
+            last_hidden_state=outputs.last_hidden_state,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            intermediate_hidden_states=outputs.intermediate_hidden_states,
+            intermediate_reference_points=outputs.intermediate_reference_points,
+            init_reference_points=outputs.init_reference_points,
+            enc_outputs_class=outputs.enc_outputs_class,
+            enc_outputs_coord_logits=outputs.enc_outputs_coord_logits,
+            intermediate_logits=outputs_class.transpose(0, 1),
+            logit_uncertainty=uncertainty,
+        )

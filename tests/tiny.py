@@ -1,0 +1,57 @@
+"""Tiny random models and batches shared by the tests (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import ResNetConfig
+
+
+def tiny_backbone_config() -> ResNetConfig:
+    return ResNetConfig(
+        layer_type="basic",
+        hidden_sizes=[16, 32, 64, 128],
+        embedding_size=16,
+        depths=[1, 1, 1, 1],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+
+
+def tiny_deformable_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        backbone_config=tiny_backbone_config(),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=12,
+        num_feature_levels=3,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        num_labels=5,
+        dropout=0.0,
+        two_stage_num_proposals=12,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_batch(batch_size: int = 2, size: int = 64, num_labels: int = 5, boxes_per_image=(3, 2), seed: int = 0):
+    """Pixel values and labels (normalised cxcywh boxes) for a batch; an entry 0 in boxes_per_image gives an
+    image without boxes."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
+    labels = []
+    for i in range(batch_size):
+        n = boxes_per_image[i % len(boxes_per_image)]
+        centers = 0.2 + 0.6 * torch.rand(n, 2, generator=generator)
+        sizes = 0.1 + 0.2 * torch.rand(n, 2, generator=generator)
+        labels.append(
+            {
+                "class_labels": torch.randint(0, num_labels, (n,), generator=generator),
+                "boxes": torch.cat([centers, sizes], dim=1),
+            }
+        )
+    return pixel_values, labels
