@@ -16,6 +16,7 @@ from hf_caldetr.calibrators import (
     PlattScaling,
     TemperatureScaling,
     load_calibrator,
+    reliability_before_after,
 )
 
 CALIBRATOR_CLASSES = [TemperatureScaling, PlattScaling, IsotonicCalibrator, HistogramBinning]
@@ -274,3 +275,29 @@ def test_torch_tensors_are_accepted_like_numpy_arrays():
     assert from_torch.params_ == from_numpy.params_
     bfloat16_scores = torch.tensor([0.25, 0.5, 0.75], dtype=torch.bfloat16)  # exact in bfloat16
     np.testing.assert_array_equal(from_torch.transform(bfloat16_scores), from_numpy.transform([0.25, 0.5, 0.75]))
+
+
+def test_reliability_before_after_writes_a_png_and_shows_the_cut(fit_and_fresh_draws, tmp_path):
+    (fit_scores, fit_matched, _), (test_scores, test_matched, _) = fit_and_fresh_draws
+    calibrator = IsotonicCalibrator().fit(fit_scores, fit_matched)
+    path = tmp_path / "reliability.png"
+    results = reliability_before_after(calibrator, test_scores, test_matched, path)
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert results["before"]["d_ece"] == pytest.approx(detection_ece(test_scores, test_matched), abs=1e-9)
+    calibrated = calibrator.transform(test_scores)
+    assert results["after"]["d_ece"] == pytest.approx(detection_ece(calibrated, test_matched), abs=1e-9)
+    assert results["after"]["d_ece"] < 0.25 * results["before"]["d_ece"]
+    # Same detections, same outcomes: only the confidences (and so the bin contents) move.
+    assert results["before"]["num_detections"] == results["after"]["num_detections"] == test_scores.size
+    assert results["before"]["precision"] == results["after"]["precision"]
+    assert results["before"]["bin_counts"] != results["after"]["bin_counts"]
+
+
+def test_reliability_before_after_needs_labels_for_a_class_wise_calibrator(tmp_path):
+    scores, matched, labels = synthetic_detections(200, seed=18)
+    calibrator = TemperatureScaling(class_wise=True).fit(scores, matched, labels)
+    with pytest.raises(ValueError, match="needs labels"):
+        reliability_before_after(calibrator, scores, matched, tmp_path / "reliability.png")
+    results = reliability_before_after(calibrator, scores, matched, tmp_path / "reliability.png", labels=labels)
+    assert results["after"]["d_ece"] < results["before"]["d_ece"]

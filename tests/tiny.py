@@ -55,3 +55,55 @@ def tiny_batch(batch_size: int = 2, size: int = 64, num_labels: int = 5, boxes_p
             }
         )
     return pixel_values, labels
+
+
+def tiny_detr_kwargs(**overrides) -> dict:
+    """DETR with the tiny HF ResNet (``use_timm_backbone=False``: no timm, no Hub)."""
+    kwargs = dict(
+        backbone_config=tiny_backbone_config(),
+        use_timm_backbone=False,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=12,
+        num_labels=5,
+        dropout=0.0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_rt_detr_kwargs(**overrides) -> dict:
+    """RT-DETR with a tiny `RTDetrResNetConfig`; 10 denoising queries (so 3 groups for 3 boxes an image)."""
+    from transformers import RTDetrResNetConfig
+
+    backbone = RTDetrResNetConfig(
+        layer_type="basic",
+        hidden_sizes=[16, 32, 64, 128],
+        embedding_size=16,
+        depths=[1, 1, 1, 1],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    kwargs = dict(
+        backbone_config=backbone,
+        encoder_hidden_dim=32,
+        encoder_in_channels=[32, 64, 128],
+        encoder_layers=1,
+        encoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        d_model=32,
+        decoder_in_channels=[32, 32, 32],
+        decoder_ffn_dim=64,
+        decoder_layers=3,
+        decoder_attention_heads=2,
+        decoder_n_points=2,
+        num_queries=12,
+        num_denoising=10,
+        num_labels=5,
+    )
+    kwargs.update(overrides)
+    return kwargs

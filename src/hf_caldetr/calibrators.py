@@ -40,18 +40,20 @@ from scipy import optimize, special
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
 
+from hf_caldetr.metrics.d_ece import calibration_error
 from hf_caldetr.metrics.inputs import to_numpy
 
 __all__ = [
-    "HistogramBinning",
-    "IsotonicCalibrator",
     "LOGIT_EPS",
     "MIN_CLASS_DETECTIONS",
     "MIN_DETECTIONS",
+    "HistogramBinning",
+    "IsotonicCalibrator",
     "PlattScaling",
     "PostHocCalibrator",
     "TemperatureScaling",
     "load_calibrator",
+    "reliability_before_after",
 ]
 
 MIN_DETECTIONS = 10
@@ -423,3 +425,31 @@ def load_calibrator(path) -> PostHocCalibrator:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not a valid calibrator JSON file: {error}") from error
     return calibrator_from_dict(description)
+
+
+def reliability_before_after(calibrator: PostHocCalibrator, scores, matched, path, labels=None,
+                             num_bins: int = 10) -> dict:
+    """Reliability diagrams of held-out detections before and after a fitted calibrator, side by side.
+
+    Scores and outcomes should be a split the calibrator was not fitted on, or the "after" panel flatters it.
+
+    Args:
+        calibrator: a fitted calibrator.
+        scores: ``[N]`` confidences in [0, 1]; matched: ``[N]`` bool; labels: ``[N]`` class ids, needed only
+            by a class-wise calibrator.
+        path: the PNG file to write; its folder must exist.
+        num_bins: D-ECE bins of both panels.
+
+    Returns:
+        ``{"before": ..., "after": ...}``, the two ``calibration_error`` result dicts drawn.
+    """
+    # Imported here so that importing the calibrators does not pull in matplotlib.
+    from hf_caldetr.metrics.reliability import plot_reliability_diagram
+
+    scores = _check_scores(scores)
+    matched = _check_matched(matched, scores.size)
+    before = calibration_error(scores, matched, num_bins)
+    after = calibration_error(calibrator.transform(scores, labels), matched, num_bins)
+    titles = ["before: raw scores", f"after: {type(calibrator).__name__}"]
+    plot_reliability_diagram([before, after], path, titles=titles)
+    return {"before": before, "after": after}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import transformers
 from huggingface_hub.dataclasses import strict
-from transformers import DeformableDetrConfig
+from transformers import DeformableDetrConfig, DetrConfig, RTDetrConfig
 
 from .calibration import MODULATION_MODES
 
@@ -88,3 +88,13 @@ class CalibrationConfigMixin:
 @strict
 class CalDeformableDetrConfig(CalibrationConfigMixin, DeformableDetrConfig):
     """Differs from `DeformableDetrConfig` in the Cal-DETR fields of :class:`CalibrationConfigMixin`."""
+
+
+@strict
+class CalDetrConfig(CalibrationConfigMixin, DetrConfig):
+    """Differs from `DetrConfig` in the Cal-DETR fields of :class:`CalibrationConfigMixin`."""
+
+
+@strict
+class CalRTDetrConfig(CalibrationConfigMixin, RTDetrConfig):
+    """Differs from `RTDetrConfig` in the Cal-DETR fields of :class:`CalibrationConfigMixin`."""

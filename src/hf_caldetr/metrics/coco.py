@@ -28,6 +28,11 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]])
 
 
+def box_areas(boxes: np.ndarray) -> np.ndarray:
+    """``[N]`` areas of ``[N, 4]`` xyxy boxes."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
 def _optional_reference_column(references, key: str, count: int, default: np.ndarray) -> np.ndarray:
     """``references[i][key]`` concatenated when every image has it, else ``default`` (``[count]``)."""
     if not all(key in reference for reference in references):
@@ -63,8 +68,7 @@ def average_precision_flat(predictions: FlatBoxes, references: FlatBoxes, iscrow
     if iscrowd is None:
         iscrowd = np.zeros(len(references.labels))
     if areas is None:
-        widths_heights = references.boxes[:, 2:] - references.boxes[:, :2]
-        areas = widths_heights[:, 0] * widths_heights[:, 1]
+        areas = box_areas(references.boxes)
     dataset = _ground_truth_dataset(references, iscrowd, areas)
     categories = np.union1d(references.labels, predictions.labels)
     dataset["categories"] = [{"id": int(c)} for c in categories]
@@ -104,11 +108,11 @@ def coco_average_precision(predictions, references) -> dict:
         ``mar_10``, ``mar_100``, ``mar_small``, ``mar_medium``, ``mar_large`` (fractions; NaN where undefined).
     """
     flat_predictions, flat_references = flatten_pair(predictions, references)
-    return average_precision_flat(flat_predictions, flat_references,
-                                  *crowd_and_area(references, len(flat_references.labels)))
+    return average_precision_flat(flat_predictions, flat_references, *crowd_and_area(references, flat_references))
 
 
-def crowd_and_area(references, num_boxes: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The optional per-box ``iscrowd`` (default 0) and ``area`` (default ``None``: box area) of references."""
-    iscrowd = _optional_reference_column(references, "iscrowd", num_boxes, np.zeros(num_boxes))
-    return iscrowd, _optional_reference_column(references, "area", num_boxes, None)
+def crowd_and_area(references, flat_references: FlatBoxes) -> tuple[np.ndarray, np.ndarray]:
+    """Per-box ``iscrowd`` (default 0) and ``area`` (default the box area) of references, ``[M]`` each."""
+    count = len(flat_references.labels)
+    iscrowd = _optional_reference_column(references, "iscrowd", count, np.zeros(count))
+    return iscrowd, _optional_reference_column(references, "area", count, box_areas(flat_references.boxes))

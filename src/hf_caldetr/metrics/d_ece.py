@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .binning import bin_edges, bin_index, binned_means, check_num_bins, clip_to_open_unit, weighted_gap
-from .inputs import check_unit_interval, flatten_pair, image_sizes_array, to_numpy
+from .inputs import flatten_pair, image_sizes_array, to_numpy, unit_interval_vector
 from .matching import DetectionMatches, match_flat
 
 POSITION_FEATURES = ("confidence", "cx", "cy", "w", "h")
@@ -28,14 +28,12 @@ POSITION_FEATURES = ("confidence", "cx", "cy", "w", "h")
 def check_scores_and_outcomes(scores, outcomes, score_name: str = "scores",
                               outcome_name: str = "matched") -> tuple[np.ndarray, np.ndarray]:
     """``scores`` ``[N]`` in [0, 1] as float64 and ``outcomes`` ``[N]`` (bool or 0/1) as bool, or ``ValueError``."""
-    scores = to_numpy(scores, dtype=np.float64)
+    scores = unit_interval_vector(scores, score_name)
     outcomes = to_numpy(outcomes)
-    if scores.ndim != 1 or outcomes.ndim != 1:
-        raise ValueError(f"{score_name} and {outcome_name} must be one-dimensional, got shapes "
-                         f"{tuple(scores.shape)} and {tuple(outcomes.shape)}")
+    if outcomes.ndim != 1:
+        raise ValueError(f"{outcome_name} must be one-dimensional, got shape {tuple(outcomes.shape)}")
     if len(scores) != len(outcomes):
         raise ValueError(f"{len(scores)} {score_name} but {len(outcomes)} {outcome_name} values")
-    check_unit_interval(scores, score_name)
     if len(outcomes) and not np.isin(outcomes, (0, 1)).all():
         raise ValueError(f"{outcome_name} must be boolean (or 0/1)")
     return scores, outcomes.astype(bool)

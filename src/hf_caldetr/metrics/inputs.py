@@ -131,6 +131,15 @@ def check_unit_interval(values: np.ndarray, what: str, upper_open: bool = False)
                          f"[{values.min()}, {values.max()}]")
 
 
+def unit_interval_vector(values, name: str, upper_open: bool = False) -> np.ndarray:
+    """``values`` as a one-dimensional float64 array in [0, 1] (or [0, 1)), or ``ValueError`` naming ``name``."""
+    array = to_numpy(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(array.shape)}")
+    check_unit_interval(array, name, upper_open)
+    return array
+
+
 def flatten_boxes(entries, name: str, with_scores: bool, extra_keys: Sequence[str] = ()) -> FlatBoxes:
     """Check and concatenate per-image dicts.
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .binning import bin_index, check_num_bins, clip_to_open_unit
-from .d_ece import check_scores_and_outcomes
-from .inputs import flatten_pair, to_numpy
+from .inputs import flatten_pair, to_numpy, unit_interval_vector
 from .matching import match_flat
 
 
@@ -35,11 +34,12 @@ def label_aware_calibration_error(scores, labels, ious, num_bins: int = 25) -> d
         with detections) and ``num_detections``.
     """
     num_bins = check_num_bins(num_bins)
-    ious, _ = check_scores_and_outcomes(ious, np.zeros(np.shape(ious), dtype=bool), score_name="ious")
-    scores, _ = check_scores_and_outcomes(scores, ious > 0, outcome_name="ious")
+    scores = unit_interval_vector(scores, "scores")
+    ious = unit_interval_vector(ious, "ious")
     labels = to_numpy(labels)
-    if labels.shape != scores.shape:
-        raise ValueError(f"labels must have shape {scores.shape}, got {labels.shape}")
+    if not (scores.shape == ious.shape == labels.shape):
+        raise ValueError(f"scores, labels and ious must have the same shape [N], got {scores.shape}, "
+                         f"{labels.shape} and {ious.shape}")
     if len(scores) == 0:
         return {"laece": float("nan"), "laece_per_class": {}, "num_classes": 0, "num_detections": 0}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .coco import average_precision_flat, crowd_and_area
+from .coco import COCO_SUMMARY_KEYS, average_precision_flat, crowd_and_area
 from .d_ece import box_position_features, calibration_error, position_calibration_error
 from .inputs import FlatBoxes, flatten_pair, image_sizes_array
 from .laece import label_aware_calibration_error
@@ -92,7 +92,7 @@ class DetectionCalibrationMetric:
         extra_keys = (self.uncertainty_key,) if self.uncertainty_key else ()
         flat_predictions, flat_references = flatten_pair(predictions, references, extra_keys=extra_keys)
         sizes = image_sizes_array(image_sizes, flat_predictions.num_images) if sizes_given else None
-        crowd_area = crowd_and_area(references, len(flat_references.labels)) if self.compute_ap else None
+        crowd_area = crowd_and_area(references, flat_references) if self.compute_ap else None
         matches = match_flat(flat_predictions, flat_references, self.score_threshold, self.iou_threshold,
                              self.include_images_without_gt)
 
@@ -141,13 +141,12 @@ class DetectionCalibrationMetric:
         if self.uncertainty_key:
             result["d_uce"] = uncertainty_calibration_error(kept["uncertainties"], matched, self.num_bins)["d_uce"]
         if self.compute_ap and self._ap_predictions:
-            crowd = np.concatenate([crowd for crowd, _ in self._ap_crowd_and_area])
-            areas = [area for _, area in self._ap_crowd_and_area]
-            # A batch without 'area' falls back to box areas, so only use given areas when every batch had them.
-            areas = np.concatenate(areas) if all(area is not None for area in areas) else None
+            crowd, areas = (np.concatenate(column) for column in zip(*self._ap_crowd_and_area))
             result.update(average_precision_flat(_concatenate_flat(self._ap_predictions, with_scores=True),
                                                  _concatenate_flat(self._ap_references, with_scores=False),
                                                  crowd, areas))
+        elif self.compute_ap:
+            result.update(dict.fromkeys(COCO_SUMMARY_KEYS, float("nan")))
         return result
 
 

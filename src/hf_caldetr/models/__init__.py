@@ -5,9 +5,17 @@ from .deformable_detr import (
     CalDeformableDetrImageLoss,
     CalDeformableDetrObjectDetectionOutput,
 )
+from .detr import CalDetrForObjectDetection, CalDetrImageLoss, CalDetrObjectDetectionOutput
+from .rt_detr import CalRTDetrForObjectDetection, CalRTDetrLoss, CalRTDetrObjectDetectionOutput
 
 __all__ = [
     "CalDeformableDetrForObjectDetection",
     "CalDeformableDetrImageLoss",
     "CalDeformableDetrObjectDetectionOutput",
+    "CalDetrForObjectDetection",
+    "CalDetrImageLoss",
+    "CalDetrObjectDetectionOutput",
+    "CalRTDetrForObjectDetection",
+    "CalRTDetrLoss",
+    "CalRTDetrObjectDetectionOutput",
 ]

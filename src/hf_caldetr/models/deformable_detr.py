@@ -141,6 +141,11 @@ class CalDeformableDetrForObjectDetection(DeformableDetrForObjectDetection):
 
     config_class = CalDeformableDetrConfig
 
+    def __init__(self, config: CalDeformableDetrConfig):
+        # `from_pretrained(..., field=value)` sets config attributes after the config's own checks: check again.
+        config.validate_calibration_settings()
+        super().__init__(config)
+
     @property
     def loss_function(self):
         # Set explicitly: transformers picks a loss by matching the class name, and "CalDeformableDetr..." would

@@ -1,0 +1,152 @@
+"""Time one optimizer step of the plain transformers model against its Cal-DETR subclass.
+
+Same config, same weights, same batch; runs interleaved (plain, cal, plain, cal, ...) after a warm-up; the
+median of each and their ratio are printed (and appended to a markdown file with --output).
+
+    python benchmarks/train_step.py                                  # tiny configs, CPU
+    python benchmarks/train_step.py --size r50 --dtype bf16          # Deformable DETR R50, 300 queries, 800x1066
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+from transformers import ResNetConfig
+
+import hf_caldetr
+
+
+def tiny_backbone():
+    return ResNetConfig(layer_type="basic", hidden_sizes=[16, 32, 64, 128], embedding_size=16, depths=[1, 1, 1, 1],
+                        out_features=["stage2", "stage3", "stage4"])
+
+
+def deformable_detr(size: str, num_labels: int):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    if size == "r50":  # the paper's recipe: timm ResNet-50 (random weights offline), 300 queries, 6+6 layers
+        kwargs = dict(num_labels=num_labels)
+    else:
+        kwargs = dict(backbone_config=tiny_backbone(), d_model=64, encoder_layers=2, decoder_layers=3,
+                      encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+                      num_queries=50, num_feature_levels=3, encoder_n_points=2, decoder_n_points=2,
+                      num_labels=num_labels)
+    return (DeformableDetrForObjectDetection, DeformableDetrConfig(**kwargs),
+            hf_caldetr.CalDeformableDetrForObjectDetection, hf_caldetr.CalDeformableDetrConfig(**kwargs))
+
+
+# model type -> builder(size, num_labels) -> (plain class, plain config, cal class, cal config)
+MODEL_BUILDERS = {"deformable_detr": deformable_detr}
+
+
+def make_batch(batch_size, height, width, num_labels, boxes_per_image, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, height, width, generator=generator).to(device)
+    labels = []
+    for _ in range(batch_size):
+        centers = 0.2 + 0.6 * torch.rand(boxes_per_image, 2, generator=generator)
+        sizes = 0.05 + 0.3 * torch.rand(boxes_per_image, 2, generator=generator)
+        labels.append({"class_labels": torch.randint(0, num_labels, (boxes_per_image,), generator=generator).to(device),
+                       "boxes": torch.cat([centers, sizes], 1).to(device)})
+    return pixel_values, labels
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(model, optimizer, batch, autocast):
+    pixel_values, labels = batch
+    with autocast():
+        loss = model(pixel_values=pixel_values, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(args):
+    device = torch.device(args.device)
+    plain_cls, plain_config, cal_cls, cal_config = MODEL_BUILDERS[args.model](args.size, args.num_labels)
+    torch.manual_seed(0)
+    plain = plain_cls(plain_config).to(device).train()
+    cal = cal_cls(cal_config).to(device).train()
+    cal.load_state_dict(plain.state_dict())
+    models = {"plain": plain, "cal": cal}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5) for name, m in models.items()}
+    batch = make_batch(args.batch_size, args.height, args.width, args.num_labels, args.boxes_per_image, device)
+    if args.dtype == "bf16":
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext
+
+    times = {name: [] for name in models}
+    peak_memory = {}
+    for name, model in models.items():
+        for _ in range(args.warmup):
+            step(model, optimizers[name], batch, autocast)
+    for i in range(args.steps):
+        order = ["plain", "cal"] if i % 2 == 0 else ["cal", "plain"]
+        for name in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(device)
+            start = time.perf_counter()
+            step(models[name], optimizers[name], batch, autocast)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peak_memory[name] = max(peak_memory.get(name, 0), torch.cuda.max_memory_allocated())
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return medians, peak_memory
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODEL_BUILDERS), nargs="+", default=sorted(MODEL_BUILDERS))
+    parser.add_argument("--size", choices=["tiny", "r50"], default="tiny")
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num_labels", type=int, default=91)
+    parser.add_argument("--boxes_per_image", type=int, default=7)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default=None, help="append the result rows to this markdown file")
+    args = parser.parse_args()
+    if args.size == "r50":
+        args.batch_size, args.height, args.width = args.batch_size or 2, args.height or 800, args.width or 1066
+    else:
+        args.batch_size, args.height, args.width = args.batch_size or 4, args.height or 128, args.width or 128
+
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rows = []
+    models = args.model
+    for model_type in models:
+        medians, peak = measure(argparse.Namespace(**{**vars(args), "model": model_type}))
+        ratio = medians["cal"] / medians["plain"]
+        memory = f"{peak['plain'] / 2**30:.2f} / {peak['cal'] / 2**30:.2f}" if peak else "n/a"
+        row = (f"| {model_type} | {args.size} | {args.batch_size}x{args.height}x{args.width} | {args.dtype} | "
+               f"{medians['plain'] * 1000:.1f} | {medians['cal'] * 1000:.1f} | {ratio:.3f} | {memory} | {machine} |")
+        rows.append(row)
+        print(f"{model_type}: plain {medians['plain'] * 1000:.1f} ms/step, cal {medians['cal'] * 1000:.1f} ms/step, "
+              f"ratio {ratio:.3f} (median of {args.steps}, {machine})")
+    header = ("| model | size | batch | dtype | plain ms/step | cal ms/step | cal/plain | peak GiB plain / cal | machine |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    print(header)
+    print("\n".join(rows))
+    if args.output:
+        with open(args.output, "a") as handle:
+            handle.write("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

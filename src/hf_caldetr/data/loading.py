@@ -1,0 +1,337 @@
+"""Every source to one schema: COCO JSON folders, Hub or saved datasets, in-memory datasets.
+
+Each loader brings its data to the detection schema (``schema.py``) and runs the shared bad-data checks
+(``validation.py``), so the training and evaluation code has one code path whatever the data came from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+from .schema import OBJECT_KEYS, category_feature, detection_features, objects_as_columns
+from .validation import (
+    MALFORMED_BOX,
+    MALFORMED_RECORD,
+    UNKNOWN_CATEGORY,
+    UNKNOWN_IMAGE,
+    DetectionData,
+    Problem,
+    raise_or_skip,
+    record_name,
+    validate_detection_dataset,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- COCO folders
+
+
+def read_coco_json(path: str) -> dict:
+    """The parsed COCO file, checked for the top-level layout.
+
+    Raises:
+        ValueError: malformed JSON (with line and column), or no ``images`` / ``categories`` lists.
+    """
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    try:
+        coco = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}: malformed JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+        ) from None
+    if not isinstance(coco, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object with 'images' and 'categories', got {type(coco).__name__}"
+        )
+    for key in ("images", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise ValueError(f"{path}: '{key}' must be a list (COCO detection format)")
+    # Test-set files have no annotations: their images are valid, just unlabelled.
+    if not isinstance(coco.setdefault("annotations", []), list):
+        raise ValueError(f"{path}: 'annotations' must be a list (COCO detection format)")
+    return coco
+
+
+def coco_categories(coco: dict, source: str) -> tuple[list[str], list[int]]:
+    """Class names and their COCO ids, sorted by id: ClassLabel id ``k`` is COCO id ``ids[k]``.
+
+    Raises:
+        ValueError: a category without an integer ``id`` and a string ``name``, or a repeated id or name.
+    """
+    by_id: dict[int, str] = {}
+    for position, category in enumerate(coco["categories"]):
+        if not (
+            isinstance(category, dict)
+            and isinstance(category.get("id"), int)
+            and isinstance(category.get("name"), str)
+        ):
+            raise ValueError(
+                f"{source}: categories[{position}] needs an integer 'id' and a string 'name': {category!r}"
+            )
+        if category["id"] in by_id:
+            raise ValueError(f"{source}: category id {category['id']} appears twice")
+        by_id[category["id"]] = category["name"]
+    ids = sorted(by_id)
+    names = [by_id[category_id] for category_id in ids]
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{source}: category name(s) {repeated} used by more than one id")
+    return names, ids
+
+
+def _coco_images(coco: dict, images_dir: str, source: str) -> tuple[dict[int, dict], list[Problem]]:
+    """``{image id: {"path", "file_name"}}`` in file order, and the malformed image records."""
+    images, problems = {}, []
+    for position, image in enumerate(coco["images"]):
+        if not (
+            isinstance(image, dict)
+            and isinstance(image.get("id"), int)
+            and isinstance(image.get("file_name"), str)
+        ):
+            detail = "needs an integer 'id' and a string 'file_name'"
+            problems.append(Problem(MALFORMED_RECORD, f"{source}: images[{position}] {detail}: {image!r}"))
+            continue
+        if image["id"] in images:
+            raise ValueError(f"{source}: image id {image['id']} appears twice ({image['file_name']})")
+        path = os.path.abspath(os.path.join(images_dir, image["file_name"]))
+        images[image["id"]] = {"path": path, "file_name": image["file_name"]}
+    return images, problems
+
+
+def _is_four_numbers(box: Any) -> bool:
+    """Whether a JSON ``bbox`` is a list of 4 numbers (booleans are ints to Python, not numbers here)."""
+    return (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in box)
+    )
+
+
+def _coco_objects(
+    coco: dict, images: dict[int, dict], label_of_coco_id: dict[int, int], source: str
+) -> tuple[dict[int, dict], list[Problem]]:
+    """Each image's ``objects`` (schema layout), and the annotations rejected before the image is seen.
+
+    Crowd annotations (``iscrowd=1``) are left out, as DETR training does; they are not errors.
+    """
+    objects = {image_id: {key: [] for key in OBJECT_KEYS} for image_id in images}
+    problems, crowd = [], 0
+    for position, annotation in enumerate(coco["annotations"]):
+        if not isinstance(annotation, dict) or not all(
+            key in annotation for key in ("id", "image_id", "category_id", "bbox")
+        ):
+            detail = "needs 'id', 'image_id', 'category_id' and 'bbox'"
+            problems.append(
+                Problem(MALFORMED_RECORD, f"{source}: annotations[{position}] {detail}: {annotation!r}")
+            )
+            continue
+        image = images.get(annotation["image_id"])
+        where = record_name(source, annotation["image_id"], image and image["file_name"], annotation["id"])
+        box = annotation["bbox"]
+        if image is None:
+            problems.append(Problem(UNKNOWN_IMAGE, f"{where}: no image with this id in 'images'"))
+        elif annotation["category_id"] not in label_of_coco_id:
+            detail = f"unknown category id {annotation['category_id']!r} (known: {sorted(label_of_coco_id)})"
+            problems.append(Problem(UNKNOWN_CATEGORY, f"{where}: {detail}"))
+        elif not _is_four_numbers(box):
+            problems.append(
+                Problem(MALFORMED_BOX, f"{where}: bbox {box!r} is not 4 numbers [x, y, width, height]")
+            )
+        elif annotation.get("iscrowd", 0):
+            crowd += 1
+        else:
+            target = objects[annotation["image_id"]]
+            target["bbox"].append([float(value) for value in box])
+            target["category"].append(label_of_coco_id[annotation["category_id"]])
+            area = annotation.get("area")
+            target["area"].append(float(area) if isinstance(area, (int, float)) else float(box[2] * box[3]))
+            target["id"].append(annotation["id"])
+    if crowd:
+        logger.info("%s: left out %d crowd annotation(s)", source, crowd)
+    return objects, problems
+
+
+def load_coco_folder(annotations_json: str, images_dir: str, skip_invalid: bool = False) -> DetectionData:
+    """A COCO detection folder (one JSON file, one image folder) as a dataset in the detection schema.
+
+    COCO category ids may be sparse (1, 2, 5 ...): they are mapped, in increasing order, to contiguous
+    ClassLabel ids; ``result.source_category_ids[k]`` is the COCO id of class ``k``. Images are referenced by
+    path (read lazily); their sizes are read from the files, not from the JSON.
+
+    Args:
+        annotations_json: path of the COCO JSON file.
+        images_dir: folder that the ``file_name`` of each image is relative to.
+        skip_invalid: skip bad records (counted per reason in ``result.skipped``, logged) instead of raising.
+
+    Raises:
+        ValueError: malformed JSON or layout; unless ``skip_invalid``, any bad record (a missing or unreadable
+            image, a malformed or impossible box, an unknown category or image id), each named by file and
+            record.
+    """
+    from datasets import Dataset
+
+    source = str(annotations_json)
+    coco = read_coco_json(annotations_json)
+    names, coco_ids = coco_categories(coco, source)
+    images, image_problems = _coco_images(coco, images_dir, source)
+    label_of_coco_id = {coco_id: label for label, coco_id in enumerate(coco_ids)}
+    objects, annotation_problems = _coco_objects(coco, images, label_of_coco_id, source)
+    skipped = raise_or_skip(image_problems + annotation_problems, skip_invalid, source)
+
+    columns = {
+        "image": [image["path"] for image in images.values()],
+        "image_id": list(images),
+        "objects": [objects[image_id] for image_id in images],
+    }
+    dataset = Dataset.from_dict(columns, features=detection_features(names))
+    checked = validate_detection_dataset(dataset, skip_invalid=skip_invalid, source=source)
+    problems = [problem.message for problem in image_problems + annotation_problems] + checked.problems
+    return DetectionData(checked.dataset, skipped + checked.skipped, problems, coco_ids)
+
+
+# ----------------------------------------------------------------------------------- Hub and saved datasets
+
+
+def _class_label_for(feature: Any, class_names: list[str] | None, values: list, source: str):
+    """The ClassLabel to use for ``objects.category``: the existing one, or one built from names."""
+    from datasets import ClassLabel, Value
+
+    if isinstance(feature, ClassLabel):
+        if class_names is not None and list(class_names) != list(feature.names):
+            raise ValueError(f"{source}: class_names {class_names} differ from the dataset's {feature.names}")
+        return feature
+    if isinstance(feature, Value) and feature.dtype == "string":
+        return ClassLabel(names=list(class_names) if class_names else sorted(set(values)))
+    if isinstance(feature, Value) and feature.dtype.startswith("int") and class_names:
+        return ClassLabel(names=list(class_names))
+    raise ValueError(
+        f"{source}: 'objects.category' is {feature!r}; it must be a ClassLabel, strings, or integers with "
+        "class_names given"
+    )
+
+
+def _complete_objects(objects: Any, labels, first_id: int) -> dict[str, list]:
+    """One row's objects as a dict of lists with all schema keys: names encoded, missing area/id filled."""
+    columns = objects_as_columns(objects)
+    boxes = columns.get("bbox") or []
+    categories = [labels.str2int(value) if isinstance(value, str) else value for value in columns["category"]]
+    areas = columns.get("area")
+    if areas is None or any(area is None for area in areas):
+        areas = [box[2] * box[3] if isinstance(box, list) and len(box) == 4 else 0.0 for box in boxes]
+    ids = columns.get("id")
+    if ids is None or any(value is None for value in ids):
+        ids = list(range(first_id, first_id + len(boxes)))
+    return {"bbox": boxes, "category": categories, "area": areas, "id": ids}
+
+
+def to_detection_schema(dataset, class_names: list[str] | None = None, source: str = "dataset"):
+    """Bring a ``datasets.Dataset`` close to the schema: ``objects`` as a dict of lists with every key
+    (missing ``area`` = w*h, missing ``id`` numbered), category names as a ClassLabel, ``image_id`` added
+    when absent, images decoded as RGB. Boxes must already be COCO xywh in pixels (not checkable here).
+
+    Raises:
+        ValueError: no ``image`` or ``objects`` column, no ``bbox``/``category`` in objects, or categories
+            whose names cannot be known.
+    """
+    for column in ("image", "objects"):
+        if column not in dataset.column_names:
+            raise ValueError(f"{source}: missing column {column!r} (columns: {dataset.column_names})")
+    item = category_feature(dataset.features)  # raises when objects has no category
+    objects_feature = dataset.features["objects"]
+    keys = objects_feature.keys() if isinstance(objects_feature, dict) else objects_feature.feature.keys()
+    if "bbox" not in keys:
+        raise ValueError(f"{source}: 'objects' has no 'bbox' field (fields: {sorted(keys)})")
+    if "image_id" not in dataset.column_names:
+        dataset = dataset.add_column("image_id", list(range(len(dataset))))
+    string_values = []
+    if not hasattr(item, "names") and getattr(item, "dtype", None) == "string":
+        string_values = [name for row in dataset["objects"] for name in objects_as_columns(row)["category"]]
+    labels = _class_label_for(item, class_names, string_values, source)
+    features = dataset.features.copy()
+    features.update(detection_features(labels.names))
+    if isinstance(objects_feature, dict) and set(keys) == set(OBJECT_KEYS) and hasattr(item, "names"):
+        return dataset.cast(features)
+    counts = [len(objects_as_columns(row).get("bbox") or []) for row in dataset["objects"]]
+    first_ids = [0, *itertools.accumulate(counts)]
+    return dataset.map(
+        lambda objects, index: {"objects": _complete_objects(objects, labels, first_ids[index])},
+        input_columns=["objects"],
+        with_indices=True,
+        features=features,
+        desc="bringing objects to the detection schema",
+    )
+
+
+def prepare_detection_dataset(
+    dataset, class_names: list[str] | None = None, skip_invalid: bool = False, source: str = "dataset"
+) -> DetectionData:
+    """An in-memory ``Dataset`` or ``DatasetDict`` through the path of loaded data: schema, then checks."""
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        dataset = DatasetDict(
+            {
+                split: to_detection_schema(part, class_names, f"{source} [{split}]")
+                for split, part in dataset.items()
+            }
+        )
+    else:
+        dataset = to_detection_schema(dataset, class_names, source)
+    return validate_detection_dataset(dataset, skip_invalid=skip_invalid, source=source)
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``save_to_disk`` (rather than raw data files)."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json")
+    )
+
+
+def load_hub_dataset(
+    name_or_path: str,
+    split: str | None = None,
+    class_names: list[str] | None = None,
+    skip_invalid: bool = False,
+    **load_kwargs,
+) -> DetectionData:
+    """A Hub dataset (``datasets.load_dataset``) or a ``save_to_disk`` folder (``load_from_disk``) in the
+    detection schema, checked like every other source.
+
+    Works offline on local folders. ``load_kwargs`` go to ``load_dataset`` (``revision``, ``data_dir`` ...).
+
+    Raises:
+        ValueError: an unknown split, a schema that cannot be brought to the detection schema, or (unless
+            ``skip_invalid``) invalid records, named by dataset, split and record.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if _is_saved_dataset(name_or_path):
+        dataset = load_from_disk(name_or_path)
+    else:
+        dataset = load_dataset(name_or_path, **load_kwargs)
+    if split is not None:
+        if not isinstance(dataset, DatasetDict):
+            raise ValueError(f"{name_or_path}: split {split!r} asked of a dataset saved without splits")
+        if split not in dataset:
+            raise ValueError(f"{name_or_path}: no split {split!r} (splits: {sorted(dataset)})")
+        dataset = dataset[split]
+    return prepare_detection_dataset(dataset, class_names, skip_invalid, source=str(name_or_path))
+
+
+__all__ = [
+    "DetectionData",
+    "coco_categories",
+    "load_coco_folder",
+    "load_hub_dataset",
+    "prepare_detection_dataset",
+    "read_coco_json",
+    "to_detection_schema",
+    "validate_detection_dataset",
+]

@@ -1,0 +1,213 @@
+"""From schema rows to model inputs: image processor, light augmentation, collate.
+
+Rows of the detection schema (``schema.py``) go through a transformers ``DeformableDetrImageProcessor`` in
+the collate function, batch by batch: the processor pads a batch to its largest image and normalises the boxes
+to that padded canvas, so processing has to see the whole batch. Labels come out as transformers' detection
+losses expect them: ``class_labels`` and ``boxes`` (normalised ``cx, cy, w, h``) per image.
+
+Augmentation is a small random scale and translation only. Horizontal flips are wrong here: a mirrored digit
+is another glyph (or none), and the embedded default is digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from .schema import objects_as_columns
+
+# Jitter ranges of the training augmentation, and the smallest box it keeps (pixels, after clipping).
+SCALE_JITTER = 0.15
+SHIFT_JITTER = 0.1
+MIN_VISIBLE_FRACTION = 0.5
+MIN_BOX_PX = 2.0
+
+
+def build_image_processor(size: int | dict | None = 96, **kwargs):
+    """A ``DeformableDetrImageProcessor`` for small images.
+
+    Args:
+        size: an int resizes every image to ``size x size`` (a 96x96 image stays untouched: the resize is the
+            identity); a dict is passed as transformers' ``size`` (``{"shortest_edge", "longest_edge"}`` keeps
+            the aspect ratio, ``{"height", "width"}`` is exact); None keeps every image at its own size and
+            pads each batch to its largest image (transformers' default of shortest edge 800 would blow a
+            96 px image up eightfold).
+        kwargs: any other processor argument (``image_mean``, ``do_pad`` ...).
+    """
+    from transformers import DeformableDetrImageProcessor
+
+    if size is None:
+        return DeformableDetrImageProcessor(do_resize=False, **kwargs)
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    return DeformableDetrImageProcessor(size=dict(size), **kwargs)
+
+
+def coco_detection_target(image_id: int, objects: Any) -> dict:
+    """One row's ground truth in the processor's COCO detection format.
+
+    ``{"image_id", "annotations": [{"bbox" (xywh), "category_id", "area", "iscrowd"}]}``.
+    """
+    columns = objects_as_columns(objects)
+    annotations = [
+        {"bbox": list(box), "category_id": int(category), "area": float(area), "iscrowd": 0}
+        for box, category, area in zip(columns["bbox"], columns["category"], columns["area"])
+    ]
+    return {"image_id": int(image_id), "annotations": annotations}
+
+
+def random_scale_translate(
+    image, boxes: np.ndarray, scale_jitter: float = SCALE_JITTER, shift_jitter: float = SHIFT_JITTER
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Zoom about the centre by ``1 +- scale_jitter`` and shift by up to ``shift_jitter`` of the size.
+
+    The canvas keeps its size; uncovered areas take the image's mean colour (black borders would be an easy,
+    wrong cue). Draws from torch's global generator, so a run resumed with accelerate's saved RNG states
+    repeats the same augmentations.
+
+    Args:
+        image: a PIL image.
+        boxes: float ``[n, 4]`` xywh in pixels.
+
+    Returns:
+        The new image, the boxes moved with it and clipped, and a bool ``[n]`` mask of the boxes kept
+        (at least ``MIN_VISIBLE_FRACTION`` of the box still inside and ``MIN_BOX_PX`` on each side).
+    """
+    from PIL import Image
+
+    width, height = image.size
+    draws = torch.rand(3).tolist()
+    scale = 1.0 + scale_jitter * (2 * draws[0] - 1)
+    shift_x, shift_y = (shift_jitter * (2 * draw - 1) for draw in draws[1:])
+    shift_x, shift_y = shift_x * width, shift_y * height
+    centre_x, centre_y = width / 2, height / 2
+    # PIL's affine maps output pixels to input pixels, so it takes the inverse of x' = s (x - c) + c + t.
+    inverse = (
+        1 / scale,
+        0,
+        centre_x - (centre_x + shift_x) / scale,
+        0,
+        1 / scale,
+        centre_y - (centre_y + shift_y) / scale,
+    )
+    fill = tuple(int(value) for value in np.asarray(image).reshape(-1, len(image.getbands())).mean(axis=0))
+    moved_image = image.transform(
+        image.size, Image.Transform.AFFINE, inverse, Image.Resampling.BILINEAR, fillcolor=fill
+    )
+
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    left = scale * (boxes[:, 0] - centre_x) + centre_x + shift_x
+    top = scale * (boxes[:, 1] - centre_y) + centre_y + shift_y
+    right, bottom = left + scale * boxes[:, 2], top + scale * boxes[:, 3]
+    clipped = np.stack(
+        [
+            np.clip(left, 0, width),
+            np.clip(top, 0, height),
+            np.clip(right, 0, width),
+            np.clip(bottom, 0, height),
+        ],
+        1,
+    )
+    clipped_w, clipped_h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+    visible = (clipped_w * clipped_h) / np.maximum((right - left) * (bottom - top), 1e-9)
+    keep = (visible >= MIN_VISIBLE_FRACTION) & (clipped_w >= MIN_BOX_PX) & (clipped_h >= MIN_BOX_PX)
+    moved = np.stack([clipped[:, 0], clipped[:, 1], clipped_w, clipped_h], 1)
+    return moved_image, moved[keep].astype(np.float32), keep
+
+
+def _augmented(image, objects: Any) -> tuple[Any, dict]:
+    """A row's image and objects after ``random_scale_translate``; areas become the new box areas."""
+    columns = objects_as_columns(objects)
+    moved_image, boxes, keep = random_scale_translate(image, np.asarray(columns["bbox"], dtype=np.float32))
+    kept = {key: [value for value, flag in zip(columns[key], keep) if flag] for key in ("category", "id")}
+    return moved_image, {"bbox": boxes.tolist(), "area": (boxes[:, 2] * boxes[:, 3]).tolist(), **kept}
+
+
+def prepare_batch(examples: list[dict], image_processor, augment: bool = False) -> dict:
+    """Schema rows to ``{"pixel_values", "pixel_mask", "labels"}`` through the image processor.
+
+    ``labels`` is one dict per image with ``class_labels`` (int64 ``[n]``) and ``boxes`` (float ``[n, 4]``,
+    normalised ``cx, cy, w, h`` relative to the padded image), plus ``image_id``, ``size`` and ``orig_size``.
+    """
+    images, targets = [], []
+    for example in examples:
+        image, objects = example["image"].convert("RGB"), example["objects"]
+        if augment:
+            image, objects = _augmented(image, objects)
+        images.append(image)
+        targets.append(coco_detection_target(example["image_id"], objects))
+    encoded = image_processor(images=images, annotations=targets, return_tensors="pt")
+    batch = {"pixel_values": encoded["pixel_values"], "labels": list(encoded["labels"])}
+    if "pixel_mask" in encoded:
+        batch["pixel_mask"] = encoded["pixel_mask"]
+    else:  # do_pad=False: every pixel is real
+        batch["pixel_mask"] = torch.ones(
+            encoded["pixel_values"].shape[:1] + encoded["pixel_values"].shape[2:], dtype=torch.int64
+        )
+    return batch
+
+
+def make_collate_fn(image_processor, augment: bool = False) -> Callable[[list[dict]], dict]:
+    """A ``DataLoader`` collate function over schema rows: ``prepare_batch`` with this processor."""
+    return partial(prepare_batch, image_processor=image_processor, augment=augment)
+
+
+def xywh_to_normalized_cxcywh(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Pixel xywh boxes ``[n, 4]`` to ``cx, cy, w, h`` divided by the image size (the model's box format)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    centres = boxes[:, :2] + boxes[:, 2:] / 2
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    return np.concatenate([centres, boxes[:, 2:]], axis=1) / scale
+
+
+def normalized_cxcywh_to_xywh(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The inverse of ``xywh_to_normalized_cxcywh``."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.array(
+        [width, height, width, height], dtype=np.float32
+    )
+    return np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, 2:]], axis=1)
+
+
+def arrays_to_model_inputs(
+    images: np.ndarray | torch.Tensor,
+    boxes: list[np.ndarray],
+    categories: list[np.ndarray],
+    image_processor,
+    image_ids: list[int] | None = None,
+) -> dict:
+    """The fast path: a batch of same-size uint8 ``[B, H, W, 3]`` images (e.g. ``DigitScenes``) to model
+    inputs, with the processor's rescale and normalisation but no resize or per-image Python work.
+
+    Equals ``prepare_batch`` when the processor keeps the images at their size. Keep the uint8 arrays and
+    call this per batch: normalised float32 copies of 5000 96x96 images would take 550 MB.
+    """
+    pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float()
+    if image_processor.do_rescale:
+        pixels = pixels * image_processor.rescale_factor
+    if image_processor.do_normalize:
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
+        pixels = (pixels - mean) / std
+    batch_size, _, height, width = pixels.shape
+    ids = image_ids if image_ids is not None else range(batch_size)
+    size = torch.tensor([height, width])
+    labels = []
+    for image_boxes, image_categories, image_id in zip(boxes, categories, ids):
+        image_boxes = np.asarray(image_boxes, dtype=np.float32).reshape(-1, 4)
+        labels.append(
+            {
+                "size": size.clone(),
+                "image_id": torch.tensor([int(image_id)]),
+                "class_labels": torch.as_tensor(np.asarray(image_categories, dtype=np.int64)),
+                "boxes": torch.from_numpy(xywh_to_normalized_cxcywh(image_boxes, width, height)),
+                "area": torch.from_numpy(image_boxes[:, 2] * image_boxes[:, 3]),
+                "iscrowd": torch.zeros(len(image_boxes), dtype=torch.int64),
+                "orig_size": size.clone(),
+            }
+        )
+    pixel_mask = torch.ones((batch_size, height, width), dtype=torch.int64)
+    return {"pixel_values": pixels, "pixel_mask": pixel_mask, "labels": labels}

@@ -1,0 +1,270 @@
+"""Bad-data checks shared by every source: images that cannot be read, boxes that cannot be right.
+
+``validate_detection_dataset`` walks a dataset in the detection schema (see ``schema.py``) without decoding
+pixels (image headers only), and either raises one ``ValueError`` listing the problems, each with the source
+file and the record (image id, file name, annotation id), or, with ``skip_invalid=True``, drops the bad images
+and boxes, counts them by reason and logs a summary. Images with no boxes are valid.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .schema import OBJECT_KEYS, category_feature, columns_as_rows, objects_as_columns
+
+logger = logging.getLogger(__name__)
+
+# Reasons a record is rejected; the keys of ``DetectionData.skipped``.
+MALFORMED_RECORD = "malformed_record"
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+MALFORMED_BOX = "malformed_box"
+NON_POSITIVE_BOX = "non_positive_box"
+BOX_OUTSIDE_IMAGE = "box_outside_image"
+UNKNOWN_CATEGORY = "unknown_category"
+UNKNOWN_IMAGE = "unknown_image"
+
+# COCO's own boxes overshoot the image edge by fractions of a pixel (polygon rounding): such boxes are
+# clipped, only boxes further out are rejected.
+BOX_EDGE_TOLERANCE_PX = 1.0
+# A failed check lists this many problems in its error message, then a count of the rest.
+MAX_LISTED_PROBLEMS = 5
+# EXIF orientations that rotate by 90 degrees: ``datasets`` decodes such images transposed.
+_TRANSPOSING_EXIF_ORIENTATIONS = {5, 6, 7, 8}
+
+
+@dataclass
+class Problem:
+    """One rejected record: why, and a message naming the file and the record."""
+
+    reason: str
+    message: str
+
+
+@dataclass
+class DetectionData:
+    """A loaded detection dataset and what was skipped on the way.
+
+    Attributes:
+        dataset: ``datasets.Dataset`` or ``DatasetDict`` in the detection schema.
+        skipped: records skipped per reason (empty unless ``skip_invalid=True`` found problems).
+        problems: one message per skipped record, naming the file and the record.
+        source_category_ids: for COCO folders, the COCO category id of each ClassLabel id (COCO ids may be
+            sparse: 1, 2, 5 ...); None for other sources.
+    """
+
+    dataset: Any
+    skipped: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    source_category_ids: list[int] | None = None
+
+
+def record_name(source: str, image_id: Any, file_name: str | None, annotation_id: Any = None) -> str:
+    """``"<source>: image id 3 (b.png), annotation id 7"``: where a problem is, for error messages."""
+    where = f"{source}: image id {image_id}"
+    if file_name:
+        where += f" ({file_name})"
+    if annotation_id is not None:
+        where += f", annotation id {annotation_id}"
+    return where
+
+
+def raise_or_skip(problems: list[Problem], skip_invalid: bool, source: str) -> Counter:
+    """Raise one ``ValueError`` listing ``problems``; when skipping, log them and return counts by reason."""
+    if not problems:
+        return Counter()
+    if not skip_invalid:
+        listed = "\n  ".join(problem.message for problem in problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise ValueError(
+            f"{source}: {len(problems)} invalid record(s) (pass skip_invalid=True to skip them):"
+            f"\n  {listed}{tail}"
+        )
+    counts = Counter(problem.reason for problem in problems)
+    logger.warning(
+        "%s: skipped %d invalid record(s): %s", source, len(problems), dict(sorted(counts.items()))
+    )
+    for problem in problems:
+        logger.debug("skipped: %s", problem.message)
+    return counts
+
+
+def image_size(image: dict) -> tuple[int, int]:
+    """``(width, height)`` of an undecoded ``datasets.Image`` value ``{"bytes", "path"}``, as decoded.
+
+    Reads the header and runs PIL's ``verify`` (structure checks, no pixel decoding).
+
+    Raises:
+        FileNotFoundError: the path does not exist (and there are no bytes).
+        OSError / SyntaxError / ValueError: PIL cannot read the image.
+    """
+    from PIL import Image
+
+    if image.get("bytes") is not None:
+        opened = Image.open(io.BytesIO(image["bytes"]))
+    elif image.get("path") is not None and os.path.isfile(image["path"]):
+        opened = Image.open(image["path"])
+    else:
+        raise FileNotFoundError(image.get("path"))
+    with opened:
+        width, height = opened.size
+        orientation = opened.getexif().get(Image.ExifTags.Base.Orientation)
+        opened.verify()
+    if orientation in _TRANSPOSING_EXIF_ORIENTATIONS:
+        width, height = height, width
+    return width, height
+
+
+def check_box(box: Any, width: int, height: int) -> tuple[str, str] | None:
+    """``(reason, detail)`` when an xywh ``box`` is invalid in a ``width`` x ``height`` image, else None."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return MALFORMED_BOX, f"box {box!r} is not 4 numbers [x, y, width, height]"
+    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in box):
+        return MALFORMED_BOX, f"box {list(box)} has a non-finite or non-numeric value"
+    x, y, box_width, box_height = box
+    if box_width <= 0 or box_height <= 0:
+        return NON_POSITIVE_BOX, f"box {list(box)} has non-positive width or height"
+    tolerance = BOX_EDGE_TOLERANCE_PX
+    if (
+        x < -tolerance
+        or y < -tolerance
+        or x + box_width > width + tolerance
+        or y + box_height > height + tolerance
+    ):
+        return BOX_OUTSIDE_IMAGE, f"box {list(box)} lies outside the {width}x{height} image"
+    return None
+
+
+def clip_box(box: list[float], width: int, height: int) -> list[float]:
+    """An xywh box clipped to the image (used only within ``BOX_EDGE_TOLERANCE_PX`` of the edges)."""
+    left, top = max(box[0], 0.0), max(box[1], 0.0)
+    right, bottom = min(box[0] + box[2], width), min(box[1] + box[3], height)
+    return [left, top, right - left, bottom - top]
+
+
+def _check_row(row: dict, num_classes: int, source: str) -> tuple[Problem | None, list[Problem], dict | None]:
+    """Check one row: (an image-level problem, box-level problems, the cleaned ``objects`` or None).
+
+    The cleaned objects keep the valid boxes (clipped to the image); None means nothing changed.
+    """
+    image, image_id = row["image"], row["image_id"]
+    file_name = image.get("path") if isinstance(image, dict) else None
+    where = record_name(source, image_id, file_name)
+    try:
+        width, height = image_size(image)
+    except FileNotFoundError:
+        return Problem(MISSING_IMAGE, f"{where}: image file is missing"), [], None
+    except Exception as error:  # PIL raises several types (OSError, SyntaxError, ValueError...) for bad files
+        return Problem(UNREADABLE_IMAGE, f"{where}: image cannot be read ({error})"), [], None
+
+    objects = objects_as_columns(row["objects"])
+    boxes, categories = objects.get("bbox") or [], objects.get("category") or []
+    ids = objects.get("id") or [None] * len(boxes)
+    areas = objects.get("area") or [None] * len(boxes)
+    if not (len(boxes) == len(categories) == len(ids) == len(areas)):
+        detail = (
+            f"objects lists differ in length ({ {key: len(objects.get(key) or []) for key in OBJECT_KEYS} })"
+        )
+        return Problem(MALFORMED_RECORD, f"{where}: {detail}"), [], None
+
+    problems, kept, changed = [], {key: [] for key in OBJECT_KEYS}, False
+    for box, category, annotation_id, area in zip(boxes, categories, ids, areas):
+        box_where = record_name(source, image_id, file_name, annotation_id)
+        issue = check_box(box, width, height)
+        if issue is None and not (isinstance(category, int) and 0 <= category < num_classes):
+            issue = UNKNOWN_CATEGORY, f"category {category!r} is not one of the {num_classes} class ids"
+        if issue is not None:
+            problems.append(Problem(issue[0], f"{box_where}: {issue[1]}"))
+            changed = True
+            continue
+        clipped = clip_box(list(box), width, height)
+        changed |= clipped != list(box)
+        kept["bbox"].append(clipped)
+        kept["category"].append(category)
+        kept["id"].append(annotation_id)
+        kept["area"].append(area if clipped == list(box) and area is not None else clipped[2] * clipped[3])
+    return None, problems, (kept if changed else None)
+
+
+def _validate_split(dataset, skip_invalid: bool, source: str) -> tuple[Any, list[Problem]]:
+    """Validate one ``datasets.Dataset``; return it (cleaned when skipping) and the problems found."""
+    from datasets import Image
+
+    num_classes = getattr(category_feature(dataset.features), "num_classes", None)
+    if num_classes is None:
+        raise ValueError(
+            f"{source}: 'objects.category' must be a ClassLabel, got {category_feature(dataset.features)!r}"
+        )
+    raw = dataset.select_columns(["image", "image_id", "objects"]).cast_column("image", Image(decode=False))
+    bad_rows, new_objects, problems = set(), {}, []
+    for index, row in enumerate(raw):
+        image_problem, box_problems, cleaned = _check_row(row, num_classes, source)
+        if image_problem is not None:
+            bad_rows.add(index)
+            problems.append(image_problem)
+        problems.extend(box_problems)
+        if cleaned is not None:
+            new_objects[index] = cleaned
+    if problems and not skip_invalid:
+        return dataset, problems
+    if new_objects:
+        if not isinstance(dataset.features["objects"], dict):  # stored as a list of structs: keep that layout
+            new_objects = {index: columns_as_rows(columns) for index, columns in new_objects.items()}
+        # Only the objects column is rewritten; images are passed through untouched.
+        dataset = dataset.map(
+            lambda objects, index: {"objects": new_objects.get(index, objects)},
+            input_columns=["objects"],
+            with_indices=True,
+            features=dataset.features,
+            desc="dropping invalid boxes",
+        )
+    if bad_rows:
+        dataset = dataset.select([index for index in range(len(dataset)) if index not in bad_rows])
+    return dataset, problems
+
+
+def _require_columns(dataset, source: str) -> None:
+    """Raise a ``ValueError`` naming the missing columns of the detection schema."""
+    missing = [column for column in ("image", "image_id", "objects") if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{source}: missing column(s) {missing} of the detection schema "
+            f"(image, image_id, objects{{bbox, category, area, id}}); columns present: {dataset.column_names}"
+        )
+    category_feature(dataset.features)
+
+
+def validate_detection_dataset(dataset, skip_invalid: bool = False, source: str = "dataset") -> DetectionData:
+    """Check every image and box of a ``Dataset`` or ``DatasetDict`` in the detection schema.
+
+    Checks: the image exists and can be read; each box is 4 finite numbers with positive width and height
+    inside the image (within ``BOX_EDGE_TOLERANCE_PX``, clipped); each category is a ClassLabel id.
+
+    Args:
+        dataset: a ``datasets.Dataset`` or ``DatasetDict``.
+        skip_invalid: drop bad images and boxes (counted in ``skipped``, logged) instead of raising.
+        source: what to call the data in messages (a file, a dataset name).
+
+    Raises:
+        ValueError: on a missing column, or, unless ``skip_invalid``, on any invalid record; the message
+            names the source and each record.
+    """
+    from datasets import DatasetDict
+
+    splits = dataset if isinstance(dataset, DatasetDict) else {None: dataset}
+    cleaned, problems = {}, []
+    for split, split_dataset in splits.items():
+        split_source = source if split is None else f"{source} [{split}]"
+        _require_columns(split_dataset, split_source)
+        cleaned[split], split_problems = _validate_split(split_dataset, skip_invalid, split_source)
+        problems.extend(split_problems)
+    skipped = raise_or_skip(problems, skip_invalid, source)
+    result = DatasetDict(cleaned) if isinstance(dataset, DatasetDict) else cleaned[None]
+    return DetectionData(result, skipped, [problem.message for problem in problems] if skip_invalid else [])

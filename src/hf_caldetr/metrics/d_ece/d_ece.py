@@ -1,0 +1,82 @@
+"""D-ECE (detection expected calibration error) as a 🤗 ``evaluate`` module.
+
+A thin wrapper: the metric lives in ``hf_caldetr.metrics.detection_ece``, which this module calls unchanged
+(``evaluate`` is in maintenance mode upstream, so nothing lives only here). Load it offline with
+``evaluate.load(hf_caldetr.metrics.D_ECE_MODULE)``.
+"""
+
+import datasets
+import evaluate
+
+from hf_caldetr.metrics.d_ece import detection_ece
+
+_CITATION = """\
+@inproceedings{munir2023caldetr,
+  title     = {Cal-DETR: Calibrated Detection Transformer},
+  author    = {Munir, Muhammad Akhtar and Khan, Salman and Khan, Muhammad Haris and Ali, Mohsen and
+               Khan, Fahad Shahbaz},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2023}
+}
+@inproceedings{kuppers2020multivariate,
+  title     = {Multivariate Confidence Calibration for Object Detection},
+  author    = {K{\\"u}ppers, Fabian and Kronenberger, Jan and Shantia, Amirhossein and Haselhoff, Anselm},
+  booktitle = {CVPR Workshops},
+  year      = {2020}
+}
+"""
+
+_DESCRIPTION = """\
+Detection expected calibration error (D-ECE): how far a detector's confidence is from its precision. Detections
+with score >= 0.3 are matched greedily by descending score to same-class ground truth (IoU >= 0.5, one-to-one),
+binned into 10 equal-width confidence bins, and D-ECE = sum_k (n_k / N) |precision_k - confidence_k|. Equal to
+netcal's ECE(bins=10, detection=True) on the matched detections. A fraction (papers print it times 100).
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: one dict per image with `boxes` (absolute xyxy, [n, 4]), `scores` ([n], in [0, 1]) and
+        `labels` ([n]), as `post_process_object_detection` returns them.
+    references: one dict per image with `boxes` (absolute xyxy, [m, 4]) and `labels` ([m]).
+    num_bins (int, default 10): equal-width confidence bins.
+    score_threshold (float, default 0.3): detections with a lower score are ignored.
+    iou_threshold (float, default 0.5): a detection is a true positive when IoU >= this.
+    include_images_without_gt (bool, default False): keep detections of images without ground truth.
+Returns:
+    d_ece (fraction; NaN when no detection is kept), num_detections, precision, mean_confidence, bin_counts,
+    bin_precisions, bin_confidences, bin_edges, num_images, num_images_evaluated.
+Example:
+    >>> import evaluate, hf_caldetr.metrics
+    >>> d_ece = evaluate.load(hf_caldetr.metrics.D_ECE_MODULE)
+    >>> result = d_ece.compute(
+    ...     predictions=[{"boxes": [[0, 0, 10, 10]], "scores": [0.8], "labels": [1]}],
+    ...     references=[{"boxes": [[0, 0, 10, 10]], "labels": [1]}])
+    >>> round(result["d_ece"], 6)
+    0.2
+"""
+
+_BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
+_LABELS = datasets.Sequence(datasets.Value("int64"))
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class DetectionECE(evaluate.Metric):
+    """D-ECE over per-image detections and ground truth (Cal-DETR protocol)."""
+
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({
+                "predictions": {"boxes": _BOXES, "scores": datasets.Sequence(datasets.Value("float64")),
+                                "labels": _LABELS},
+                "references": {"boxes": _BOXES, "labels": _LABELS},
+            }),
+            reference_urls=["https://arxiv.org/abs/2311.03570", "https://github.com/EFS-OpenSource/calibration-framework"],
+        )
+
+    def _compute(self, predictions, references, num_bins=10, score_threshold=0.3, iou_threshold=0.5,
+                 include_images_without_gt=False):
+        return detection_ece(predictions, references, num_bins=num_bins, score_threshold=score_threshold,
+                             iou_threshold=iou_threshold, include_images_without_gt=include_images_without_gt)

@@ -1,0 +1,225 @@
+"""Greedy matching: hand-computed cases, an independent loop oracle on random sets, input handling."""
+
+import numpy as np
+import pytest
+import torch
+
+import hf_caldetr.metrics.matching as matching
+from hf_caldetr.metrics import match_detections, synthetic_detections
+
+
+def image(boxes, scores, labels):
+    return {"boxes": boxes, "scores": scores, "labels": labels}
+
+
+def truth(boxes, labels):
+    return {"boxes": boxes, "labels": labels}
+
+
+SQUARE = [0.0, 0.0, 10.0, 10.0]
+
+
+def loop_match(predictions, references, score_threshold=0.3, iou_threshold=0.5, include_images_without_gt=False):
+    """The protocol's rule written the plain way: per image, per detection, per box. Oracle for the tests."""
+    rows = []
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        gt_boxes = [list(map(float, box)) for box in reference["boxes"]]
+        gt_labels = [int(label) for label in reference["labels"]]
+        if not gt_boxes and not include_images_without_gt:
+            continue
+        scores = [float(score) for score in prediction["scores"]]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])  # Python's sort is stable
+        taken = [False] * len(gt_boxes)
+        for i in order:
+            if scores[i] < score_threshold:
+                continue
+            box, label = list(map(float, prediction["boxes"][i])), int(prediction["labels"][i])
+            best, best_iou = -1, -1.0
+            for j, gt_box in enumerate(gt_boxes):
+                if taken[j] or gt_labels[j] != label:
+                    continue
+                overlap = box_iou(box, gt_box)
+                if overlap > best_iou:
+                    best, best_iou = j, overlap
+            is_tp = best >= 0 and best_iou >= iou_threshold
+            if is_tp:
+                taken[best] = True
+            rows.append((index, i, scores[i], is_tp, best_iou if is_tp else 0.0, best if is_tp else -1))
+    return rows
+
+
+def box_iou(a, b):
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def as_rows(matches):
+    return list(zip(matches.image_index.tolist(), matches.detection_index.tolist(), matches.scores.tolist(),
+                    matches.matched.tolist(), matches.ious.tolist(), matches.matched_reference.tolist()))
+
+
+def assert_same_rows(actual, expected):
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        assert got[:4] == want[:4] and got[5] == want[5]
+        assert got[4] == pytest.approx(want[4], abs=1e-12)
+
+
+def test_duplicate_detection_is_a_false_positive():
+    predictions = [image([SQUARE, SQUARE], [0.9, 0.8], [1, 1])]
+    matches = match_detections(predictions, [truth([SQUARE], [1])])
+    assert matches.matched.tolist() == [True, False]
+    assert matches.ious.tolist() == [1.0, 0.0]
+    assert matches.matched_reference.tolist() == [0, -1]
+
+
+def test_better_overlap_with_another_class_is_ignored():
+    # The detection covers the class-2 box exactly, but only the class-1 box (IoU 64/100) is of its class.
+    predictions = [image([SQUARE], [0.9], [1])]
+    references = [truth([SQUARE, [0.0, 0.0, 8.0, 8.0]], [2, 1])]
+    matches = match_detections(predictions, references)
+    assert matches.matched.tolist() == [True]
+    assert matches.ious[0] == pytest.approx(0.64)
+    assert matches.matched_reference.tolist() == [1]
+
+
+def test_equal_scores_keep_list_order():
+    # Two identical detections with equal scores: the one listed first is visited first and wins.
+    predictions = [image([SQUARE, SQUARE], [0.7, 0.7], [3, 3])]
+    matches = match_detections(predictions, [truth([SQUARE], [3])])
+    assert matches.detection_index.tolist() == [0, 1]
+    assert matches.matched.tolist() == [True, False]
+
+
+def test_equal_ious_go_to_the_box_listed_first():
+    # Both detections cover both boxes with IoU 60/100 = 0.6: the first detection takes the box listed first.
+    predictions = [image([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]], [0.9, 0.8], [0, 0])]
+    references = [truth([[0.0, 0.0, 10.0, 6.0], [0.0, 4.0, 10.0, 10.0]], [0, 0])]
+    matches = match_detections(predictions, references)
+    assert matches.ious.tolist() == pytest.approx([0.6, 0.6])
+    assert matches.matched_reference.tolist() == [0, 1]
+
+
+def test_greedy_not_optimal_assignment():
+    # A (0.9) prefers box 0 (IoU 1) over box 1 (IoU 0.8); B (0.8) reaches the threshold only with box 0
+    # (IoU 70/130 = 0.54; with box 1 50/130 = 0.38). Greedy gives A box 0 and leaves B a false positive,
+    # though A->1, B->0 would match both.
+    a, b = [0.0, 0.0, 10.0, 10.0], [0.0, 2.0, 10.0, 10.0]
+    predictions = [image([a, [0.0, -3.0, 10.0, 7.0]], [0.9, 0.8], [5, 5])]
+    references = [truth([a, b], [5, 5])]
+    matches = match_detections(predictions, references)
+    assert matches.matched.tolist() == [True, False]
+
+
+def test_low_overlap_claims_nothing():
+    # The top detection's best box has IoU 0.4: a false positive that leaves the box for the next one.
+    predictions = [image([[0.0, 0.0, 4.0, 10.0], [0.0, 0.0, 9.0, 10.0]], [0.9, 0.8], [1, 1])]
+    matches = match_detections(predictions, [truth([SQUARE], [1])])
+    assert matches.matched.tolist() == [False, True]
+    assert matches.ious.tolist() == pytest.approx([0.0, 0.9])
+
+
+def test_score_threshold_is_inclusive_and_output_sorted():
+    predictions = [image([SQUARE] * 3, [0.2999, 0.3, 0.95], [1, 1, 1])]
+    matches = match_detections(predictions, [truth([SQUARE], [1])])
+    assert matches.scores.tolist() == [0.95, 0.3]
+    assert matches.detection_index.tolist() == [2, 1]
+
+
+def test_images_without_ground_truth():
+    predictions = [image([SQUARE], [0.9], [1]), image([SQUARE], [0.8], [1])]
+    references = [truth([SQUARE], [1]), truth(np.zeros((0, 4)), [])]
+    excluded = match_detections(predictions, references)
+    assert excluded.image_index.tolist() == [0] and excluded.num_images_evaluated == 1
+    included = match_detections(predictions, references, include_images_without_gt=True)
+    assert included.image_index.tolist() == [0, 1] and included.matched.tolist() == [True, False]
+    assert included.num_images_evaluated == 2
+
+
+def test_iou_threshold_is_inclusive():
+    predictions = [image([[0.0, 0.0, 5.0, 10.0]], [0.9], [1])]  # IoU exactly 0.5
+    assert match_detections(predictions, [truth([SQUARE], [1])]).matched.tolist() == [True]
+    assert match_detections(predictions, [truth([SQUARE], [1])], iou_threshold=0.51).matched.tolist() == [False]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("include", [False, True])
+def test_random_sets_match_the_loop_oracle(seed, include):
+    predictions, references, _ = synthetic_detections(num_images=40, num_classes=3, seed=seed)
+    expected = loop_match(predictions, references, include_images_without_gt=include)
+    assert_same_rows(as_rows(match_detections(predictions, references, include_images_without_gt=include)),
+                     expected)
+
+
+def test_crowded_single_class_needs_many_rounds_and_chunks(monkeypatch):
+    # One class, dense overlapping boxes: long conflict chains; tiny chunks exercise the chunked pair building.
+    rng = np.random.default_rng(7)
+    corners = rng.uniform(0, 20, (60, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 10, (60, 2))], axis=1)
+    gt_corners = rng.uniform(0, 20, (25, 2))
+    gt_boxes = np.concatenate([gt_corners, gt_corners + rng.uniform(5, 10, (25, 2))], axis=1)
+    predictions = [image(boxes, rng.uniform(0, 1, 60), np.zeros(60, int))]
+    references = [truth(gt_boxes, np.zeros(25, int))]
+    monkeypatch.setattr(matching, "_MAX_PAIRS_PER_CHUNK", 7)
+    for threshold in (0.1, 0.3, 0.5):
+        actual = as_rows(match_detections(predictions, references, score_threshold=0.0, iou_threshold=threshold))
+        assert_same_rows(actual, loop_match(predictions, references, 0.0, threshold))
+
+
+def test_tensor_numpy_and_list_inputs_agree():
+    predictions, references, _ = synthetic_detections(num_images=10, seed=3)
+    as_tensors = [{key: torch.as_tensor(value) for key, value in p.items()} for p in predictions]
+    as_lists = [{key: np.asarray(value).tolist() for key, value in p.items()} for p in predictions]
+    reference_tensors = [{key: torch.as_tensor(value) for key, value in r.items()} for r in references]
+    baseline = as_rows(match_detections(predictions, references))
+    assert as_rows(match_detections(as_tensors, reference_tensors)) == baseline
+    # Lists hold the float32 scores widened to float64 exactly, so they agree too.
+    assert as_rows(match_detections(as_lists, references)) == baseline
+
+
+def test_bfloat16_scores_are_accepted():
+    predictions = [image(torch.tensor([SQUARE]), torch.tensor([0.75], dtype=torch.bfloat16), torch.tensor([1]))]
+    matches = match_detections(predictions, [truth(torch.tensor([SQUARE]), torch.tensor([1]))])
+    assert matches.scores.dtype == np.float64 and matches.scores.tolist() == [0.75]
+
+
+def test_no_images_and_no_detections():
+    assert len(match_detections([], [])) == 0
+    empty = match_detections([image(np.zeros((0, 4)), [], [])], [truth([SQUARE], [1])])
+    assert len(empty) == 0 and empty.boxes.shape == (0, 4) and empty.num_images_evaluated == 1
+
+
+@pytest.mark.parametrize("predictions, references, message", [
+    ([image([SQUARE], [float("nan")], [1])], [truth([SQUARE], [1])], r"predictions\[0\]\['scores'\] contains NaN"),
+    ([image([SQUARE], [1.5], [1])], [truth([SQUARE], [1])], r"scores'\] must lie in \[0, 1\]"),
+    ([image([SQUARE], [-0.1], [1])], [truth([SQUARE], [1])], r"scores'\] must lie in \[0, 1\]"),
+    ([image([[5.0, 0.0, 1.0, 10.0]], [0.5], [1])], [truth([SQUARE], [1])], r"x2 < x1 or y2 < y1"),
+    ([image([SQUARE], [0.5], [1])], [truth([[0.0, 5.0, 10.0, 1.0]], [1])], r"references\[0\]\['boxes'\].*y2 < y1"),
+    ([image([SQUARE], [0.5, 0.6], [1])], [truth([SQUARE], [1])], r"1 boxes but 2 scores"),
+    ([image([SQUARE], [0.5], [1])], [truth([SQUARE], [1, 2])], r"references\[0\] has 1 boxes but 2 labels"),
+    ([image([[0.0, 0.0, 1.0]], [0.5], [1])], [truth([SQUARE], [1])], r"shape \[num_boxes, 4\]"),
+    ([image([SQUARE], [[0.5]], [1])], [truth([SQUARE], [1])], r"'scores'\] must be one-dimensional"),
+    ([image([SQUARE], [0.5], [1])], [], r"predictions cover 1 images but references cover 0"),
+    ([{"boxes": [SQUARE], "scores": [0.5]}], [truth([SQUARE], [1])], r"predictions\[0\] is missing 'labels'"),
+    ([image([SQUARE], [0.5], [1])], [{"boxes": [SQUARE], "class_labels": [1]}], r"absolute xyxy"),
+    ([image([SQUARE], [0.5], [1.5])], [truth([SQUARE], [1])], r"integer class ids"),
+    ([image([[0.0, 0.0, float("inf"), 1.0]], [0.5], [1])], [truth([SQUARE], [1])], r"NaN or infinite"),
+    (image([SQUARE], [0.5], [1]), [truth([SQUARE], [1])], r"list of per-image dicts"),
+    ([[SQUARE]], [truth([SQUARE], [1])], r"predictions\[0\] must be a dict"),
+])
+def test_bad_input_names_the_problem(predictions, references, message):
+    with pytest.raises(ValueError, match=message):
+        match_detections(predictions, references)
+
+
+def test_error_names_the_offending_image():
+    predictions = [image([SQUARE], [0.5], [1]), image([SQUARE], [2.0], [1])]
+    with pytest.raises(ValueError, match=r"predictions\[1\]\['scores'\]"):
+        match_detections(predictions, [truth([SQUARE], [1])] * 2)
+
+
+@pytest.mark.parametrize("keyword", ["score_threshold", "iou_threshold"])
+def test_thresholds_outside_unit_interval(keyword):
+    with pytest.raises(ValueError, match=keyword):
+        match_detections([image([SQUARE], [0.5], [1])], [truth([SQUARE], [1])], **{keyword: 1.5})
