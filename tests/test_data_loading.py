@@ -175,7 +175,7 @@ def test_skip_invalid_counts_each_reason(tmp_path, caplog):
 def test_many_problems_are_listed_then_counted(tmp_path):
     annotations = [{"id": 200 + i, "image_id": 10, "category_id": 1, "bbox": [1, 1, 0, 1]} for i in range(8)]
     annotations_json, images_dir = write_coco(tmp_path, annotations=annotations)
-    with pytest.raises(ValueError, match=r"8 invalid record\(s\).*and 3 more") as raised:
+    with pytest.raises(ValueError, match=r"(?s)8 invalid record\(s\).*and 3 more") as raised:
         load_coco_folder(annotations_json, images_dir)
     assert "annotation id 204" in str(raised.value) and "annotation id 205" not in str(raised.value)
 
@@ -255,6 +255,11 @@ def test_integer_categories_need_class_names():
     rows["objects"][0]["category"] = [4]
     with pytest.raises(ValueError, match="category 4 is not one of the 2 class ids"):
         prepare_detection_dataset(Dataset.from_dict(rows, features=features), class_names=["cat", "dog"])
+    skipped = prepare_detection_dataset(
+        Dataset.from_dict(rows, features=features), class_names=["cat", "dog"], skip_invalid=True
+    )
+    assert skipped.skipped == {"unknown_category": 1}
+    assert skipped.dataset[0]["objects"]["category"] == [] and category_names(skipped.dataset) == ["cat", "dog"]
 
 
 def test_missing_columns_are_named():

@@ -199,29 +199,46 @@ def load_coco_folder(annotations_json: str, images_dir: str, skip_invalid: bool 
 # ----------------------------------------------------------------------------------- Hub and saved datasets
 
 
-def _class_label_for(feature: Any, class_names: list[str] | None, values: list, source: str):
-    """The ClassLabel to use for ``objects.category``: the existing one, or one built from names."""
+def _resolve_class_names(splits: list, class_names: list[str] | None, source: str) -> list[str]:
+    """The class names for ``objects.category`` across all splits: a ClassLabel's names, the given
+    ``class_names`` (needed for plain integers), or, for string categories, the sorted names found.
+    """
     from datasets import ClassLabel, Value
 
+    feature = category_feature(splits[0].features)  # raises when objects has no category
     if isinstance(feature, ClassLabel):
         if class_names is not None and list(class_names) != list(feature.names):
             raise ValueError(f"{source}: class_names {class_names} differ from the dataset's {feature.names}")
-        return feature
+        return list(feature.names)
+    if class_names is not None and isinstance(feature, Value) and feature.dtype.startswith(("int", "string")):
+        return list(class_names)
     if isinstance(feature, Value) and feature.dtype == "string":
-        return ClassLabel(names=list(class_names) if class_names else sorted(set(values)))
-    if isinstance(feature, Value) and feature.dtype.startswith("int") and class_names:
-        return ClassLabel(names=list(class_names))
+        found = {
+            name
+            for split in splits
+            for row in split["objects"]
+            for name in objects_as_columns(row)["category"]
+        }
+        return sorted(found)
     raise ValueError(
         f"{source}: 'objects.category' is {feature!r}; it must be a ClassLabel, strings, or integers with "
         "class_names given"
     )
 
 
-def _complete_objects(objects: Any, labels, first_id: int) -> dict[str, list]:
+def _complete_objects(
+    objects: Any, label_of_name: dict[str, int], first_id: int, where: str
+) -> dict[str, list]:
     """One row's objects as a dict of lists with all schema keys: names encoded, missing area/id filled."""
     columns = objects_as_columns(objects)
     boxes = columns.get("bbox") or []
-    categories = [labels.str2int(value) if isinstance(value, str) else value for value in columns["category"]]
+    categories = []
+    for value in columns["category"]:
+        if isinstance(value, str) and value not in label_of_name:
+            raise ValueError(
+                f"{where}: category {value!r} is not one of the class names {list(label_of_name)}"
+            )
+        categories.append(label_of_name[value] if isinstance(value, str) else value)
     areas = columns.get("area")
     if areas is None or any(area is None for area in areas):
         areas = [box[2] * box[3] if isinstance(box, list) and len(box) == 4 else 0.0 for box in boxes]
@@ -231,37 +248,54 @@ def _complete_objects(objects: Any, labels, first_id: int) -> dict[str, list]:
     return {"bbox": boxes, "category": categories, "area": areas, "id": ids}
 
 
-def to_detection_schema(dataset, class_names: list[str] | None = None, source: str = "dataset"):
-    """Bring a ``datasets.Dataset`` close to the schema: ``objects`` as a dict of lists with every key
-    (missing ``area`` = w*h, missing ``id`` numbered), category names as a ClassLabel, ``image_id`` added
-    when absent, images decoded as RGB. Boxes must already be COCO xywh in pixels (not checkable here).
-
-    Raises:
-        ValueError: no ``image`` or ``objects`` column, no ``bbox``/``category`` in objects, or categories
-            whose names cannot be known.
-    """
+def _require_image_and_objects(dataset, source: str) -> list[str]:
+    """The fields of ``objects``; raise a ``ValueError`` naming what is missing for the schema."""
     for column in ("image", "objects"):
         if column not in dataset.column_names:
             raise ValueError(f"{source}: missing column {column!r} (columns: {dataset.column_names})")
-    item = category_feature(dataset.features)  # raises when objects has no category
     objects_feature = dataset.features["objects"]
-    keys = objects_feature.keys() if isinstance(objects_feature, dict) else objects_feature.feature.keys()
-    if "bbox" not in keys:
-        raise ValueError(f"{source}: 'objects' has no 'bbox' field (fields: {sorted(keys)})")
+    item = objects_feature if isinstance(objects_feature, dict) else getattr(objects_feature, "feature", None)
+    keys = sorted(item) if isinstance(item, dict) else []
+    for key in ("bbox", "category"):
+        if key not in keys:
+            raise ValueError(f"{source}: 'objects' has no {key!r} field (fields: {keys})")
+    return keys
+
+
+def to_detection_schema(dataset, class_names: list[str], source: str = "dataset"):
+    """Bring a ``datasets.Dataset`` to the schema's layout: ``objects`` as a dict of lists with every key
+    (missing ``area`` = w*h, missing ``id`` numbered), category names encoded as ids of ``class_names``,
+    ``image_id`` added when absent, images decoded as RGB. Boxes must already be COCO xywh in pixels.
+
+    Categories that were not a ClassLabel come out as plain integers: ``validate_detection_dataset`` checks
+    their range, reporting each bad record, before making them a ClassLabel.
+
+    Raises:
+        ValueError: no ``image`` or ``objects`` column, no ``bbox`` in objects, an unknown category name.
+    """
+    from datasets import ClassLabel, List, Value
+
+    keys = _require_image_and_objects(dataset, source)
+    objects_feature = dataset.features["objects"]
     if "image_id" not in dataset.column_names:
         dataset = dataset.add_column("image_id", list(range(len(dataset))))
-    string_values = []
-    if not hasattr(item, "names") and getattr(item, "dtype", None) == "string":
-        string_values = [name for row in dataset["objects"] for name in objects_as_columns(row)["category"]]
-    labels = _class_label_for(item, class_names, string_values, source)
+    has_class_label = isinstance(category_feature(dataset.features), ClassLabel)
     features = dataset.features.copy()
-    features.update(detection_features(labels.names))
-    if isinstance(objects_feature, dict) and set(keys) == set(OBJECT_KEYS) and hasattr(item, "names"):
+    features.update(detection_features(class_names))
+    if not has_class_label:
+        features["objects"]["category"] = List(Value("int64"))
+    if isinstance(objects_feature, dict) and set(keys) == set(OBJECT_KEYS) and has_class_label:
         return dataset.cast(features)
+    label_of_name = {name: label for label, name in enumerate(class_names)}
     counts = [len(objects_as_columns(row).get("bbox") or []) for row in dataset["objects"]]
     first_ids = [0, *itertools.accumulate(counts)]
+    image_ids = dataset["image_id"]
     return dataset.map(
-        lambda objects, index: {"objects": _complete_objects(objects, labels, first_ids[index])},
+        lambda objects, index: {
+            "objects": _complete_objects(
+                objects, label_of_name, first_ids[index], record_name(source, image_ids[index], None)
+            )
+        },
         input_columns=["objects"],
         with_indices=True,
         features=features,
@@ -272,19 +306,24 @@ def to_detection_schema(dataset, class_names: list[str] | None = None, source: s
 def prepare_detection_dataset(
     dataset, class_names: list[str] | None = None, skip_invalid: bool = False, source: str = "dataset"
 ) -> DetectionData:
-    """An in-memory ``Dataset`` or ``DatasetDict`` through the path of loaded data: schema, then checks."""
+    """An in-memory ``Dataset`` or ``DatasetDict`` through the path of loaded data: schema, then checks.
+
+    Args:
+        class_names: needed when categories are plain integers; for string categories, fixes their order
+            (default: sorted names found in all splits); must match an existing ClassLabel.
+    """
     from datasets import DatasetDict
 
-    if isinstance(dataset, DatasetDict):
-        dataset = DatasetDict(
-            {
-                split: to_detection_schema(part, class_names, f"{source} [{split}]")
-                for split, part in dataset.items()
-            }
-        )
-    else:
-        dataset = to_detection_schema(dataset, class_names, source)
-    return validate_detection_dataset(dataset, skip_invalid=skip_invalid, source=source)
+    splits = dict(dataset) if isinstance(dataset, DatasetDict) else {None: dataset}
+    for split, part in splits.items():
+        _require_image_and_objects(part, source if split is None else f"{source} [{split}]")
+    names = _resolve_class_names(list(splits.values()), class_names, source)
+    converted = {
+        split: to_detection_schema(part, names, source if split is None else f"{source} [{split}]")
+        for split, part in splits.items()
+    }
+    dataset = DatasetDict(converted) if isinstance(dataset, DatasetDict) else converted[None]
+    return validate_detection_dataset(dataset, skip_invalid=skip_invalid, source=source, class_names=names)
 
 
 def _is_saved_dataset(path: str) -> bool:

@@ -84,8 +84,7 @@ def raise_or_skip(problems: list[Problem], skip_invalid: bool, source: str) -> C
         more = len(problems) - MAX_LISTED_PROBLEMS
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise ValueError(
-            f"{source}: {len(problems)} invalid record(s) (pass skip_invalid=True to skip them):"
-            f"\n  {listed}{tail}"
+            f"{len(problems)} invalid record(s) (pass skip_invalid=True to skip them):\n  {listed}{tail}"
         )
     counts = Counter(problem.reason for problem in problems)
     logger.warning(
@@ -115,10 +114,13 @@ def image_size(image: dict) -> tuple[int, int]:
         raise FileNotFoundError(image.get("path"))
     with opened:
         width, height = opened.size
-        orientation = opened.getexif().get(Image.ExifTags.Base.Orientation)
+        raw_exif = opened.info.get("exif")  # read from the header; getexif() would break verify()
         opened.verify()
-    if orientation in _TRANSPOSING_EXIF_ORIENTATIONS:
-        width, height = height, width
+    if raw_exif:
+        exif = Image.Exif()
+        exif.load(raw_exif)
+        if exif.get(Image.ExifTags.Base.Orientation) in _TRANSPOSING_EXIF_ORIENTATIONS:
+            width, height = height, width
     return width, height
 
 
@@ -193,15 +195,10 @@ def _check_row(row: dict, num_classes: int, source: str) -> tuple[Problem | None
     return None, problems, (kept if changed else None)
 
 
-def _validate_split(dataset, skip_invalid: bool, source: str) -> tuple[Any, list[Problem]]:
+def _validate_split(dataset, skip_invalid: bool, source: str, num_classes: int) -> tuple[Any, list[Problem]]:
     """Validate one ``datasets.Dataset``; return it (cleaned when skipping) and the problems found."""
     from datasets import Image
 
-    num_classes = getattr(category_feature(dataset.features), "num_classes", None)
-    if num_classes is None:
-        raise ValueError(
-            f"{source}: 'objects.category' must be a ClassLabel, got {category_feature(dataset.features)!r}"
-        )
     raw = dataset.select_columns(["image", "image_id", "objects"]).cast_column("image", Image(decode=False))
     bad_rows, new_objects, problems = set(), {}, []
     for index, row in enumerate(raw):
@@ -230,18 +227,40 @@ def _validate_split(dataset, skip_invalid: bool, source: str) -> tuple[Any, list
     return dataset, problems
 
 
-def _require_columns(dataset, source: str) -> None:
-    """Raise a ``ValueError`` naming the missing columns of the detection schema."""
+def _require_schema(dataset, source: str, class_names: list[str] | None) -> int:
+    """The number of classes; raise a ``ValueError`` naming what is missing from the detection schema."""
+    from datasets import ClassLabel
+
     missing = [column for column in ("image", "image_id", "objects") if column not in dataset.column_names]
     if missing:
         raise ValueError(
             f"{source}: missing column(s) {missing} of the detection schema "
             f"(image, image_id, objects{{bbox, category, area, id}}); columns present: {dataset.column_names}"
         )
-    category_feature(dataset.features)
+    feature = category_feature(dataset.features)
+    if isinstance(feature, ClassLabel):
+        return feature.num_classes
+    if class_names is None:
+        raise ValueError(
+            f"{source}: 'objects.category' must be a ClassLabel (or pass class_names), got {feature!r}"
+        )
+    return len(class_names)
 
 
-def validate_detection_dataset(dataset, skip_invalid: bool = False, source: str = "dataset") -> DetectionData:
+def _with_class_label(dataset, class_names: list[str] | None):
+    """The dataset with ``objects.category`` made a ClassLabel of ``class_names`` (no-op when it is one)."""
+    from datasets import ClassLabel, List
+
+    if isinstance(category_feature(dataset.features), ClassLabel):
+        return dataset
+    features = dataset.features.copy()
+    features["objects"]["category"] = List(ClassLabel(names=list(class_names)))
+    return dataset.cast(features)
+
+
+def validate_detection_dataset(
+    dataset, skip_invalid: bool = False, source: str = "dataset", class_names: list[str] | None = None
+) -> DetectionData:
     """Check every image and box of a ``Dataset`` or ``DatasetDict`` in the detection schema.
 
     Checks: the image exists and can be read; each box is 4 finite numbers with positive width and height
@@ -251,6 +270,8 @@ def validate_detection_dataset(dataset, skip_invalid: bool = False, source: str 
         dataset: a ``datasets.Dataset`` or ``DatasetDict``.
         skip_invalid: drop bad images and boxes (counted in ``skipped``, logged) instead of raising.
         source: what to call the data in messages (a file, a dataset name).
+        class_names: the names when ``objects.category`` holds plain integers (they become a ClassLabel
+            once checked); ignored when it is a ClassLabel already.
 
     Raises:
         ValueError: on a missing column, or, unless ``skip_invalid``, on any invalid record; the message
@@ -262,9 +283,12 @@ def validate_detection_dataset(dataset, skip_invalid: bool = False, source: str 
     cleaned, problems = {}, []
     for split, split_dataset in splits.items():
         split_source = source if split is None else f"{source} [{split}]"
-        _require_columns(split_dataset, split_source)
-        cleaned[split], split_problems = _validate_split(split_dataset, skip_invalid, split_source)
+        num_classes = _require_schema(split_dataset, split_source, class_names)
+        cleaned[split], split_problems = _validate_split(
+            split_dataset, skip_invalid, split_source, num_classes
+        )
         problems.extend(split_problems)
     skipped = raise_or_skip(problems, skip_invalid, source)
+    cleaned = {split: _with_class_label(part, class_names) for split, part in cleaned.items()}
     result = DatasetDict(cleaned) if isinstance(dataset, DatasetDict) else cleaned[None]
     return DetectionData(result, skipped, [problem.message for problem in problems] if skip_invalid else [])

@@ -25,10 +25,11 @@ from .matching import DetectionMatches, match_flat
 POSITION_FEATURES = ("confidence", "cx", "cy", "w", "h")
 
 
-def check_scores_and_outcomes(scores, outcomes, score_name: str = "scores",
-                              outcome_name: str = "matched") -> tuple[np.ndarray, np.ndarray]:
-    """``scores`` ``[N]`` in [0, 1] as float64 and ``outcomes`` ``[N]`` (bool or 0/1) as bool, or ``ValueError``."""
-    scores = unit_interval_vector(scores, score_name)
+def check_scores_and_outcomes(scores, outcomes, score_name: str = "scores", outcome_name: str = "matched",
+                              upper_open: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` ``[N]`` in [0, 1] (or [0, 1)) as float64 and ``outcomes`` ``[N]`` (bool or 0/1) as bool, or
+    ``ValueError``."""
+    scores = unit_interval_vector(scores, score_name, upper_open)
     outcomes = to_numpy(outcomes)
     if outcomes.ndim != 1:
         raise ValueError(f"{outcome_name} must be one-dimensional, got shape {tuple(outcomes.shape)}")

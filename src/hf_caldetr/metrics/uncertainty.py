@@ -16,7 +16,7 @@ import numpy as np
 
 from .binning import bin_edges, bin_index, binned_means, check_num_bins, clip_to_open_unit, weighted_gap
 from .d_ece import check_scores_and_outcomes
-from .inputs import check_unit_interval, flatten_pair
+from .inputs import flatten_pair
 from .matching import match_flat
 
 
@@ -33,8 +33,8 @@ def uncertainty_calibration_error(uncertainties, matched, num_bins: int = 10) ->
         ``bin_counts``, ``bin_error_rates``, ``bin_uncertainties`` (NaN for empty bins) and ``bin_edges``.
     """
     num_bins = check_num_bins(num_bins)
-    uncertainties, matched = check_scores_and_outcomes(uncertainties, matched, score_name="uncertainties")
-    check_unit_interval(uncertainties, "uncertainties", upper_open=True)
+    uncertainties, matched = check_scores_and_outcomes(uncertainties, matched, score_name="uncertainties",
+                                                       upper_open=True)
     clipped = clip_to_open_unit(uncertainties)
     errors = ~matched
     counts, error_rates, mean_uncertainties = binned_means(bin_index(clipped, num_bins), num_bins, errors, clipped)

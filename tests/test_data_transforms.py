@@ -1,0 +1,182 @@
+"""Schema rows to model inputs: processor size, box round trip, collate, augmentation, fast path."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from hf_caldetr.data import (
+    arrays_to_model_inputs,
+    build_image_processor,
+    coco_detection_target,
+    generate_digit_scenes,
+    load_digits_detection,
+    make_collate_fn,
+    normalized_cxcywh_to_xywh,
+    prepare_batch,
+    random_scale_translate,
+    xywh_to_normalized_cxcywh,
+)
+
+
+def make_row(
+    width=96, height=96, boxes=((10.0, 20.0, 30.0, 40.0), (50.0, 5.0, 12.0, 14.0)), categories=(3, 7)
+):
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    boxes = [list(box) for box in boxes]
+    objects = {
+        "bbox": boxes,
+        "category": list(categories),
+        "area": [box[2] * box[3] for box in boxes],
+        "id": list(range(len(boxes))),
+    }
+    return {"image": Image.fromarray(pixels), "image_id": 42, "objects": objects}
+
+
+def test_coco_detection_target_layout():
+    target = coco_detection_target(42, make_row()["objects"])
+    assert target["image_id"] == 42
+    assert target["annotations"][1] == {
+        "bbox": [50.0, 5.0, 12.0, 14.0],
+        "category_id": 7,
+        "area": 168.0,
+        "iscrowd": 0,
+    }
+
+
+def test_small_images_keep_their_size_and_pixels():
+    row = make_row()
+    processor = build_image_processor(96)
+    batch = prepare_batch([row], processor)
+    assert batch["pixel_values"].shape == (1, 3, 96, 96) and batch["pixel_mask"].all()
+    expected = (
+        torch.tensor(np.asarray(row["image"])).permute(2, 0, 1) / 255
+        - torch.tensor(processor.image_mean)[:, None, None]
+    ) / torch.tensor(processor.image_std)[:, None, None]
+    torch.testing.assert_close(batch["pixel_values"][0], expected, atol=1e-5, rtol=0)
+
+
+def test_boxes_round_trip_through_the_processor():
+    row = make_row()
+    labels = prepare_batch([row], build_image_processor(96))["labels"][0]
+    assert labels["class_labels"].tolist() == [3, 7]
+    expected = xywh_to_normalized_cxcywh(np.array(row["objects"]["bbox"]), 96, 96)
+    np.testing.assert_allclose(labels["boxes"].numpy(), expected, atol=1e-6)
+    back = normalized_cxcywh_to_xywh(labels["boxes"].numpy(), 96, 96)
+    np.testing.assert_allclose(back, np.array(row["objects"]["bbox"]), atol=1e-4)
+
+
+def test_cxcywh_conversion_by_hand():
+    boxes = xywh_to_normalized_cxcywh(np.array([[10.0, 20.0, 30.0, 40.0]]), width=100, height=80)
+    np.testing.assert_allclose(boxes, [[0.25, 0.5, 0.3, 0.5]])
+
+
+def test_unresized_batches_are_padded_and_boxes_follow_the_padding():
+    small, large = make_row(width=60, height=40, boxes=((6.0, 4.0, 30.0, 20.0),), categories=(1,)), make_row()
+    batch = prepare_batch([small, large], build_image_processor(None))
+    assert batch["pixel_values"].shape == (2, 3, 96, 96)
+    assert batch["pixel_mask"][0].sum() == 60 * 40 and batch["pixel_mask"][0, :40, :60].all()
+    # boxes are normalised to the padded canvas, as the model sees it
+    back = normalized_cxcywh_to_xywh(batch["labels"][0]["boxes"].numpy(), 96, 96)
+    np.testing.assert_allclose(back, [[6.0, 4.0, 30.0, 20.0]], atol=1e-4)
+    assert batch["labels"][0]["orig_size"].tolist() == [40, 60]
+
+
+def test_aspect_preserving_resize():
+    processor = build_image_processor({"shortest_edge": 48, "longest_edge": 96})
+    batch = prepare_batch(
+        [make_row(width=80, height=40, boxes=((8.0, 4.0, 20.0, 10.0),), categories=(0,))], processor
+    )
+    assert batch["pixel_values"].shape == (1, 3, 48, 96)
+    back = normalized_cxcywh_to_xywh(batch["labels"][0]["boxes"].numpy(), 96, 48)
+    np.testing.assert_allclose(back, [[9.6, 4.8, 24.0, 12.0]], atol=1e-3)
+
+
+def test_empty_image_gives_empty_labels():
+    row = make_row(boxes=(), categories=())
+    labels = prepare_batch([row], build_image_processor(96))["labels"][0]
+    assert labels["boxes"].shape == (0, 4) and labels["class_labels"].shape == (0,)
+
+
+def test_collate_fn_in_a_dataloader():
+    digits = load_digits_detection(num_train=6, num_validation=0, seed=0)["train"]
+    loader = DataLoader(digits, batch_size=3, collate_fn=make_collate_fn(build_image_processor(96)))
+    batches = list(loader)
+    assert len(batches) == 2
+    batch = batches[0]
+    assert batch["pixel_values"].shape == (3, 3, 96, 96) and batch["pixel_mask"].shape == (3, 96, 96)
+    assert [len(labels["class_labels"]) for labels in batch["labels"]] == [
+        len(o["id"]) for o in digits[:3]["objects"]
+    ]
+
+
+def test_scale_translate_moves_boxes_with_the_image():
+    # a bright square on black: after the jitter, its box must still frame the bright pixels
+    pixels = np.zeros((96, 96, 3), dtype=np.uint8)
+    pixels[30:50, 40:60] = 255
+    torch.manual_seed(3)
+    moved, boxes, keep = random_scale_translate(Image.fromarray(pixels), np.array([[40.0, 30.0, 20.0, 20.0]]))
+    assert keep.tolist() == [True]
+    bright = np.argwhere(np.asarray(moved)[:, :, 0] > 128)
+    (top, left), (bottom, right) = bright.min(0), bright.max(0) + 1
+    np.testing.assert_allclose(boxes[0], [left, top, right - left, bottom - top], atol=1.5)
+    assert not np.array_equal(np.asarray(moved), pixels)
+
+
+def test_scale_translate_drops_boxes_pushed_out():
+    image = Image.fromarray(np.zeros((96, 96, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    _, boxes, keep = random_scale_translate(
+        image, np.array([[0.0, 0.0, 3.0, 3.0], [40.0, 40.0, 10.0, 10.0]]), shift_jitter=0.3
+    )
+    assert keep.tolist() == [False, True] or keep.tolist() == [True, True]
+    assert len(boxes) == keep.sum()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 96).all()
+
+
+def test_augmentation_follows_torch_seed():
+    digits = load_digits_detection(num_train=4, num_validation=0, seed=0)["train"]
+    rows = [digits[i] for i in range(4)]
+    processor = build_image_processor(96)
+    torch.manual_seed(1)
+    first = prepare_batch(rows, processor, augment=True)
+    torch.manual_seed(1)
+    second = prepare_batch(rows, processor, augment=True)
+    plain = prepare_batch(rows, processor)
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
+    assert not torch.equal(first["pixel_values"], plain["pixel_values"])
+    for augmented, original in zip(first["labels"], plain["labels"]):
+        assert len(augmented["boxes"]) <= len(original["boxes"])
+        assert ((augmented["boxes"] >= 0) & (augmented["boxes"] <= 1)).all()
+
+
+def test_fast_path_equals_the_processor():
+    scenes = generate_digit_scenes(4, seed=5)
+    processor = build_image_processor(96)
+    fast = arrays_to_model_inputs(scenes.images, scenes.boxes, scenes.categories, processor, [0, 1, 2, 3])
+    rows = [
+        {
+            "image": Image.fromarray(image),
+            "image_id": index,
+            "objects": {
+                "bbox": boxes.tolist(),
+                "category": cats.tolist(),
+                "area": (boxes[:, 2] * boxes[:, 3]).tolist(),
+                "id": list(range(len(boxes))),
+            },
+        }
+        for index, (image, boxes, cats) in enumerate(zip(scenes.images, scenes.boxes, scenes.categories))
+    ]
+    slow = prepare_batch(rows, processor)
+    torch.testing.assert_close(fast["pixel_values"], slow["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(fast["pixel_mask"], slow["pixel_mask"])
+    for fast_labels, slow_labels in zip(fast["labels"], slow["labels"]):
+        assert set(fast_labels) == set(slow_labels)
+        for key in fast_labels:
+            torch.testing.assert_close(fast_labels[key], slow_labels[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size, expected", [(None, False), (64, True)])
+def test_build_image_processor_resize_switch(size, expected):
+    assert build_image_processor(size).do_resize is expected

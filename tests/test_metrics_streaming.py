@@ -1,0 +1,117 @@
+"""Streaming metric: batch-independence, agreement with the one-shot functions, accelerate gathering."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from hf_caldetr.metrics import (
+    DetectionCalibrationMetric,
+    coco_average_precision,
+    detection_ece,
+    detection_laece,
+    detection_uce,
+    evaluate_detections,
+    position_detection_ece,
+    synthetic_detections,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    predictions, references, sizes = synthetic_detections(num_images=40, mean_boxes_per_image=3.0, seed=4)
+    rng = np.random.default_rng(0)
+    for prediction in predictions:
+        prediction["uncertainties"] = rng.uniform(0, 0.99, len(prediction["scores"]))
+    return predictions, references, sizes
+
+
+def batched_result(predictions, references, sizes, batch_size, **options):
+    metric = DetectionCalibrationMetric(**options)
+    for start in range(0, len(predictions), batch_size):
+        stop = start + batch_size
+        metric.update(predictions[start:stop], references[start:stop], sizes[start:stop])
+    return metric.compute()
+
+
+def test_batches_give_the_one_call_result(data):
+    one_call = evaluate_detections(*data, uncertainty_key="uncertainties")
+    for batch_size in (1, 7, 40):
+        np.testing.assert_equal(batched_result(*data, batch_size, uncertainty_key="uncertainties"), one_call)
+
+
+def test_equals_the_one_shot_functions(data):
+    predictions, references, sizes = data
+    result = evaluate_detections(predictions, references, sizes, uncertainty_key="uncertainties")
+    d_ece = detection_ece(predictions, references)
+    for key in d_ece:
+        np.testing.assert_equal(result[key], d_ece[key])
+    assert result["laece"] == pytest.approx(detection_laece(predictions, references)["laece"], abs=1e-12)
+    assert result["position_d_ece"] == pytest.approx(
+        position_detection_ece(predictions, references, sizes)["d_ece"], abs=1e-12)
+    assert result["d_uce"] == pytest.approx(detection_uce(predictions, references)["d_uce"], abs=1e-12)
+    coco = coco_average_precision(predictions, references)
+    assert {key: result[key] for key in coco} == pytest.approx(coco, nan_ok=True)
+
+
+def test_options_reach_every_metric(data):
+    predictions, references, sizes = data
+    options = dict(num_bins=15, laece_bins=10, score_threshold=0.5, iou_threshold=0.6,
+                   include_images_without_gt=True)
+    result = evaluate_detections(predictions, references, sizes, **options)
+    protocol = dict(score_threshold=0.5, iou_threshold=0.6, include_images_without_gt=True)
+    assert result["d_ece"] == detection_ece(predictions, references, 15, **protocol)["d_ece"]
+    assert result["laece"] == pytest.approx(detection_laece(predictions, references, 10, **protocol)["laece"])
+    assert len(result["bin_counts"]) == 15 and "d_uce" not in result
+
+
+def test_image_order_does_not_matter(data):
+    # gather_for_metrics interleaves processes' batches, so the image order differs from the dataset's.
+    predictions, references, sizes = data
+    order = np.random.default_rng(1).permutation(len(predictions))
+    shuffled = evaluate_detections([predictions[i] for i in order], [references[i] for i in order], sizes[order])
+    straight = evaluate_detections(predictions, references, sizes)
+    assert shuffled.keys() == straight.keys()
+    for key in straight:
+        np.testing.assert_allclose(shuffled[key], straight[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_accelerate_gather_for_metrics(data):
+    predictions, references, sizes = data
+    accelerator = Accelerator()
+    metric = DetectionCalibrationMetric()
+    for start in range(0, len(predictions), 8):
+        batch = [{key: torch.as_tensor(value) for key, value in p.items()} for p in predictions[start:start + 8]]
+        gathered = accelerator.gather_for_metrics(batch, use_gather_object=True)
+        gathered_refs = accelerator.gather_for_metrics(references[start:start + 8], use_gather_object=True)
+        gathered_sizes = accelerator.gather_for_metrics(torch.as_tensor(sizes[start:start + 8]))
+        metric.update(gathered, gathered_refs, gathered_sizes)
+    result = metric.compute()
+    assert result["d_ece"] == detection_ece(predictions, references)["d_ece"]
+    assert result["num_images"] == len(predictions)
+
+
+def test_without_ap_or_sizes(data):
+    predictions, references, _ = data
+    result = evaluate_detections(predictions, references, compute_ap=False)
+    assert "map" not in result and "position_d_ece" not in result
+    assert result["d_ece"] == detection_ece(predictions, references)["d_ece"]
+
+
+def test_image_sizes_for_every_batch_or_none(data):
+    predictions, references, sizes = data
+    metric = DetectionCalibrationMetric()
+    metric.update(predictions[:2], references[:2], sizes[:2])
+    with pytest.raises(ValueError, match="every batch or for none"):
+        metric.update(predictions[2:4], references[2:4])
+
+
+def test_reset_and_empty(data):
+    metric = DetectionCalibrationMetric()
+    metric.update(*data)
+    metric.reset()
+    result = metric.compute()
+    assert result["num_images"] == 0 and result["num_detections"] == 0
+    assert math.isnan(result["d_ece"]) and math.isnan(result["laece"]) and math.isnan(result["map"])
