@@ -40,8 +40,41 @@ def deformable_detr(size: str, num_labels: int):
             hf_caldetr.CalDeformableDetrForObjectDetection, hf_caldetr.CalDeformableDetrConfig(**kwargs))
 
 
+def detr(size: str, num_labels: int):
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    from hf_caldetr.configuration import CalDetrConfig
+    from hf_caldetr.models import CalDetrForObjectDetection
+
+    if size == "r50":  # facebook/detr-resnet-50's shape: timm ResNet-50 (random weights offline), 100 queries, 6+6 layers
+        kwargs = dict(num_labels=num_labels)
+    else:
+        kwargs = dict(backbone_config=tiny_backbone(), use_timm_backbone=False, d_model=64, encoder_layers=2,
+                      decoder_layers=3, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_attention_heads=4,
+                      decoder_attention_heads=4, num_queries=50, num_labels=num_labels)
+    return DetrForObjectDetection, DetrConfig(**kwargs), CalDetrForObjectDetection, CalDetrConfig(**kwargs)
+
+
+def rt_detr(size: str, num_labels: int):
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
+
+    from hf_caldetr.configuration import CalRTDetrConfig
+    from hf_caldetr.models import CalRTDetrForObjectDetection
+
+    if size == "r50":  # RT-DETR R50-vd (random weights), 300 queries, 6 decoder layers, 100 denoising queries
+        kwargs = dict(num_labels=num_labels)
+    else:
+        backbone = RTDetrResNetConfig(layer_type="basic", hidden_sizes=[16, 32, 64, 128], embedding_size=16,
+                                      depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"])
+        kwargs = dict(backbone_config=backbone, encoder_hidden_dim=64, encoder_in_channels=[32, 64, 128],
+                      encoder_layers=1, encoder_ffn_dim=128, encoder_attention_heads=4, d_model=64,
+                      decoder_in_channels=[64, 64, 64], decoder_ffn_dim=128, decoder_layers=3,
+                      decoder_attention_heads=4, decoder_n_points=2, num_queries=50, num_labels=num_labels)
+    return RTDetrForObjectDetection, RTDetrConfig(**kwargs), CalRTDetrForObjectDetection, CalRTDetrConfig(**kwargs)
+
+
 # model type -> builder(size, num_labels) -> (plain class, plain config, cal class, cal config)
-MODEL_BUILDERS = {"deformable_detr": deformable_detr}
+MODEL_BUILDERS = {"deformable_detr": deformable_detr, "detr": detr, "rt_detr": rt_detr}
 
 
 def make_batch(batch_size, height, width, num_labels, boxes_per_image, device, seed=0):

@@ -173,8 +173,12 @@ def main():
     labels = id2label(train_dataset)
     image_processor = build_image_processor(data_args.image_size or None)
     loader_options = dict(num_workers=train_args.dataloader_num_workers)
+    train_collator = make_collate_fn(image_processor, augment=train_args.augment, seed=train_args.seed)
+    # A generator of its own: a DataLoader iterator draws its base seed from the global RNG otherwise, and a run
+    # resumed mid-epoch creates its iterator after restoring the RNG state, so dropout would diverge.
     train_dataloader = DataLoader(train_dataset, shuffle=True, batch_size=train_args.per_device_train_batch_size,
-                                  collate_fn=make_collate_fn(image_processor, augment=train_args.augment), **loader_options)
+                                  collate_fn=train_collator,
+                                  generator=torch.Generator().manual_seed(train_args.seed), **loader_options)
     eval_collate = make_collate_fn(image_processor)
     eval_dataloader = DataLoader(eval_dataset, batch_size=train_args.per_device_eval_batch_size,
                                  collate_fn=eval_collate, **loader_options)
@@ -214,6 +218,7 @@ def main():
     model.train()
     for epoch in range(start_epoch, num_epochs):
         train_dataloader.set_epoch(epoch)
+        train_collator.set_epoch(epoch)
         batches = train_dataloader
         if epoch == start_epoch and resume_batches:
             batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
@@ -272,6 +277,8 @@ def main():
     # Phase 7: save the Hub folder (and push).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        from hf_caldetr.hub import push_folder, save_widget_example, write_model_card
+
         output_dir = Path(train_args.output_dir)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(output_dir)
@@ -282,10 +289,10 @@ def main():
                     "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1),
                     "num_processes": accelerator.num_processes, "arguments": args}
         metrics = write_metrics(results, output_dir, extra={"run": run_info})
+        save_widget_example(eval_dataset, output_dir)
+        write_model_card(output_dir, repo_id=train_args.hub_model_id if train_args.push_to_hub else None)
         logger.info("wrote %s: in-domain %s", output_dir, metrics["in_domain"])
         if train_args.push_to_hub:
-            from hf_caldetr.hub import push_folder
-
             push_folder(output_dir, train_args.hub_model_id, private=train_args.hub_private)
     accelerator.end_training()
 

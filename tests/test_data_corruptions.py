@@ -69,6 +69,8 @@ def test_bad_arguments_are_refused(scene):
         corrupt_image(scene[:20, :20], "fog", 1, seed=0)
     with pytest.raises(ValueError, match="non-negative integer"):
         corruption_for_image(-1)
+    with pytest.raises(ValueError, match="image id 7: imagecorruptions needs images of at least 32 px"):
+        corrupt_images(np.zeros((1, 20, 20, 3), dtype=np.uint8), [7])
 
 
 def test_assignment_depends_only_on_seed_and_image_id():

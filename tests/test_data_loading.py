@@ -145,6 +145,15 @@ def test_annotation_of_unknown_image_is_reported(tmp_path):
         load_coco_folder(annotations_json, images_dir)
 
 
+def test_annotation_without_id_is_malformed(tmp_path):
+    annotations = copy.deepcopy(ANNOTATIONS) + [{"image_id": 10, "category_id": 1, "bbox": [1, 1, 2, 2]}]
+    annotations_json, images_dir = write_coco(tmp_path, annotations=annotations)
+    with pytest.raises(ValueError, match=r"annotations\.json: annotations\[4\] needs an integer 'id'"):
+        load_coco_folder(annotations_json, images_dir)
+    data = load_coco_folder(annotations_json, images_dir, skip_invalid=True)
+    assert data.skipped == {"malformed_record": 1} and len(data.dataset) == 3
+
+
 def test_skip_invalid_counts_each_reason(tmp_path, caplog):
     annotations = copy.deepcopy(ANNOTATIONS) + [
         {"id": 104, "image_id": 10, "category_id": 1, "bbox": [2, 3, 0, 10]},
@@ -259,7 +268,10 @@ def test_integer_categories_need_class_names():
         Dataset.from_dict(rows, features=features), class_names=["cat", "dog"], skip_invalid=True
     )
     assert skipped.skipped == {"unknown_category": 1}
-    assert skipped.dataset[0]["objects"]["category"] == [] and category_names(skipped.dataset) == ["cat", "dog"]
+    assert skipped.dataset[0]["objects"]["category"] == [] and category_names(skipped.dataset) == [
+        "cat",
+        "dog",
+    ]
 
 
 def test_missing_columns_are_named():

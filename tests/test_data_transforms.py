@@ -16,6 +16,7 @@ from hf_caldetr.data import (
     normalized_cxcywh_to_xywh,
     prepare_batch,
     random_scale_translate,
+    scale_translate,
     xywh_to_normalized_cxcywh,
 )
 
@@ -124,15 +125,18 @@ def test_scale_translate_moves_boxes_with_the_image():
     assert not np.array_equal(np.asarray(moved), pixels)
 
 
-def test_scale_translate_drops_boxes_pushed_out():
-    image = Image.fromarray(np.zeros((96, 96, 3), dtype=np.uint8))
-    torch.manual_seed(0)
-    _, boxes, keep = random_scale_translate(
-        image, np.array([[0.0, 0.0, 3.0, 3.0], [40.0, 40.0, 10.0, 10.0]]), shift_jitter=0.3
-    )
-    assert keep.tolist() == [False, True] or keep.tolist() == [True, True]
-    assert len(boxes) == keep.sum()
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 96).all()
+def test_scale_translate_by_hand():
+    image = Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8))
+    boxes = np.array([[10.0, 20.0, 20.0, 10.0], [90.0, 40.0, 8.0, 8.0], [40.0, 40.0, 10.0, 10.0]])
+    _, moved, keep = scale_translate(image, boxes, scale=2.0, shift_x=-10.0, shift_y=5.0)
+    # x' = 2 (x - 50) + 40: the first box goes to x -40..0 (gone), the second to 120..136 (gone),
+    # the third to 20..40; y' = 2 (y - 50) + 55 puts it at 35..55
+    assert keep.tolist() == [False, False, True]
+    np.testing.assert_allclose(moved, [[20.0, 35.0, 20.0, 20.0]])
+    _, moved, keep = scale_translate(image, boxes[:1], scale=1.0, shift_x=-15.0, shift_y=0.0)
+    # 15 of its 20 px stay inside: kept and clipped
+    assert keep.tolist() == [True]
+    np.testing.assert_allclose(moved, [[0.0, 20.0, 15.0, 10.0]])
 
 
 def test_augmentation_follows_torch_seed():
@@ -180,3 +184,18 @@ def test_fast_path_equals_the_processor():
 @pytest.mark.parametrize("size, expected", [(None, False), (64, True)])
 def test_build_image_processor_resize_switch(size, expected):
     assert build_image_processor(size).do_resize is expected
+
+
+def test_seeded_augmentation_depends_only_on_seed_epoch_and_image():
+    from hf_caldetr.data.transforms import DetectionCollator
+
+    digits = load_digits_detection(num_train=4, num_validation=0, seed=0)["train"]
+    rows = [digits[i] for i in range(4)]
+    collate = DetectionCollator(build_image_processor(96), augment=True, seed=7)
+    torch.manual_seed(0)
+    first = collate(rows)
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = collate(list(reversed(rows)))
+    assert torch.equal(first["pixel_values"], again["pixel_values"].flip(0))
+    collate.set_epoch(1)
+    assert not torch.equal(first["pixel_values"], collate(rows)["pixel_values"])

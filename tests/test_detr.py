@@ -263,3 +263,11 @@ def test_criterion_is_the_stock_one_apart_from_mixing():
     assert ours.keys() == stock.keys()
     for key in stock:
         assert torch.allclose(ours[key], stock[key]), key
+
+
+def test_invalid_settings_passed_to_from_pretrained(tmp_path):
+    make_model(cal=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="uncertainty_modulation"):
+        CalDetrForObjectDetection.from_pretrained(tmp_path, uncertainty_modulation="bad")
+    loaded = CalDetrForObjectDetection.from_pretrained(tmp_path, logit_mixing_alpha=0.8)
+    assert loaded.config.logit_mixing_alpha == 0.8

@@ -17,8 +17,6 @@ from hf_caldetr.metrics import (
     synthetic_detections,
 )
 
-from test_metrics_matching import loop_match
-
 
 def netcal_d_ece(scores, matched, bins=10):
     return ECE(bins=bins, detection=True).measure(np.asarray(scores, dtype=np.float64), np.asarray(matched))
@@ -90,10 +88,11 @@ def test_detection_ece_equals_netcal_on_the_protocol(include, num_bins, score_th
     # mean_boxes_per_image 1 leaves about a third of the images without ground truth.
     predictions, references, _ = synthetic_detections(num_images=60, mean_boxes_per_image=1.0, seed=5)
     assert sum(len(r["labels"]) == 0 for r in references) > 10
-    rows = loop_match(predictions, references, score_threshold, iou_threshold, include)
-    scores, matched = np.array([row[2] for row in rows]), np.array([row[3] for row in rows])
+    # The matching itself is checked against a loop oracle in test_metrics_matching.py.
+    matches = match_detections(predictions, references, score_threshold, iou_threshold, include)
+    scores, matched = matches.scores, matches.matched
     result = detection_ece(predictions, references, num_bins, score_threshold, iou_threshold, include)
-    assert result["num_detections"] == len(rows)
+    assert result["num_detections"] == len(matches) > 0
     assert result["d_ece"] == pytest.approx(netcal_d_ece(scores, matched, num_bins), abs=1e-9)
     assert result["precision"] == pytest.approx(matched.mean(), abs=1e-12)
 
@@ -168,3 +167,13 @@ def test_position_d_ece_bad_input():
                                [[10, 10], [10, 10]])
     with pytest.raises(ValueError, match="image_sizes must be positive"):
         position_detection_ece([{"boxes": [], "scores": [], "labels": []}], [{"boxes": [], "labels": []}], [[0, 10]])
+
+
+def test_image_sizes_as_a_list_of_tensors():
+    # transformers' labels carry one ``orig_size`` tensor per image.
+    predictions, references, sizes = synthetic_detections(num_images=10, seed=2)
+    as_tensors = [torch.as_tensor(size) for size in sizes]
+    assert position_detection_ece(predictions, references, as_tensors) == \
+        position_detection_ece(predictions, references, sizes)
+    with pytest.raises(ValueError, match=r"image_sizes\[1\] must be \(height, width\)"):
+        position_detection_ece(predictions[:2], references[:2], [torch.tensor([480, 640]), torch.tensor([480])])

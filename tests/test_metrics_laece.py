@@ -5,7 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from hf_caldetr.metrics import detection_laece, label_aware_calibration_error, match_detections, synthetic_detections
+from hf_caldetr.metrics import (
+    detection_laece,
+    label_aware_calibration_error,
+    match_detections,
+    synthetic_detections,
+)
 
 
 def loop_laece(scores, labels, ious, num_bins):

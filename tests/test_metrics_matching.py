@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import hf_caldetr.metrics.matching as matching
-from hf_caldetr.metrics import match_detections, synthetic_detections
+from hf_caldetr.metrics import match_detections, matching, synthetic_detections
 
 
 def image(boxes, scores, labels):
@@ -135,6 +134,14 @@ def test_images_without_ground_truth():
     included = match_detections(predictions, references, include_images_without_gt=True)
     assert included.image_index.tolist() == [0, 1] and included.matched.tolist() == [True, False]
     assert included.num_images_evaluated == 2
+
+
+def test_no_ground_truth_anywhere():
+    predictions = [image([SQUARE], [0.9], [1])]
+    references = [truth(np.zeros((0, 4)), [])]
+    assert len(match_detections(predictions, references)) == 0
+    included = match_detections(predictions, references, include_images_without_gt=True)
+    assert included.matched.tolist() == [False] and included.matched_reference.tolist() == [-1]
 
 
 def test_iou_threshold_is_inclusive():

@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from hf_caldetr.metrics import detection_ece, plot_reliability_diagram, synthetic_detections
+from hf_caldetr.metrics import (
+    detection_ece,
+    plot_reliability_diagram,
+    synthetic_detections,
+)
 
 
 @pytest.fixture(scope="module")

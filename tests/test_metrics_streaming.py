@@ -58,10 +58,10 @@ def test_equals_the_one_shot_functions(data):
 
 def test_options_reach_every_metric(data):
     predictions, references, sizes = data
-    options = dict(num_bins=15, laece_bins=10, score_threshold=0.5, iou_threshold=0.6,
-                   include_images_without_gt=True)
+    options = {"num_bins": 15, "laece_bins": 10, "score_threshold": 0.5, "iou_threshold": 0.6,
+               "include_images_without_gt": True}
     result = evaluate_detections(predictions, references, sizes, **options)
-    protocol = dict(score_threshold=0.5, iou_threshold=0.6, include_images_without_gt=True)
+    protocol = {"score_threshold": 0.5, "iou_threshold": 0.6, "include_images_without_gt": True}
     assert result["d_ece"] == detection_ece(predictions, references, 15, **protocol)["d_ece"]
     assert result["laece"] == pytest.approx(detection_laece(predictions, references, 10, **protocol)["laece"])
     assert len(result["bin_counts"]) == 15 and "d_uce" not in result

@@ -225,3 +225,11 @@ def test_plain_checkpoint_loads_into_cal(tmp_path):
     _, labels = tiny_batch(num_labels=3)
     out = run(relabelled, pixel_values, labels)
     assert out.logit_uncertainty.shape == (2, 12, 3) and torch.isfinite(out.loss)
+
+
+def test_invalid_settings_passed_to_from_pretrained(tmp_path):
+    make_model(cal=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="uncertainty_modulation"):
+        CalRTDetrForObjectDetection.from_pretrained(tmp_path, uncertainty_modulation="bad")
+    loaded = CalRTDetrForObjectDetection.from_pretrained(tmp_path, logit_mixing_alpha=0.8)
+    assert loaded.config.logit_mixing_alpha == 0.8

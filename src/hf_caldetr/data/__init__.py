@@ -32,6 +32,7 @@ from .transforms import (
     normalized_cxcywh_to_xywh,
     prepare_batch,
     random_scale_translate,
+    scale_translate,
     xywh_to_normalized_cxcywh,
 )
 from .validation import DetectionData, validate_detection_dataset
@@ -63,6 +64,7 @@ __all__ = [
     "prepare_detection_dataset",
     "random_scale_translate",
     "save_manifest",
+    "scale_translate",
     "scenes_to_dataset",
     "to_detection_schema",
     "validate_detection_dataset",

@@ -90,6 +90,14 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) 
         return corrupt(image, corruption_name=corruption, severity=severity, **extra)
 
 
+def _apply_assignment(image: np.ndarray, assignment: dict) -> np.ndarray:
+    """``corrupt_image`` with one image's drawn assignment; an error names the image id."""
+    try:
+        return corrupt_image(image, assignment["corruption"], assignment["severity"], assignment["seed"])
+    except ValueError as error:
+        raise ValueError(f"image id {assignment['image_id']}: {error}") from None
+
+
 def _manifest_entry(assignment: dict) -> dict:
     """The saved form of an assignment: what the recipe promises, without the internal seed."""
     return {key: assignment[key] for key in ("image_id", "corruption", "severity")}
@@ -104,9 +112,7 @@ def corrupt_images(
     manifest = []
     for index, image_id in enumerate(image_ids):
         assignment = corruption_for_image(image_id, base_seed, names)
-        corrupted[index] = corrupt_image(
-            images[index], assignment["corruption"], assignment["severity"], assignment["seed"]
-        )
+        corrupted[index] = _apply_assignment(images[index], assignment)
         manifest.append(_manifest_entry(assignment))
     return corrupted, manifest
 
@@ -128,17 +134,8 @@ def corrupt_dataset(
     assignments = [corruption_for_image(image_id, base_seed, names) for image_id in dataset["image_id"]]
 
     def corrupt_row(image, index):
-        pixels = np.asarray(image.convert("RGB"))
-        try:
-            result = corrupt_image(
-                pixels,
-                assignments[index]["corruption"],
-                assignments[index]["severity"],
-                assignments[index]["seed"],
-            )
-        except ValueError as error:
-            raise ValueError(f"image id {assignments[index]['image_id']}: {error}") from None
-        return {"image": {"bytes": png_bytes(result), "path": None}}
+        pixels = _apply_assignment(np.asarray(image.convert("RGB")), assignments[index])
+        return {"image": {"bytes": png_bytes(pixels), "path": None}}
 
     corrupted = dataset.map(
         corrupt_row,

@@ -188,7 +188,7 @@ def render_scene(
         categories.append(int(labels[source]))
     noise_scale = float(rng.uniform(3.0, 12.0))
     canvas += noise_scale * rng.standard_normal((1, image_size, image_size), dtype=np.float32)
-    image = np.clip(canvas, 0, 255, out=canvas).astype(np.uint8).transpose(1, 2, 0)
+    image = np.ascontiguousarray(np.clip(canvas, 0, 255, out=canvas).astype(np.uint8).transpose(1, 2, 0))
     return image, np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(categories, dtype=np.int64)
 
 
@@ -199,7 +199,7 @@ def generate_digit_scenes(
     seed: int = 0,
     max_objects: int = 5,
 ) -> DigitScenes:
-    """Generate ``num_images`` scenes of ``split`` as arrays (the fast path: about 0.3 ms per 96x96 scene).
+    """Generate ``num_images`` scenes of ``split`` as arrays: the fast path, under 1 ms per 96x96 scene.
 
     Scene ``i`` depends only on ``(seed, split, i, image_size, max_objects)``; image ids are ``0..N-1``.
     """

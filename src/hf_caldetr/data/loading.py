@@ -124,10 +124,12 @@ def _coco_objects(
     objects = {image_id: {key: [] for key in OBJECT_KEYS} for image_id in images}
     problems, crowd = [], 0
     for position, annotation in enumerate(coco["annotations"]):
-        if not isinstance(annotation, dict) or not all(
-            key in annotation for key in ("id", "image_id", "category_id", "bbox")
+        if not (
+            isinstance(annotation, dict)
+            and all(key in annotation for key in ("image_id", "category_id", "bbox"))
+            and isinstance(annotation.get("id"), int)
         ):
-            detail = "needs 'id', 'image_id', 'category_id' and 'bbox'"
+            detail = "needs an integer 'id', an 'image_id', a 'category_id' and a 'bbox'"
             problems.append(
                 Problem(MALFORMED_RECORD, f"{source}: annotations[{position}] {detail}: {annotation!r}")
             )

@@ -12,7 +12,6 @@ is another glyph (or none), and the embedded default is digits.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -60,14 +59,15 @@ def coco_detection_target(image_id: int, objects: Any) -> dict:
     return {"image_id": int(image_id), "annotations": annotations}
 
 
-def random_scale_translate(
-    image, boxes: np.ndarray, scale_jitter: float = SCALE_JITTER, shift_jitter: float = SHIFT_JITTER
+def scale_translate(
+    image, boxes: np.ndarray, scale: float, shift_x: float, shift_y: float
 ) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Zoom about the centre by ``1 +- scale_jitter`` and shift by up to ``shift_jitter`` of the size.
+    """Zoom by ``scale`` about the centre ``c``, then shift by ``t = (shift_x, shift_y)`` pixels.
+
+    A point moves as ``x' = s (x - c) + c + t``.
 
     The canvas keeps its size; uncovered areas take the image's mean colour (black borders would be an easy,
-    wrong cue). Draws from torch's global generator, so a run resumed with accelerate's saved RNG states
-    repeats the same augmentations.
+    wrong cue).
 
     Args:
         image: a PIL image.
@@ -80,12 +80,8 @@ def random_scale_translate(
     from PIL import Image
 
     width, height = image.size
-    draws = torch.rand(3).tolist()
-    scale = 1.0 + scale_jitter * (2 * draws[0] - 1)
-    shift_x, shift_y = (shift_jitter * (2 * draw - 1) for draw in draws[1:])
-    shift_x, shift_y = shift_x * width, shift_y * height
     centre_x, centre_y = width / 2, height / 2
-    # PIL's affine maps output pixels to input pixels, so it takes the inverse of x' = s (x - c) + c + t.
+    # PIL's affine maps output pixels to input pixels, so it takes the inverse map.
     inverse = (
         1 / scale,
         0,
@@ -103,41 +99,68 @@ def random_scale_translate(
     left = scale * (boxes[:, 0] - centre_x) + centre_x + shift_x
     top = scale * (boxes[:, 1] - centre_y) + centre_y + shift_y
     right, bottom = left + scale * boxes[:, 2], top + scale * boxes[:, 3]
-    clipped = np.stack(
-        [
-            np.clip(left, 0, width),
-            np.clip(top, 0, height),
-            np.clip(right, 0, width),
-            np.clip(bottom, 0, height),
-        ],
-        1,
-    )
-    clipped_w, clipped_h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+    clipped_left, clipped_top = np.clip(left, 0, width), np.clip(top, 0, height)
+    clipped_w = np.clip(right, 0, width) - clipped_left
+    clipped_h = np.clip(bottom, 0, height) - clipped_top
     visible = (clipped_w * clipped_h) / np.maximum((right - left) * (bottom - top), 1e-9)
     keep = (visible >= MIN_VISIBLE_FRACTION) & (clipped_w >= MIN_BOX_PX) & (clipped_h >= MIN_BOX_PX)
-    moved = np.stack([clipped[:, 0], clipped[:, 1], clipped_w, clipped_h], 1)
+    moved = np.stack([clipped_left, clipped_top, clipped_w, clipped_h], 1)
     return moved_image, moved[keep].astype(np.float32), keep
 
 
-def _augmented(image, objects: Any) -> tuple[Any, dict]:
+def random_scale_translate(
+    image, boxes: np.ndarray, scale_jitter: float = SCALE_JITTER, shift_jitter: float = SHIFT_JITTER,
+    generator: torch.Generator | None = None,
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """``scale_translate`` by a scale in ``1 +- scale_jitter`` and shifts up to ``shift_jitter`` of the size.
+
+    Draws from ``generator`` (torch's global generator when None).
+    """
+    draws = torch.rand(3, generator=generator).tolist()
+    width, height = image.size
+    scale = 1.0 + scale_jitter * (2 * draws[0] - 1)
+    shift_x = shift_jitter * (2 * draws[1] - 1) * width
+    shift_y = shift_jitter * (2 * draws[2] - 1) * height
+    return scale_translate(image, boxes, scale, shift_x, shift_y)
+
+
+def augmentation_generator(seed: int, epoch: int, image_id: int) -> torch.Generator:
+    """The generator of one image's augmentation in one epoch.
+
+    Seeded by ``(seed, epoch, image_id)`` alone, so the draw does not depend on batch order, on dataloader
+    workers, or on what consumed the global RNG before: a run resumed mid-epoch repeats it exactly (the
+    dataloader prefetches a batch ahead, so a saved global RNG state is already past the next batch's draws).
+    """
+    mixed = np.random.SeedSequence([seed, epoch, int(image_id)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+
+
+def _augmented(image, objects: Any, generator: torch.Generator | None = None) -> tuple[Any, dict]:
     """A row's image and objects after ``random_scale_translate``; areas become the new box areas."""
     columns = objects_as_columns(objects)
-    moved_image, boxes, keep = random_scale_translate(image, np.asarray(columns["bbox"], dtype=np.float32))
+    moved_image, boxes, keep = random_scale_translate(
+        image, np.asarray(columns["bbox"], dtype=np.float32), generator=generator
+    )
     kept = {key: [value for value, flag in zip(columns[key], keep) if flag] for key in ("category", "id")}
     return moved_image, {"bbox": boxes.tolist(), "area": (boxes[:, 2] * boxes[:, 3]).tolist(), **kept}
 
 
-def prepare_batch(examples: list[dict], image_processor, augment: bool = False) -> dict:
+def prepare_batch(
+    examples: list[dict], image_processor, augment: bool = False, seed: int | None = None, epoch: int = 0
+) -> dict:
     """Schema rows to ``{"pixel_values", "pixel_mask", "labels"}`` through the image processor.
 
     ``labels`` is one dict per image with ``class_labels`` (int64 ``[n]``) and ``boxes`` (float ``[n, 4]``,
     normalised ``cx, cy, w, h`` relative to the padded image), plus ``image_id``, ``size`` and ``orig_size``.
+    With ``augment``, each image's jitter comes from ``augmentation_generator(seed, epoch, image_id)``, or from
+    torch's global generator when ``seed`` is None.
     """
     images, targets = [], []
     for example in examples:
         image, objects = example["image"].convert("RGB"), example["objects"]
         if augment:
-            image, objects = _augmented(image, objects)
+            generator = None if seed is None else augmentation_generator(seed, epoch, example["image_id"])
+            image, objects = _augmented(image, objects, generator)
         images.append(image)
         targets.append(coco_detection_target(example["image_id"], objects))
     encoded = image_processor(images=images, annotations=targets, return_tensors="pt")
@@ -151,9 +174,28 @@ def prepare_batch(examples: list[dict], image_processor, augment: bool = False) 
     return batch
 
 
-def make_collate_fn(image_processor, augment: bool = False) -> Callable[[list[dict]], dict]:
-    """A ``DataLoader`` collate function over schema rows: ``prepare_batch`` with this processor."""
-    return partial(prepare_batch, image_processor=image_processor, augment=augment)
+class DetectionCollator:
+    """A ``DataLoader`` collate function over schema rows: ``prepare_batch`` with this processor.
+
+    Call ``set_epoch`` at the start of each epoch (before iterating) so seeded augmentation changes per epoch.
+    """
+
+    def __init__(self, image_processor, augment: bool = False, seed: int | None = None):
+        self.image_processor = image_processor
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return prepare_batch(examples, self.image_processor, self.augment, self.seed, self.epoch)
+
+
+def make_collate_fn(image_processor, augment: bool = False, seed: int | None = None) -> DetectionCollator:
+    """A ``DetectionCollator``: the collate function of a ``DataLoader`` over schema rows."""
+    return DetectionCollator(image_processor, augment, seed)
 
 
 def xywh_to_normalized_cxcywh(boxes: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -186,12 +186,12 @@ def _check_row(row: dict, num_classes: int, source: str) -> tuple[Problem | None
             problems.append(Problem(issue[0], f"{box_where}: {issue[1]}"))
             changed = True
             continue
-        clipped = clip_box(list(box), width, height)
-        changed |= clipped != list(box)
-        kept["bbox"].append(clipped)
+        overshoots = box[0] < 0 or box[1] < 0 or box[0] + box[2] > width or box[1] + box[3] > height
+        kept["bbox"].append(clip_box(list(box), width, height) if overshoots else list(box))
         kept["category"].append(category)
         kept["id"].append(annotation_id)
-        kept["area"].append(area if clipped == list(box) and area is not None else clipped[2] * clipped[3])
+        kept["area"].append(kept["bbox"][-1][2] * kept["bbox"][-1][3] if overshoots or area is None else area)
+        changed |= overshoots or area is None
     return None, problems, (kept if changed else None)
 
 

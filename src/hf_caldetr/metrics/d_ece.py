@@ -18,9 +18,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .binning import bin_edges, bin_index, binned_means, check_num_bins, clip_to_open_unit, weighted_gap
-from .inputs import flatten_pair, image_sizes_array, to_numpy, unit_interval_vector
-from .matching import DetectionMatches, match_flat
+from .binning import (
+    bin_edges,
+    bin_index,
+    binned_means,
+    check_num_bins,
+    clip_to_open_unit,
+    weighted_gap,
+)
+from .inputs import image_sizes_array, to_numpy, unit_interval_vector
+from .matching import DetectionMatches, match_detections
 
 POSITION_FEATURES = ("confidence", "cx", "cy", "w", "h")
 
@@ -60,7 +67,7 @@ def calibration_error(scores, matched, num_bins: int = 10) -> dict:
     empty = len(scores) == 0
     return {
         "d_ece": weighted_gap(counts, precisions, confidences),
-        "num_detections": int(len(scores)),
+        "num_detections": len(scores),
         "precision": float("nan") if empty else float(matched.mean()),
         "mean_confidence": float("nan") if empty else float(clipped.mean()),
         "bin_counts": counts.tolist(),
@@ -68,11 +75,6 @@ def calibration_error(scores, matched, num_bins: int = 10) -> dict:
         "bin_confidences": confidences.tolist(),
         "bin_edges": bin_edges(num_bins).tolist(),
     }
-
-
-def _match(predictions, references, score_threshold, iou_threshold, include_images_without_gt):
-    flat_predictions, flat_references = flatten_pair(predictions, references)
-    return match_flat(flat_predictions, flat_references, score_threshold, iou_threshold, include_images_without_gt)
 
 
 def _image_counts(matches: DetectionMatches) -> dict:
@@ -93,7 +95,7 @@ def detection_ece(predictions, references, num_bins: int = 10, score_threshold: 
     Returns:
         ``calibration_error``'s dict plus ``num_images`` and ``num_images_evaluated``.
     """
-    matches = _match(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
+    matches = match_detections(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
     return {**calibration_error(matches.scores, matches.matched, num_bins), **_image_counts(matches)}
 
 
@@ -153,9 +155,9 @@ def position_calibration_error(scores, matched, box_features, num_bins=5) -> dic
     counts, precisions, confidences = binned_means(dense_bin, len(occupied), matched, features[:, 0])
     return {
         "d_ece": weighted_gap(counts, precisions, confidences),
-        "num_detections": int(len(scores)),
+        "num_detections": len(scores),
         "num_bins": list(bins_per_feature),
-        "num_occupied_bins": int(len(occupied)),
+        "num_occupied_bins": len(occupied),
     }
 
 
@@ -168,7 +170,7 @@ def position_detection_ece(predictions, references, image_sizes, num_bins=5, sco
             boxes are expressed in (for transformers, the ``target_sizes`` given to post-processing).
         Others as in ``detection_ece``.
     """
-    matches = _match(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
+    matches = match_detections(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
     sizes = image_sizes_array(image_sizes, matches.num_images)
     features = box_position_features(matches.boxes, sizes[matches.image_index])
     return {**position_calibration_error(matches.scores, matches.matched, features, num_bins),

@@ -58,34 +58,41 @@ def to_numpy(value, dtype=None) -> np.ndarray:
     return np.asarray(value, dtype=dtype)
 
 
+def _column(value, dtype=None) -> np.ndarray:
+    """``to_numpy`` with a fast path for numpy arrays, the common case, since this runs per image and key."""
+    if type(value) is not np.ndarray:
+        return to_numpy(value, dtype)
+    return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+
+
 def _as_boxes(value, where: str) -> np.ndarray:
-    boxes = to_numpy(value, dtype=np.float64)
-    if boxes.size == 0:
-        return boxes.reshape(0, 4)
+    boxes = _column(value, np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
+        if boxes.size == 0:
+            return boxes.reshape(0, 4)
         raise ValueError(f"{where}['boxes'] must have shape [num_boxes, 4] (xyxy), got {tuple(boxes.shape)}")
     return boxes
 
 
 def _as_vector(value, where: str, key: str, dtype=None) -> np.ndarray:
-    array = to_numpy(value, dtype=dtype)
-    if array.size == 0:
-        return array.reshape(0)
+    array = _column(value, dtype)
     if array.ndim != 1:
+        if array.size == 0:
+            return array.reshape(0)
         raise ValueError(f"{where}['{key}'] must be one-dimensional, got shape {tuple(array.shape)}")
     return array
 
 
-def _get(entry, key: str, where: str):
-    if not isinstance(entry, Mapping):
+def _check_entry(entry, keys: list[str], where: str) -> None:
+    if type(entry) is not dict and not isinstance(entry, Mapping):
         raise ValueError(f"{where} must be a dict with 'boxes' and 'labels', got {type(entry).__name__}")
-    if key not in entry:
-        hint = ""
-        if key == "labels" and "class_labels" in entry:
-            hint = (" (found 'class_labels': training labels hold normalised cxcywh boxes; pass absolute xyxy "
-                    "'boxes' and 'labels')")
-        raise ValueError(f"{where} is missing '{key}'{hint}")
-    return entry[key]
+    for key in keys:
+        if key not in entry:
+            hint = ""
+            if key == "labels" and "class_labels" in entry:
+                hint = (" (found 'class_labels': training labels hold normalised cxcywh boxes; pass absolute xyxy "
+                        "'boxes' and 'labels')")
+            raise ValueError(f"{where} is missing '{key}'{hint}")
 
 
 def _first_bad_image(bad: np.ndarray, image_index: np.ndarray) -> int:
@@ -110,14 +117,24 @@ def _integer_labels(labels: np.ndarray, image_index: np.ndarray, name: str) -> n
 
 
 def _check_boxes(boxes: np.ndarray, image_index: np.ndarray, name: str) -> None:
-    not_finite = ~np.isfinite(boxes).all(axis=1)
-    if not_finite.any():
-        image = _first_bad_image(not_finite, image_index)
+    if not np.isfinite(boxes).all():  # whole-array test first: the per-box one only runs to name the image
+        image = _first_bad_image(~np.isfinite(boxes).all(axis=1), image_index)
         raise ValueError(f"{name}[{image}]['boxes'] contains NaN or infinite coordinates")
     inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if inverted.any():
         image = _first_bad_image(inverted, image_index)
         raise ValueError(f"{name}[{image}]['boxes'] has a box with x2 < x1 or y2 < y1 (boxes must be xyxy)")
+
+
+def _check_scores(scores: np.ndarray, image_index: np.ndarray, name: str) -> None:
+    is_nan = np.isnan(scores)
+    if is_nan.any():
+        raise ValueError(f"{name}[{_first_bad_image(is_nan, image_index)}]['scores'] contains NaN")
+    out_of_range = (scores < 0) | (scores > 1)
+    if out_of_range.any():
+        image = _first_bad_image(out_of_range, image_index)
+        raise ValueError(f"{name}[{image}]['scores'] must lie in [0, 1] (probabilities, not logits), got "
+                         f"{scores[np.flatnonzero(out_of_range)[0]]}")
 
 
 def check_unit_interval(values: np.ndarray, what: str, upper_open: bool = False) -> None:
@@ -153,14 +170,15 @@ def flatten_boxes(entries, name: str, with_scores: bool, extra_keys: Sequence[st
     """
     _check_per_image_list(entries, name)
     keys = ["boxes", "labels"] + (["scores"] if with_scores else []) + list(extra_keys)
+    vector_dtypes = [(key, None if key == "labels" else np.float64) for key in keys[1:]]
     columns = {key: [] for key in keys}
     for index, entry in enumerate(entries):
         where = f"{name}[{index}]"
-        boxes = _as_boxes(_get(entry, "boxes", where), where)
+        _check_entry(entry, keys, where)
+        boxes = _as_boxes(entry["boxes"], where)
         columns["boxes"].append(boxes)
-        for key in keys[1:]:
-            dtype = None if key == "labels" else np.float64
-            vector = _as_vector(_get(entry, key, where), where, key, dtype)
+        for key, dtype in vector_dtypes:
+            vector = _as_vector(entry[key], where, key, dtype)
             if len(vector) != len(boxes):
                 raise ValueError(f"{where} has {len(boxes)} boxes but {len(vector)} {key}")
             columns[key].append(vector)
@@ -184,17 +202,6 @@ def flatten_boxes(entries, name: str, with_scores: bool, extra_keys: Sequence[st
     return FlatBoxes(boxes, labels, scores, image_index, position, len(counts), extras)
 
 
-def _check_scores(scores: np.ndarray, image_index: np.ndarray, name: str) -> None:
-    is_nan = np.isnan(scores)
-    if is_nan.any():
-        raise ValueError(f"{name}[{_first_bad_image(is_nan, image_index)}]['scores'] contains NaN")
-    out_of_range = (scores < 0) | (scores > 1)
-    if out_of_range.any():
-        image = _first_bad_image(out_of_range, image_index)
-        raise ValueError(f"{name}[{image}]['scores'] must lie in [0, 1] (probabilities, not logits), got "
-                         f"{scores[np.flatnonzero(out_of_range)[0]]}")
-
-
 def flatten_pair(predictions, references, extra_keys: Sequence[str] = ()) -> tuple[FlatBoxes, FlatBoxes]:
     """Check and flatten predictions and references of the same images (see ``flatten_boxes``)."""
     _check_per_image_list(predictions, "predictions")
@@ -207,7 +214,15 @@ def flatten_pair(predictions, references, extra_keys: Sequence[str] = ()) -> tup
 
 def image_sizes_array(image_sizes, num_images: int) -> np.ndarray:
     """``image_sizes`` (one ``(height, width)`` per image: list, array or tensor) as ``[num_images, 2]`` float64."""
-    sizes = to_numpy(image_sizes, dtype=np.float64)
+    if isinstance(image_sizes, (list, tuple)):
+        # A list of per-image tensors (transformers' ``orig_size``) does not convert in one np.asarray call.
+        rows = [to_numpy(size, dtype=np.float64) for size in image_sizes]
+        for index, row in enumerate(rows):
+            if row.shape != (2,):
+                raise ValueError(f"image_sizes[{index}] must be (height, width), got shape {row.shape}")
+        sizes = np.stack(rows) if rows else np.zeros((0, 2))
+    else:
+        sizes = to_numpy(image_sizes, dtype=np.float64)
     if sizes.ndim != 2 or sizes.shape[1] != 2:
         raise ValueError(f"image_sizes must have shape [num_images, 2] as (height, width), got {sizes.shape}")
     if len(sizes) != num_images:

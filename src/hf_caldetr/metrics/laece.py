@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from .binning import bin_index, check_num_bins, clip_to_open_unit
-from .inputs import flatten_pair, to_numpy, unit_interval_vector
-from .matching import match_flat
+from .inputs import to_numpy, unit_interval_vector
+from .matching import match_detections
 
 
 def label_aware_calibration_error(scores, labels, ious, num_bins: int = 25) -> dict:
@@ -48,7 +48,6 @@ def label_aware_calibration_error(scores, labels, ious, num_bins: int = 25) -> d
     # One flat bin per (class, confidence bin), so every class is handled in the same few bincounts.
     class_bin = class_id * num_bins + bin_index(clipped, num_bins)
     size = len(classes) * num_bins
-    counts = np.bincount(class_bin, minlength=size)
     score_sums = np.bincount(class_bin, weights=clipped, minlength=size)
     iou_sums = np.bincount(class_bin, weights=ious, minlength=size)
     # n_ck / N_c * |acc_ck - conf_ck| = |iou_sum_ck - score_sum_ck| / N_c: empty bins add 0.
@@ -58,15 +57,13 @@ def label_aware_calibration_error(scores, labels, ious, num_bins: int = 25) -> d
     return {
         "laece": float(per_class.mean()),
         "laece_per_class": {int(c): float(value) for c, value in zip(classes, per_class)},
-        "num_classes": int(len(classes)),
-        "num_detections": int(len(scores)),
+        "num_classes": len(classes),
+        "num_detections": len(scores),
     }
 
 
 def detection_laece(predictions, references, num_bins: int = 25, score_threshold: float = 0.3,
                     iou_threshold: float = 0.5, include_images_without_gt: bool = False) -> dict:
     """LaECE of a detector's outputs; inputs as in ``detection_ece``."""
-    flat_predictions, flat_references = flatten_pair(predictions, references)
-    matches = match_flat(flat_predictions, flat_references, score_threshold, iou_threshold,
-                         include_images_without_gt)
+    matches = match_detections(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
     return label_aware_calibration_error(matches.scores, matches.labels, matches.ious, num_bins)

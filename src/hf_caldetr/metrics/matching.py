@@ -15,6 +15,7 @@ the same-image, same-class pairs with IoU over the threshold, and rounds of vect
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +91,7 @@ def _candidate_pairs(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
     chunk_of_det = (np.cumsum(pairs_per_det) - pairs_per_det) // _MAX_PAIRS_PER_CHUNK
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(chunk_of_det)) + 1, [len(det_keys)]])
     parts = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         counts = pairs_per_det[start:stop]
         block_starts = np.cumsum(counts) - counts
         pair_det = np.repeat(np.arange(start, stop), counts)
@@ -111,8 +112,8 @@ def _resolve_greedy(pair_det, pair_gt, pair_iou, num_dets, num_gts):
     ``_candidate_pairs`` returns them. Each round, every unsettled detection proposes its best live box, and a
     proposal ``(d, g)`` is accepted when ``d`` is the highest-priority detection still holding a live pair with
     ``g``. Then nobody ahead of ``d`` can take ``g`` and every box ``d`` prefers is already taken by someone
-    ahead of it, which is what the sequential rule would give ``d``. The first unsettled detection of every
-    image always wins, so each round settles at least one per image; in practice a handful of rounds suffice.
+    ahead of it, which is what the sequential rule would give ``d``. In every image the highest-priority detection
+    with live pairs always wins, so each round settles at least one per image; in practice a few rounds suffice.
 
     Returns ``(matched_gt [num_dets] int64, -1 when unmatched; matched_iou [num_dets] float64)``.
     """
@@ -164,6 +165,8 @@ def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: fl
     matched_gt, matched_iou = _resolve_greedy(*pairs, num_dets=len(kept), num_gts=len(references.labels))
 
     matched = matched_gt >= 0
+    matched_reference = np.full(len(kept), -1, dtype=np.int64)
+    matched_reference[matched] = references.position[matched_gt[matched]]
     images_evaluated = detections.num_images if include_images_without_gt else int(has_gt.sum())
     return DetectionMatches(
         scores=detections.scores[kept],
@@ -173,7 +176,7 @@ def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: fl
         image_index=det_image,
         boxes=det_boxes,
         detection_index=detections.position[kept],
-        matched_reference=np.where(matched, references.position[np.maximum(matched_gt, 0)], -1),
+        matched_reference=matched_reference,
         num_images=detections.num_images,
         num_images_evaluated=images_evaluated,
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def _random_boxes(rng, count: int, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """``[count, 4]`` xyxy boxes inside their images, sides log-uniform between 5 % and 50 % of the image."""
     box_w = widths * np.exp(rng.uniform(np.log(0.05), np.log(0.5), count))

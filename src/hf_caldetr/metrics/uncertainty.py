@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .binning import bin_edges, bin_index, binned_means, check_num_bins, clip_to_open_unit, weighted_gap
+from .binning import (
+    bin_edges,
+    bin_index,
+    binned_means,
+    check_num_bins,
+    clip_to_open_unit,
+    weighted_gap,
+)
 from .d_ece import check_scores_and_outcomes
 from .inputs import flatten_pair
 from .matching import match_flat
@@ -41,7 +48,7 @@ def uncertainty_calibration_error(uncertainties, matched, num_bins: int = 10) ->
     empty = len(clipped) == 0
     return {
         "d_uce": weighted_gap(counts, error_rates, mean_uncertainties),
-        "num_detections": int(len(clipped)),
+        "num_detections": len(clipped),
         "error_rate": float("nan") if empty else float(errors.mean()),
         "mean_uncertainty": float("nan") if empty else float(clipped.mean()),
         "bin_counts": counts.tolist(),

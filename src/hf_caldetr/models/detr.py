@@ -101,6 +101,11 @@ class CalDetrForObjectDetection(DetrForObjectDetection):
 
     config_class = CalDetrConfig
 
+    def __init__(self, config: CalDetrConfig):
+        # `from_pretrained(..., field=value)` sets config attributes after the config's own checks: check again.
+        config.validate_calibration_settings()
+        super().__init__(config)
+
     @property
     def loss_function(self):
         # Set explicitly: transformers picks a loss by matching the class name, and "CalDetr..." would silently get

@@ -151,6 +151,11 @@ class CalRTDetrForObjectDetection(RTDetrForObjectDetection):
 
     config_class = CalRTDetrConfig
 
+    def __init__(self, config: CalRTDetrConfig):
+        # `from_pretrained(..., field=value)` sets config attributes after the config's own checks: check again.
+        config.validate_calibration_settings()
+        super().__init__(config)
+
     @property
     def loss_function(self):
         # Set explicitly: transformers picks a loss by matching the class name, and "CalRTDetr..." would silently

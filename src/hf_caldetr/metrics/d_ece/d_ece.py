@@ -73,7 +73,8 @@ class DetectionECE(evaluate.Metric):
                                 "labels": _LABELS},
                 "references": {"boxes": _BOXES, "labels": _LABELS},
             }),
-            reference_urls=["https://arxiv.org/abs/2311.03570", "https://github.com/EFS-OpenSource/calibration-framework"],
+            reference_urls=["https://arxiv.org/abs/2311.03570",
+                            "https://github.com/EFS-OpenSource/calibration-framework"],
         )
 
     def _compute(self, predictions, references, num_bins=10, score_threshold=0.3, iou_threshold=0.5,
