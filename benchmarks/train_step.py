@@ -46,7 +46,7 @@ def detr(size: str, num_labels: int):
     from hf_caldetr.configuration import CalDetrConfig
     from hf_caldetr.models import CalDetrForObjectDetection
 
-    if size == "r50":  # facebook/detr-resnet-50's shape: timm ResNet-50 (random weights offline), 100 queries, 6+6 layers
+    if size == "r50":  # facebook/detr-resnet-50's shape: timm ResNet-50 (random weights), 100 queries, 6+6 layers
         kwargs = dict(num_labels=num_labels)
     else:
         kwargs = dict(backbone_config=tiny_backbone(), use_timm_backbone=False, d_model=64, encoder_layers=2,

@@ -38,7 +38,14 @@ from hf_caldetr.data import (
     save_manifest,
 )
 from hf_caldetr.evaluation import evaluate_model, summarize, write_metrics
-from hf_caldetr.training import METHODS, MODEL_PRESETS, build_model, parse_config_overrides
+from hf_caldetr.training import (
+    METHODS,
+    MODEL_PRESETS,
+    build_model,
+    freeze_batch_norm,
+    parse_config_overrides,
+    unfreeze_batch_norm,
+)
 
 logger = logging.getLogger("train")
 
@@ -163,8 +170,14 @@ def main():
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(train_args.seed)
-    if train_args.push_to_hub and not train_args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id")
+    if train_args.push_to_hub:
+        from huggingface_hub import get_token
+
+        # Fail before training, not after it.
+        if not train_args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id")
+        if get_token() is None:
+            raise ValueError("--push_to_hub: no Hugging Face token found (run `huggingface-cli login` or set HF_TOKEN)")
     started = time.time()
 
     # Phase 2: data.
@@ -189,6 +202,10 @@ def main():
                                                     "logit_mixing_alpha", "logit_mixing_loss_coefficient")}
     model = build_model(model_args.method, labels, model_args.model_name_or_path, model_args.model_preset,
                         parse_config_overrides(model_args.config_overrides), **cal_overrides)
+    if model_args.model_name_or_path is None:
+        # A backbone trained from scratch needs its batch norms (frozen for pretrained backbones); the saved
+        # checkpoint gets them back frozen, with the learned statistics.
+        unfreeze_batch_norm(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
     updates_per_epoch = math.ceil(len(train_dataloader) / (train_args.gradient_accumulation_steps * accelerator.num_processes))
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * updates_per_epoch
@@ -281,6 +298,7 @@ def main():
 
         output_dir = Path(train_args.output_dir)
         unwrapped = accelerator.unwrap_model(model)
+        freeze_batch_norm(unwrapped)
         unwrapped.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
         if not data_args.skip_out_of_domain:

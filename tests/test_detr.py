@@ -144,7 +144,8 @@ def test_mixing_loss_equals_an_independent_computation():
     assert logits.shape[-1] == 5  # 4 labels + no-object
     matcher = HungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)  # DetrConfig's defaults
     indices = matcher({"logits": logits, "pred_boxes": out.pred_boxes.detach()}, labels)
-    positives = [(b, int(q), int(labels[b]["class_labels"][t])) for b, (qs, ts) in enumerate(indices) for q, t in zip(qs, ts)]
+    positives = [(b, int(q), int(labels[b]["class_labels"][t]))
+                 for b, (qs, ts) in enumerate(indices) for q, t in zip(qs, ts)]
     count = len(positives)
     prototype = sum(logits[b, q] for b, q, _ in positives) / count
     expected = 0.0

@@ -102,7 +102,8 @@ def test_mixing_loss_equals_an_independent_computation():
     dn = num_denoising_queries(out)
     logits, boxes = out.logits[:, dn:].detach(), out.pred_boxes[:, dn:].detach()
     indices = RTDetrHungarianMatcher(model.config)({"logits": logits, "pred_boxes": boxes}, labels)
-    positives = [(b, int(q), int(labels[b]["class_labels"][t])) for b, (qs, ts) in enumerate(indices) for q, t in zip(qs, ts)]
+    positives = [(b, int(q), int(labels[b]["class_labels"][t]))
+                 for b, (qs, ts) in enumerate(indices) for q, t in zip(qs, ts)]
     count = len(positives)
     prototype = sum(logits[b, q] for b, q, _ in positives) / count
     mixed = logits.clone()

@@ -99,3 +99,51 @@ def build_model(method: str, id2label: dict[int, str], model_name_or_path: str |
     kwargs = {k: (v() if callable(v) else v) for k, v in MODEL_PRESETS[preset].items()}
     config_class = DeformableDetrConfig if settings is None else CalDeformableDetrConfig
     return model_class(config_class(**{**kwargs, **labels, **extra}))
+
+
+def _is_frozen_batch_norm(module) -> bool:
+    # transformers defines one per architecture (DeformableDetr..., Detr..., RTDetr...FrozenBatchNorm2d).
+    return type(module).__name__.endswith("FrozenBatchNorm2d")
+
+
+def unfreeze_batch_norm(model) -> int:
+    """Swap the backbone's frozen batch norms for trainable ``nn.BatchNorm2d`` with the same statistics.
+
+    transformers freezes the backbone's batch norms, which is right for a pretrained backbone; but a backbone
+    trained from scratch (our offline presets) then has no normalisation at all and learns far slower. Call it
+    before building the optimizer, and :func:`freeze_batch_norm` before saving, so the checkpoint stays a stock
+    one (in eval mode both compute ``(x - mean) / sqrt(var + 1e-5) * weight + bias``). Returns the number swapped.
+    """
+    import torch
+    from torch import nn
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_frozen_batch_norm(child):
+                norm = nn.BatchNorm2d(child.weight.numel(), eps=1e-5).to(child.weight.device)
+                with torch.no_grad():
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(norm, key).copy_(getattr(child, key))
+                norm.frozen_class = type(child)
+                parent._modules[name] = norm
+                swapped += 1
+    return swapped
+
+
+def freeze_batch_norm(model) -> int:
+    """Undo :func:`unfreeze_batch_norm`: the learned statistics go back into the architecture's frozen norms."""
+    import torch
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            frozen_class = getattr(child, "frozen_class", None)
+            if frozen_class is not None:
+                frozen = frozen_class(child.num_features).to(child.weight.device)
+                with torch.no_grad():
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(frozen, key).copy_(getattr(child, key))
+                parent._modules[name] = frozen
+                swapped += 1
+    return swapped

@@ -69,7 +69,8 @@ class CalRTDetrLoss(RTDetrLoss):
         losses = {}
         for loss in self.losses:
             layer_losses = self.get_loss(loss, outputs, targets, indices, num_boxes)
-            losses.update({k + suffix: v * self.weight_dict[k] for k, v in layer_losses.items() if k in self.weight_dict})
+            weighted = {k + suffix: v * self.weight_dict[k] for k, v in layer_losses.items() if k in self.weight_dict}
+            losses.update(weighted)
         return losses
 
     def forward(self, outputs, targets):
@@ -130,7 +131,9 @@ def CalRTDetrForObjectDetectionLoss(
         outputs_loss["auxiliary_outputs"] = auxiliary_outputs
         outputs_loss["auxiliary_outputs"].extend(_set_aux_loss([enc_topk_logits], [enc_topk_bboxes]))
         if denoising_meta_values is not None:
-            outputs_loss["dn_auxiliary_outputs"] = _set_aux_loss(dn_out_class.transpose(0, 1), dn_out_coord.transpose(0, 1))
+            outputs_loss["dn_auxiliary_outputs"] = _set_aux_loss(
+                dn_out_class.transpose(0, 1), dn_out_coord.transpose(0, 1)
+            )
             outputs_loss["denoising_meta_values"] = denoising_meta_values
     # Third: the losses.
     loss_dict = criterion(outputs_loss, labels)

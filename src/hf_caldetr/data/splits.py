@@ -1,0 +1,131 @@
+"""The data flags of the example scripts, and the splits they name: a Hub dataset, COCO folders or the default.
+
+``examples/train.py`` and ``examples/evaluate.py`` share ``DataArguments``, so a model is evaluated on data named
+exactly as it was trained on. Three sources, first match wins:
+
+- ``--dataset_name``: a Hub dataset or ``save_to_disk`` folder in the detection schema, its splits named by
+  ``--train_split`` / ``--validation_split``;
+- ``--train_annotations/--train_images`` and ``--validation_annotations/--validation_images``: COCO folders;
+- otherwise the embedded digits default (``--num_train_images``, ``--num_validation_images``, ``--image_size``,
+  ``--data_seed``).
+
+A post-hoc calibrator is fitted on a split the evaluation never sees (``load_calibration_split``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .digits import generate_digit_scenes, load_digits_detection, scenes_to_dataset
+from .loading import load_coco_folder, load_hub_dataset
+
+ROLES = ("train", "validation")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset or saved folder, detection schema"})
+    train_split: str = "train"
+    validation_split: str = "validation"
+    train_annotations: str | None = None
+    train_images: str | None = None
+    validation_annotations: str | None = None
+    validation_images: str | None = None
+    skip_invalid: bool = field(default=False, metadata={"help": "skip (count and log) bad records instead of stopping"})
+    image_size: int = field(default=96, metadata={"help": "processor resize (square); 0 keeps images as they are"})
+    num_train_images: int = field(default=4000, metadata={"help": "embedded default only"})
+    num_validation_images: int = field(default=500, metadata={"help": "embedded default only"})
+    data_seed: int = 0
+    corruption_seed: int = 0
+    skip_out_of_domain: bool = field(default=False, metadata={"help": "skip the corrupted-copy evaluation"})
+
+
+def _hub_split(data, name: str, source: str):
+    if name not in data:
+        raise ValueError(f"{source}: no split {name!r} (splits: {sorted(data)})")
+    return data[name]
+
+
+def _uses_coco_folders(args) -> bool:
+    return any(getattr(args, f"{role}_{kind}") for role in ROLES for kind in ("annotations", "images"))
+
+
+def load_splits(args, roles: tuple[str, ...] = ROLES) -> tuple:
+    """The datasets of ``roles`` (default ``("train", "validation")``) in the detection schema, in that order.
+
+    ``args`` holds ``DataArguments``' fields. A Hub dataset is loaded whole (string categories get their ids from
+    the names of every split) and indexed by ``--train_split`` / ``--validation_split``. COCO folders need the
+    annotations and images of each role asked for (both roles by default, whatever is asked: a run given half
+    the folders stops rather than silently falling back to the default). The digits default generates only
+    the roles asked for; a scene does not depend on how many others are generated.
+    """
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown split role(s) {unknown}; expected some of {ROLES}")
+    if args.dataset_name:
+        data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid).dataset
+        return tuple(_hub_split(data, getattr(args, f"{role}_split"), args.dataset_name) for role in roles)
+    if _uses_coco_folders(args):
+        needed = [f"{role}_{kind}" for role in (ROLES if roles == ROLES else roles)
+                  for kind in ("annotations", "images")]
+        missing = [name for name in needed if not getattr(args, name)]
+        if missing:
+            raise ValueError(f"COCO folders need the annotations and images of {list(roles)}; missing {missing}")
+        return tuple(load_coco_folder(getattr(args, f"{role}_annotations"), getattr(args, f"{role}_images"),
+                                      skip_invalid=args.skip_invalid).dataset for role in roles)
+    if roles == ROLES:
+        digits = load_digits_detection(num_train=args.num_train_images, num_validation=args.num_validation_images,
+                                       image_size=args.image_size, seed=args.data_seed)
+        return digits["train"], digits["validation"]
+    counts = {"train": args.num_train_images, "validation": args.num_validation_images}
+    return tuple(scenes_to_dataset(generate_digit_scenes(counts[role], role, args.image_size, args.data_seed))
+                 for role in roles)
+
+
+def random_subset(dataset, num_images: int, seed: int):
+    """``num_images`` rows of ``dataset`` drawn without replacement by ``seed``, in their original order; the
+    whole dataset when ``num_images`` is 0 or at least its length."""
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0 (0 takes every image), got {num_images}")
+    if num_images == 0 or num_images >= len(dataset):
+        return dataset
+    chosen = np.random.default_rng(seed).choice(len(dataset), size=num_images, replace=False)
+    return dataset.select(np.sort(chosen).tolist())
+
+
+def load_calibration_split(args, split: str | None = None, num_images: int = 500, seed: int = 1):
+    """Held-out images to fit a post-hoc calibrator on, never the evaluation split.
+
+    - Digits default: ``num_images`` fresh scenes of the train split drawn with generation seed ``seed``: the
+      same distribution as the training scenes (``--data_seed``), none of them a training image. ``seed`` must
+      differ from ``args.data_seed``, whose first scenes are the training images.
+    - COCO folders: a ``seed``-ed random subset of ``num_images`` images of the train folder.
+    - Hub dataset: a ``seed``-ed random subset of split ``split`` (default ``args.train_split``), which must not
+      be ``args.validation_split``.
+
+    ``num_images`` 0 takes the whole split (digits: ``args.num_train_images`` scenes). A subset of the train
+    split holds images the detector was trained on, where it is more confident than on new images; where a
+    dataset has a split unused in training, name it.
+    """
+    if num_images < 0:
+        raise ValueError(f"the number of calibration images must be >= 0 (0 takes the whole split), got {num_images}")
+    if args.dataset_name:
+        name = split or args.train_split
+        if name == args.validation_split:
+            raise ValueError(f"the calibration split {name!r} is the evaluation split: a calibrator fitted on the "
+                             "images it is evaluated on flatters itself; name another split")
+        data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid).dataset
+        return random_subset(_hub_split(data, name, args.dataset_name), num_images, seed)
+    if split not in (None, "train"):
+        raise ValueError(f"--calibration_split {split!r} names a Hub dataset split; COCO folders and the digits "
+                         "default calibrate on their train split only")
+    if _uses_coco_folders(args):
+        (train,) = load_splits(args, ("train",))
+        return random_subset(train, num_images, seed)
+    if seed == args.data_seed:
+        raise ValueError(f"calibration seed {seed} equals --data_seed: its digit scenes would be the training "
+                         "images; pick another seed")
+    count = num_images or args.num_train_images
+    return scenes_to_dataset(generate_digit_scenes(count, "train", args.image_size, seed))
