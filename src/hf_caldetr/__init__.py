@@ -1,12 +1,20 @@
 """Cal-DETR (train-time calibration of detection transformers, NeurIPS 2023) for HuggingFace Transformers.
 
 The Cal configs keep their parent's ``model_type`` so that saved checkpoints load in stock transformers; for that
-reason they are not registered with the Auto classes under a name of their own (a model type can map to one
-config class only).
+reason they are not registered with the Auto classes under a name of their own (a model type maps to one config
+class only). Submodules: ``calibration`` (the method), ``metrics``, ``calibrators`` (post-hoc), ``data``,
+``evaluation``, ``training``, ``hub``.
 """
 
-from .configuration import CalDeformableDetrConfig, CalibrationConfigMixin
-from .models import CalDeformableDetrForObjectDetection, CalDeformableDetrObjectDetectionOutput
+from .configuration import CalDeformableDetrConfig, CalDetrConfig, CalibrationConfigMixin, CalRTDetrConfig
+from .models import (
+    CalDeformableDetrForObjectDetection,
+    CalDeformableDetrObjectDetectionOutput,
+    CalDetrForObjectDetection,
+    CalDetrObjectDetectionOutput,
+    CalRTDetrForObjectDetection,
+    CalRTDetrObjectDetectionOutput,
+)
 
 __version__ = "0.1.0"
 
@@ -14,5 +22,11 @@ __all__ = [
     "CalDeformableDetrConfig",
     "CalDeformableDetrForObjectDetection",
     "CalDeformableDetrObjectDetectionOutput",
+    "CalDetrConfig",
+    "CalDetrForObjectDetection",
+    "CalDetrObjectDetectionOutput",
+    "CalRTDetrConfig",
+    "CalRTDetrForObjectDetection",
+    "CalRTDetrObjectDetectionOutput",
     "CalibrationConfigMixin",
 ]

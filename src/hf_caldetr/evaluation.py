@@ -3,17 +3,22 @@
 Shared by ``examples/train.py``, ``examples/evaluate.py`` and the benchmarks. Detections are the model's
 post-processed output (the top 100 over the ``Q * C`` sigmoid scores, as ``post_process_object_detection``
 returns them, spec section 4); the references come from the batch's labels.
+
+Post-hoc calibration (``hf_caldetr.calibrators``) plugs in at both ends: ``fit_calibrator`` fits one on a
+held-out split's detections, matched as the D-ECE protocol matches them (``collect_matches``), and
+``evaluate_model(..., calibrator=...)`` measures the detector with its scores calibrated.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .metrics import DetectionCalibrationMetric, plot_reliability_diagram
+from .metrics import DetectionCalibrationMetric, match_detections, plot_reliability_diagram
 
 TOP_K = 100
 
@@ -50,30 +55,124 @@ def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_
 
 
 @torch.no_grad()
-def evaluate_model(model, dataloader, image_processor, accelerator=None, progress: bool = False, **metric_options) -> dict:
-    """AP (``map``, ``map_50``, ...), D-ECE and LaECE (and position D-ECE) of ``model`` over ``dataloader``.
+def iter_detections(model, dataloader, image_processor, accelerator=None, progress: bool = False,
+                    desc: str = "evaluating"):
+    """Run ``model`` (in eval mode) over ``dataloader``; yield ``(predictions, references, image_sizes)`` per batch.
 
-    With an ``accelerator`` the dataloader is expected prepared; each batch's detections are gathered from every
-    process (``gather_for_metrics``, which also drops the duplicates that pad the last batch).
+    ``predictions`` and ``references`` are lists of per-image dicts (``post_process``, ``labels_to_references``),
+    ``image_sizes`` the ``(height, width)`` of each original image. With an ``accelerator`` the dataloader is
+    expected prepared; each batch is gathered from every process (``gather_for_metrics``, which also drops the
+    duplicates that pad the last batch), so every process sees every image.
     """
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
-    metric = DetectionCalibrationMetric(**metric_options)
     show = progress and (accelerator is None or accelerator.is_local_main_process)
-    for batch in tqdm(dataloader, desc="evaluating", disable=not show, leave=False):
-        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"))
-        predictions = post_process(outputs, batch["labels"], image_processor)
-        references = labels_to_references(batch["labels"])
-        sizes = [tuple(int(v) for v in label["orig_size"]) for label in batch["labels"]]
-        if accelerator is not None:
-            predictions, references, sizes = accelerator.gather_for_metrics(
-                (predictions, references, sizes), use_gather_object=True
-            )
+    try:
+        for batch in tqdm(dataloader, desc=desc, disable=not show, leave=False):
+            outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"))
+            predictions = post_process(outputs, batch["labels"], image_processor)
+            references = labels_to_references(batch["labels"])
+            sizes = [tuple(int(v) for v in label["orig_size"]) for label in batch["labels"]]
+            if accelerator is not None:
+                predictions, references, sizes = accelerator.gather_for_metrics(
+                    (predictions, references, sizes), use_gather_object=True
+                )
+            yield predictions, references, sizes
+    finally:
+        model.train(was_training)
+
+
+def calibrate_predictions(predictions: list[dict], calibrator) -> list[dict]:
+    """Per-image detections with each score replaced by ``calibrator.transform(scores, labels)``.
+
+    Boxes and labels are kept, so the calibrated detector is the same detector with other confidences.
+    """
+    return [{**prediction, "scores": calibrator.transform(prediction["scores"], prediction["labels"])}
+            for prediction in predictions]
+
+
+def measure_detections(batches, calibrator=None, **metric_options) -> dict:
+    """``DetectionCalibrationMetric(**metric_options)`` over ``(predictions, references, image_sizes)`` batches
+    (``iter_detections``), the scores first calibrated when a fitted ``calibrator`` is given."""
+    metric = DetectionCalibrationMetric(**metric_options)
+    for predictions, references, sizes in batches:
+        if calibrator is not None:
+            predictions = calibrate_predictions(predictions, calibrator)
         metric.update(predictions, references, image_sizes=sizes)
-    model.train(was_training)
     return metric.compute()
+
+
+def evaluate_model(model, dataloader, image_processor, accelerator=None, progress: bool = False, calibrator=None,
+                   **metric_options) -> dict:
+    """AP (``map``, ``map_50``, ...), D-ECE and LaECE (and position D-ECE) of ``model`` over ``dataloader``.
+
+    With an ``accelerator`` the dataloader is expected prepared (see ``iter_detections``).
+
+    A fitted post-hoc ``calibrator`` (``hf_caldetr.calibrators``) maps every post-processed score (the top 100
+    per image) before the metrics, so AP and the protocol's score threshold see the calibrated scores: the
+    calibrated detector is measured exactly as the raw one. Its set of kept detections (score >= 0.3) can
+    therefore differ from the raw detector's: a calibrator fitted on kept detections only (``fit_calibrator``'s
+    default) extrapolates below the threshold, where isotonic regression holds its lowest value.
+    """
+    batches = iter_detections(model, dataloader, image_processor, accelerator, progress)
+    return measure_detections(batches, calibrator, **metric_options)
+
+
+class DetectionOutcomes(NamedTuple):
+    """Kept detections pooled over a split, in matching order: ``scores`` [N] float64, ``matched`` [N] bool
+    (true positive under the D-ECE protocol), ``labels`` [N] int64 predicted classes."""
+
+    scores: np.ndarray
+    matched: np.ndarray
+    labels: np.ndarray
+
+
+def collect_matches(model, dataloader, image_processor, accelerator=None, score_threshold: float = 0.3,
+                    iou_threshold: float = 0.5, include_images_without_gt: bool = False,
+                    progress: bool = False) -> DetectionOutcomes:
+    """The ``(scores, matched, labels)`` of the D-ECE protocol over a split: ``model``'s post-processed detections
+    with ``score >= score_threshold``, matched per image by ``match_detections`` (the metrics' own rule).
+
+    Matching is per image, so matching batch by batch equals matching the split at once. With an
+    ``accelerator``, every process returns the outcomes of the whole split.
+    """
+    parts = [
+        match_detections(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
+        for predictions, references, _ in iter_detections(model, dataloader, image_processor, accelerator,
+                                                           progress, desc="matching")
+    ]
+    return DetectionOutcomes(
+        scores=np.concatenate([part.scores for part in parts] or [np.zeros(0)]).astype(np.float64),
+        matched=np.concatenate([part.matched for part in parts] or [np.zeros(0, dtype=bool)]),
+        labels=np.concatenate([part.labels for part in parts] or [np.zeros(0, dtype=np.int64)]).astype(np.int64),
+    )
+
+
+def fit_calibrator(model, dataloader, image_processor, calibrator, accelerator=None, score_threshold: float = 0.3,
+                   iou_threshold: float = 0.5, include_images_without_gt: bool = False, progress: bool = False):
+    """Fit a post-hoc ``calibrator`` (``hf_caldetr.calibrators``) on ``model``'s detections over a held-out split.
+
+    The calibrator is fitted on the kept detections only (``score >= score_threshold``, 0.3 in the protocol),
+    with the outcomes the D-ECE protocol gives them (``collect_matches``): it learns the map where the metric
+    measures it. Pass ``score_threshold=0`` to fit on all top-100 detections instead. ``dataloader`` must not
+    hold the images the calibrated model is evaluated on. Returns the fitted calibrator (fitted in place).
+    """
+    from .calibrators import MIN_DETECTIONS
+
+    if not callable(getattr(calibrator, "fit", None)) or not callable(getattr(calibrator, "transform", None)):
+        raise TypeError(f"calibrator must be a post-hoc calibrator with fit and transform (hf_caldetr.calibrators), "
+                        f"got {type(calibrator).__name__}")
+    outcomes = collect_matches(model, dataloader, image_processor, accelerator, score_threshold, iou_threshold,
+                               include_images_without_gt, progress)
+    if len(outcomes.scores) < MIN_DETECTIONS:
+        raise ValueError(
+            f"the model kept {len(outcomes.scores)} detections (score >= {score_threshold}) on the calibration "
+            f"split, fewer than the {MIN_DETECTIONS} a calibrator needs: use more calibration images or a lower "
+            "score threshold"
+        )
+    return calibrator.fit(outcomes.scores, outcomes.matched, outcomes.labels)
 
 
 SUMMARY_KEYS = ("map", "map_50", "map_75", "d_ece", "laece", "position_d_ece", "precision", "mean_confidence",

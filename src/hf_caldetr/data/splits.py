@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .digits import generate_digit_scenes, load_digits_detection, scenes_to_dataset
+from .digits import generate_digit_scenes, scenes_to_dataset
 from .loading import load_coco_folder, load_hub_dataset
 
 ROLES = ("train", "validation")
@@ -43,6 +43,8 @@ class DataArguments:
 
 
 def _hub_split(data, name: str, source: str):
+    if not hasattr(data, "keys"):
+        raise ValueError(f"{source} has no splits, so split {name!r} cannot be taken from it")
     if name not in data:
         raise ValueError(f"{source}: no split {name!r} (splits: {sorted(data)})")
     return data[name]
@@ -57,9 +59,9 @@ def load_splits(args, roles: tuple[str, ...] = ROLES) -> tuple:
 
     ``args`` holds ``DataArguments``' fields. A Hub dataset is loaded whole (string categories get their ids from
     the names of every split) and indexed by ``--train_split`` / ``--validation_split``. COCO folders need the
-    annotations and images of each role asked for (both roles by default, whatever is asked: a run given half
-    the folders stops rather than silently falling back to the default). The digits default generates only
-    the roles asked for; a scene does not depend on how many others are generated.
+    annotations and images of each role asked for (a run given only some of them stops rather than falling
+    back to the default). The digits default generates only the roles asked for, the same scenes as
+    ``load_digits_detection``.
     """
     unknown = [role for role in roles if role not in ROLES]
     if unknown:
@@ -68,17 +70,12 @@ def load_splits(args, roles: tuple[str, ...] = ROLES) -> tuple:
         data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid).dataset
         return tuple(_hub_split(data, getattr(args, f"{role}_split"), args.dataset_name) for role in roles)
     if _uses_coco_folders(args):
-        needed = [f"{role}_{kind}" for role in (ROLES if roles == ROLES else roles)
-                  for kind in ("annotations", "images")]
-        missing = [name for name in needed if not getattr(args, name)]
+        missing = [f"{role}_{kind}" for role in roles for kind in ("annotations", "images")
+                   if not getattr(args, f"{role}_{kind}")]
         if missing:
             raise ValueError(f"COCO folders need the annotations and images of {list(roles)}; missing {missing}")
         return tuple(load_coco_folder(getattr(args, f"{role}_annotations"), getattr(args, f"{role}_images"),
                                       skip_invalid=args.skip_invalid).dataset for role in roles)
-    if roles == ROLES:
-        digits = load_digits_detection(num_train=args.num_train_images, num_validation=args.num_validation_images,
-                                       image_size=args.image_size, seed=args.data_seed)
-        return digits["train"], digits["validation"]
     counts = {"train": args.num_train_images, "validation": args.num_validation_images}
     return tuple(scenes_to_dataset(generate_digit_scenes(counts[role], role, args.image_size, args.data_seed))
                  for role in roles)

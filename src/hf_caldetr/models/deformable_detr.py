@@ -7,16 +7,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DeformableDetrForObjectDetection
 from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher, DeformableDetrImageLoss
-from transformers.loss.loss_for_object_detection import _set_aux_loss, sigmoid_focal_loss
+from transformers.loss.loss_for_object_detection import _set_aux_loss
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrObjectDetectionOutput,
     inverse_sigmoid,
 )
 from transformers.utils.generic import can_return_tuple
 
-from ..calibration import gather_positives, logit_uncertainty, modulate_logits, pooled_logit_mixing
+from ..calibration import logit_uncertainty, modulate_logits
 from ..configuration import CalDeformableDetrConfig
-from ..distributed import num_boxes_across_processes
+from .criterion import CalImageLossMixin, sigmoid_logit_mixing_loss
 
 
 @dataclass
@@ -37,58 +37,20 @@ class CalDeformableDetrObjectDetectionOutput(DeformableDetrObjectDetectionOutput
     logit_uncertainty: torch.Tensor | None = None
 
 
-class CalDeformableDetrImageLoss(DeformableDetrImageLoss):
-    """Differs from `DeformableDetrImageLoss` in a `"logit_mixing"` loss and in the normalisation across processes.
-
-    - `loss_logit_mixing`: sigmoid focal loss on the mixed logits against the smoothed targets (spec section 3),
-      final layer only, normalised like `loss_ce`.
-    - `num_boxes` is summed over processes then divided by the world size (the parent averages, then divides
-      again), so two processes on one batch give the loss of one process.
-    """
-
-    final_layer_only_losses = ("logit_mixing",)
+class CalDeformableDetrImageLoss(CalImageLossMixin, DeformableDetrImageLoss):
+    """Differs from `DeformableDetrImageLoss` in a `"logit_mixing"` loss (sigmoid focal loss on the mixed logits
+    against the smoothed targets, final layer only, normalised like `loss_ce`) and in the normalisation across
+    processes (see `CalImageLossMixin`)."""
 
     def __init__(self, matcher, num_classes, focal_alpha, losses, logit_mixing_alpha: float = 0.9):
         super().__init__(matcher, num_classes, focal_alpha, losses)
         self.logit_mixing_alpha = logit_mixing_alpha
 
     def loss_logit_mixing(self, outputs, targets, indices, num_boxes):
-        logits = outputs["logits"]
-        positions, classes = gather_positives(logits, targets, indices)
-        mixed, soft_targets, total_positives = pooled_logit_mixing(
-            logits[positions], classes, logits.shape[-1], self.logit_mixing_alpha
+        loss = sigmoid_logit_mixing_loss(
+            outputs["logits"], targets, indices, num_boxes, self.logit_mixing_alpha, self.focal_alpha
         )
-        if total_positives == 0:
-            # No box anywhere in the global batch: mixing is undefined; keep the graph connected.
-            return {"loss_logit_mixing": logits.sum() * 0.0}
-        # Non-positive queries keep their logits and an all-zero target, as in `loss_labels`.
-        mixed_logits = logits.index_put(positions, mixed)
-        full_targets = torch.zeros_like(logits).index_put(positions, soft_targets.to(logits.dtype))
-        loss = sigmoid_focal_loss(mixed_logits, full_targets, num_boxes, alpha=self.focal_alpha, gamma=2)
-        return {"loss_logit_mixing": loss * logits.shape[1]}
-
-    def get_loss(self, loss, outputs, targets, indices, num_boxes):
-        if loss == "logit_mixing":
-            return self.loss_logit_mixing(outputs, targets, indices, num_boxes)
-        return super().get_loss(loss, outputs, targets, indices, num_boxes)
-
-    def forward(self, outputs, targets):
-        """Mirrors `ImageLoss.forward`, with the cross-process `num_boxes` and final-layer-only losses."""
-        outputs_without_aux = {k: v for k, v in outputs.items() if k != "auxiliary_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
-        num_boxes = num_boxes_across_processes(targets, outputs["logits"].device)
-
-        losses = {}
-        for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
-        for i, auxiliary_outputs in enumerate(outputs.get("auxiliary_outputs", [])):
-            aux_indices = self.matcher(auxiliary_outputs, targets)
-            for loss in self.losses:
-                if loss in self.final_layer_only_losses:
-                    continue
-                aux_losses = self.get_loss(loss, auxiliary_outputs, targets, aux_indices, num_boxes)
-                losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
-        return losses
+        return {"loss_logit_mixing": loss}
 
 
 def CalDeformableDetrForObjectDetectionLoss(

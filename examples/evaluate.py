@@ -1,0 +1,299 @@
+"""Evaluate any detector checkpoint as train.py does: AP, D-ECE and LaECE in-domain and on a corrupted copy.
+
+    accelerate launch examples/evaluate.py --model_name_or_path outputs/cal-detr-digits
+    python examples/evaluate.py --model_name_or_path outputs/baseline-digits --compare_with outputs/cal-detr-digits
+    python examples/evaluate.py --model_name_or_path outputs/baseline-digits --fit_calibrator isotonic
+    python examples/evaluate.py --model_name_or_path outputs/baseline-digits --calibrator outputs/evaluation/calibrator.json
+
+The checkpoint is a folder or a Hub id, plain or Cal (a stock transformers checkpoint either way); the data flags
+are train.py's (the embedded digits default, ``--dataset_name``, or COCO folders), of which the validation split
+is evaluated. A post-hoc calibrator (``--calibrator`` or ``--fit_calibrator``) applies to ``--model_name_or_path``
+only, so ``--model_name_or_path BASELINE --fit_calibrator isotonic --compare_with CAL_DETR`` sets the post-hoc
+baseline against the train-time method. ``--output_dir`` receives:
+
+- ``metrics.json``: ``{"in_domain": {...}, "out_of_domain": {...}}`` as train.py writes it (calibrated scores
+  when a calibrator applies), plus ``"before_calibration"`` (the raw model), ``"compare_with"`` (the other model)
+  and ``"evaluation"`` (what was evaluated, how);
+- ``reliability_diagram.png`` (the model's splits), ``reliability_comparison.png`` (with ``--compare_with``),
+  ``reliability_before_after.png`` (with a calibrator), ``calibrator.json`` (with ``--fit_calibrator``) and
+  ``corruption_manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import HfArgumentParser
+
+from hf_caldetr.calibrators import (
+    HistogramBinning,
+    IsotonicCalibrator,
+    PlattScaling,
+    TemperatureScaling,
+    load_calibrator,
+)
+from hf_caldetr.data import build_image_processor, corrupt_dataset, id2label, make_collate_fn, save_manifest
+from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
+from hf_caldetr.evaluation import fit_calibrator, iter_detections, measure_detections, summarize, write_metrics
+from hf_caldetr.metrics import plot_reliability_diagram
+
+logger = logging.getLogger("evaluate")
+
+CALIBRATORS = {
+    "temperature": TemperatureScaling,
+    "platt": PlattScaling,
+    "isotonic": IsotonicCalibrator,
+    "histogram": HistogramBinning,
+}
+SPLIT_TITLES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+
+def check_checkpoint(name_or_path: str) -> None:
+    """Fail early, naming the problem, on a checkpoint that is neither a model folder nor a possible Hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{name_or_path} is a folder without config.json: not a model checkpoint "
+                             "(save_pretrained writes one)")
+        return
+    if path.exists():
+        raise ValueError(f"{name_or_path} is a file; pass a checkpoint folder or a Hub model id")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ValueError(f"checkpoint folder {name_or_path} does not exist (and it is not a Hub model id)") from None
+
+
+def load_detector(name_or_path: str):
+    """The checkpoint's stock transformers model; its Cal class when it was saved with ``modulate_at_inference``.
+
+    Cal checkpoints are stock ones, and the stock model returns the raw logits. A model saved with
+    ``modulate_at_inference=True`` was measured by train.py with modulated logits, which only its Cal class
+    computes, so that one is loaded instead.
+    """
+    from transformers import AutoConfig, AutoModelForObjectDetection
+
+    import hf_caldetr.models
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except OSError as error:
+        raise ValueError(f"{name_or_path}: not a local checkpoint folder, and loading it from the Hub failed: "
+                         f"{error}") from error
+    cal_classes = [getattr(hf_caldetr.models, f"Cal{name}", None) for name in config.architectures or []]
+    if getattr(config, "modulate_at_inference", False) and cal_classes and cal_classes[0] is not None:
+        return cal_classes[0].from_pretrained(name_or_path)
+    return AutoModelForObjectDetection.from_pretrained(name_or_path)
+
+
+def load_image_processor(name_or_path: str, image_size: int):
+    """The checkpoint's image processor; ``build_image_processor(image_size)`` when it saved none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError:
+        logger.info("%s has no image processor config: using build_image_processor(%s)", name_or_path, image_size)
+        return build_image_processor(image_size or None)
+
+
+def check_labels(model, dataset, name_or_path: str) -> None:
+    """The model must predict the dataset's classes: same count, and (warned otherwise) the same names."""
+    names = id2label(dataset)
+    model_names = {int(index): name for index, name in model.config.id2label.items()}
+    if len(model_names) != len(names):
+        raise ValueError(f"{name_or_path} predicts {len(model_names)} classes but the evaluation data has "
+                         f"{len(names)} ({list(names.values())})")
+    if model_names != names:
+        logger.warning("%s names its classes %s, the data %s: matched by index", name_or_path,
+                       list(model_names.values()), list(names.values()))
+
+
+def read_calibrator(path: str):
+    """``load_calibrator(path)``, with errors that name the flag and the file."""
+    if not Path(path).is_file():
+        raise ValueError(f"--calibrator {path}: no such file (a calibrator.json written by --fit_calibrator)")
+    try:
+        return load_calibrator(path)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--calibrator {path} is not a saved calibrator: {error}") from error
+
+
+def display_name(name_or_path: str) -> str:
+    return Path(name_or_path).name or name_or_path
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+@dataclass
+class EvaluationArguments:
+    model_name_or_path: str = field(metadata={"help": "the checkpoint to evaluate (Hub id or folder, plain or Cal)"})
+    compare_with: str | None = field(default=None, metadata={"help": "a second checkpoint, evaluated side by side"})
+    output_dir: str = "outputs/evaluation"
+    per_device_eval_batch_size: int = 32
+    dataloader_num_workers: int = 0
+    include_images_without_gt: bool = field(
+        default=False, metadata={"help": "keep detections of images without ground truth (all false positives)"})
+
+
+@dataclass
+class CalibrationArguments:
+    calibrator: str | None = field(default=None, metadata={"help": "a saved calibrator.json, applied before the metrics"})
+    fit_calibrator: str | None = field(default=None, metadata={"help": f"fit one of {sorted(CALIBRATORS)} on held-out data"})
+    class_wise: bool = field(default=False, metadata={"help": "one map per class (fit_calibrator)"})
+    calibration_split: str | None = field(
+        default=None, metadata={"help": "Hub split to fit on (default: the train split); never the evaluation split"})
+    num_calibration_images: int = field(default=500, metadata={"help": "seeded subset of the split; 0 takes it all"})
+    calibration_seed: int = field(
+        default=1, metadata={"help": "subset seed; for the digits default the seed of fresh scenes (not --data_seed)"})
+    calibration_score_threshold: float = field(
+        default=0.3, metadata={"help": "fit on detections scoring at least this (the D-ECE protocol's 0.3)"})
+    save_calibrator_with_checkpoint: bool = field(
+        default=False, metadata={"help": "also write calibrator.json into the checkpoint folder"})
+
+
+def check_arguments(eval_args: EvaluationArguments, calibration_args: CalibrationArguments) -> None:
+    """Every flag problem that needs no data, before anything is loaded."""
+    check_checkpoint(eval_args.model_name_or_path)
+    if eval_args.compare_with:
+        check_checkpoint(eval_args.compare_with)
+    checkpoint = Path(eval_args.model_name_or_path).expanduser()
+    if checkpoint.is_dir() and checkpoint.resolve() == Path(eval_args.output_dir).expanduser().resolve():
+        raise ValueError("--output_dir is the checkpoint folder: its metrics.json (train.py's, read by the model "
+                         "card) would be overwritten; pick another folder")
+    if calibration_args.calibrator and calibration_args.fit_calibrator:
+        raise ValueError("--calibrator and --fit_calibrator exclude each other: apply a saved one or fit a new one")
+    if calibration_args.fit_calibrator and calibration_args.fit_calibrator not in CALIBRATORS:
+        raise ValueError(f"--fit_calibrator must be one of {sorted(CALIBRATORS)}, got "
+                         f"{calibration_args.fit_calibrator!r}")
+    if calibration_args.save_calibrator_with_checkpoint and not (calibration_args.fit_calibrator and checkpoint.is_dir()):
+        raise ValueError("--save_calibrator_with_checkpoint needs --fit_calibrator and a checkpoint folder")
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((EvaluationArguments, DataArguments, CalibrationArguments))
+    eval_args, data_args, calibration_args = parser.parse_args_into_dataclasses(args=argv)
+
+    # Phase 1: accelerator, logging, the checks that need no data.
+    accelerator = Accelerator()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    check_arguments(eval_args, calibration_args)
+    calibrator = read_calibrator(calibration_args.calibrator) if calibration_args.calibrator else None
+    metric_options = {"include_images_without_gt": eval_args.include_images_without_gt}
+
+    # Phase 2: data (the validation split, and its corrupted copy: the CorCOCO recipe).
+    with accelerator.main_process_first():
+        (eval_dataset,) = load_splits(data_args, ("validation",))
+        splits = {"in_domain": eval_dataset}
+        if not data_args.skip_out_of_domain:
+            splits["out_of_domain"], manifest = corrupt_dataset(eval_dataset, base_seed=data_args.corruption_seed)
+    logger.info("data: %d evaluation images, %d classes", len(eval_dataset), len(id2label(eval_dataset)))
+
+    # Phase 3: models, each with its own image processor.
+    names = [eval_args.model_name_or_path] + ([eval_args.compare_with] if eval_args.compare_with else [])
+    models, processors = {}, {}
+    for name in names:
+        model = load_detector(name)
+        check_labels(model, eval_dataset, name)
+        models[name] = accelerator.prepare_model(model, evaluation_mode=True)
+        processors[name] = load_image_processor(name, data_args.image_size)
+
+    def dataloader(dataset, name):
+        return accelerator.prepare(DataLoader(dataset, batch_size=eval_args.per_device_eval_batch_size,
+                                              collate_fn=make_collate_fn(processors[name]),
+                                              num_workers=eval_args.dataloader_num_workers))
+
+    # Phase 4: the post-hoc calibrator of the first model: fitted on held-out images, or loaded.
+    main_name = names[0]
+    calibration_record = None
+    if calibration_args.fit_calibrator:
+        with accelerator.main_process_first():
+            calibration_dataset = load_calibration_split(data_args, calibration_args.calibration_split,
+                                                         calibration_args.num_calibration_images,
+                                                         calibration_args.calibration_seed)
+        calibrator = CALIBRATORS[calibration_args.fit_calibrator](class_wise=calibration_args.class_wise)
+        fit_calibrator(models[main_name], dataloader(calibration_dataset, main_name), processors[main_name],
+                       calibrator, accelerator, score_threshold=calibration_args.calibration_score_threshold,
+                       progress=True, **metric_options)
+        calibration_record = {"split": calibration_args.calibration_split or "train",
+                              "num_images": len(calibration_dataset), "seed": calibration_args.calibration_seed,
+                              "score_threshold": calibration_args.calibration_score_threshold}
+        logger.info("fitted %r on %d images: %s", calibrator, len(calibration_dataset), calibrator.params_)
+
+    # Phase 5: evaluate. The model runs once per split; raw and calibrated scores are measured on its detections.
+    results, before, compared = {}, {}, {}
+    for split, dataset in splits.items():
+        for name in names:
+            batches = list(iter_detections(models[name], dataloader(dataset, name), processors[name], accelerator,
+                                           progress=True))
+            raw = measure_detections(batches, **metric_options)
+            if name != main_name:
+                compared[split] = raw
+            elif calibrator is not None:
+                before[split] = raw
+                results[split] = measure_detections(batches, calibrator, **metric_options)
+            else:
+                results[split] = raw
+            shown = results[split] if name == main_name else raw
+            logger.info("%s %s: %s", display_name(name), split, {k: round(v, 4) for k, v in summarize(shown).items()})
+
+    # Phase 6: write metrics, diagrams, calibrator and manifest.
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {}
+    output_dir = Path(eval_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    extra = {"evaluation": {"model": main_name, "compare_with": eval_args.compare_with,
+                            "calibrator": None if calibrator is None else {
+                                "type": type(calibrator).__name__,
+                                "path": calibration_args.calibrator or str(output_dir / "calibrator.json"),
+                                "fitted_on": calibration_record},
+                            "num_processes": accelerator.num_processes,
+                            "arguments": {**asdict(eval_args), **asdict(data_args), **asdict(calibration_args)}}}
+    if calibrator is not None:
+        extra["before_calibration"] = {split: summarize(result) for split, result in before.items()}
+    if compared:
+        extra["compare_with"] = {"model": eval_args.compare_with,
+                                 **{split: summarize(result) for split, result in compared.items()}}
+    suffix = "" if calibrator is None else f" + {type(calibrator).__name__}"
+    titles = {split: f"{display_name(main_name)}{suffix}, {SPLIT_TITLES[split]}" for split in results}
+    metrics = write_metrics(results, output_dir, extra=extra, titles=titles)
+    if compared:
+        panels = [(results[split], titles[split]) for split in results]
+        panels += [(compared[split], f"{display_name(eval_args.compare_with)}, {SPLIT_TITLES[split]}")
+                   for split in compared]
+        plot_reliability_diagram([result for result, _ in panels], output_dir / "reliability_comparison.png",
+                                 titles=[title for _, title in panels])
+    if calibrator is not None:
+        panels = [(before[split], f"raw scores, {SPLIT_TITLES[split]}") for split in before]
+        panels += [(results[split], f"after {type(calibrator).__name__}, {SPLIT_TITLES[split]}") for split in results]
+        plot_reliability_diagram([result for result, _ in panels], output_dir / "reliability_before_after.png",
+                                 titles=[title for _, title in panels])
+    if calibration_args.fit_calibrator:
+        calibrator.save(output_dir / "calibrator.json")
+        if calibration_args.save_calibrator_with_checkpoint:
+            calibrator.save(Path(main_name).expanduser() / "calibrator.json")
+    if "out_of_domain" in splits:
+        save_manifest(manifest, str(output_dir / "corruption_manifest.json"), base_seed=data_args.corruption_seed)
+    logger.info("wrote %s: %s", output_dir, json.dumps(metrics["in_domain"]))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
