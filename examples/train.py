@@ -40,7 +40,9 @@ from hf_caldetr.data import (
 from hf_caldetr.evaluation import evaluate_model, summarize, write_metrics
 from hf_caldetr.training import (
     METHODS,
-    MODEL_PRESETS,
+    MODEL_FAMILIES,
+    checkpoint_model_type,
+    model_family,
     build_model,
     freeze_batch_norm,
     parse_config_overrides,
@@ -94,7 +96,8 @@ def save_checkpoint(accelerator, output_dir: str, name: str, completed_steps: in
 class ModelArguments:
     method: str = field(default="cal-detr", metadata={"help": f"one of {sorted(METHODS)}"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "plain or Cal checkpoint (Hub id or folder)"})
-    model_preset: str = field(default="small", metadata={"help": f"fresh model when no checkpoint: {sorted(MODEL_PRESETS)}"})
+    model_type: str | None = field(default=None, metadata={"help": f"{sorted(MODEL_FAMILIES)}; default: the checkpoint's, else deformable_detr"})
+    model_preset: str = field(default="small", metadata={"help": "fresh model when no checkpoint: tiny, small, r50"})
     config_overrides: str | None = field(default=None, metadata={"help": "e.g. 'd_model=128,num_queries=30'"})
     uncertainty_modulation: str | None = field(default=None, metadata={"help": "override: multiplicative|subtractive|none"})
     modulate_at_inference: bool | None = field(default=None)
@@ -184,7 +187,9 @@ def main():
     with accelerator.main_process_first():
         train_dataset, eval_dataset = load_splits(data_args)
     labels = id2label(train_dataset)
-    image_processor = build_image_processor(data_args.image_size or None)
+    model_type = model_args.model_type or (
+        checkpoint_model_type(model_args.model_name_or_path) if model_args.model_name_or_path else "deformable_detr")
+    image_processor = build_image_processor(data_args.image_size or None, model_family(model_type).image_processor_class)
     loader_options = dict(num_workers=train_args.dataloader_num_workers)
     train_collator = make_collate_fn(image_processor, augment=train_args.augment, seed=train_args.seed)
     # A generator of its own: a DataLoader iterator draws its base seed from the global RNG otherwise, and a run
@@ -201,7 +206,7 @@ def main():
     cal_overrides = {name: args[name] for name in ("uncertainty_modulation", "modulate_at_inference", "use_logit_mixing",
                                                     "logit_mixing_alpha", "logit_mixing_loss_coefficient")}
     model = build_model(model_args.method, labels, model_args.model_name_or_path, model_args.model_preset,
-                        parse_config_overrides(model_args.config_overrides), **cal_overrides)
+                        parse_config_overrides(model_args.config_overrides), model_type, **cal_overrides)
     if model_args.model_name_or_path is None:
         # A backbone trained from scratch needs its batch norms (frozen for pretrained backbones); the saved
         # checkpoint gets them back frozen, with the learned statistics.

@@ -104,70 +104,78 @@ def folders(tmp_path_factory):
             "validation": validation_split}
 
 
-def test_metrics_equal_train_py_and_the_in_process_oracle_side_by_side(folders):
+@pytest.fixture(scope="module")
+def compared(folders):
+    """One ``accelerate launch`` run: the trained model, a temperature fitted for it on the saved dataset's train
+    split, the random baseline beside it; in-domain and corrupted."""
     output = folders["root"] / "compared"
     run("--model_name_or_path", folders["trained"], "--compare_with", folders["baseline"],
-        "--num_validation_images", NUM_IMAGES, "--output_dir", output, launcher=True)
-    metrics = json.loads((output / "metrics.json").read_text())
-
-    validation = folders["validation"]
-    corrupted, _ = corrupt_dataset(validation, base_seed=0)
-    # train.py's own evaluation of the folder (its Phase 6) and evaluate_model here give the same numbers.
-    trained_metrics = json.loads((folders["trained"] / "metrics.json").read_text())
-    assert_same_metrics(metrics["in_domain"], trained_metrics["in_domain"])
-    assert_same_metrics(metrics["in_domain"], oracle(folders["trained"], validation))
-    assert_same_metrics(metrics["out_of_domain"], oracle(folders["trained"], corrupted))
-    assert metrics["in_domain"]["num_images"] == NUM_IMAGES and metrics["in_domain"]["num_detections"] > 0
-    # The baseline saved no image processor: the script falls back to build_image_processor(--image_size).
-    compared = metrics["compare_with"]
-    assert compared["model"] == str(folders["baseline"])
-    for split, dataset in (("in_domain", validation), ("out_of_domain", corrupted)):
-        assert_same_metrics(compared[split], oracle(folders["baseline"], dataset, build_image_processor(96)))
-    assert compared["in_domain"]["d_ece"] != metrics["in_domain"]["d_ece"]
-    assert metrics["evaluation"]["calibrator"] is None and "before_calibration" not in metrics
-
-    for name in ("reliability_diagram.png", "reliability_comparison.png", "corruption_manifest.json"):
-        assert (output / name).is_file(), name
-    assert (output / "reliability_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (output / "reliability_before_after.png").exists()
+        "--dataset_name", folders["self_labelled"], "--fit_calibrator", "temperature", "--output_dir", output,
+        launcher=True)
+    return output, json.loads((output / "metrics.json").read_text())
 
 
-def test_fitted_temperature_is_saved_and_applied(folders):
-    common = ["--model_name_or_path", folders["trained"], "--dataset_name", folders["self_labelled"],
-              "--skip_out_of_domain", "true"]
-    fit_dir, apply_dir = folders["root"] / "fit", folders["root"] / "apply"
-    run(*common, "--fit_calibrator", "temperature", "--output_dir", fit_dir)
-    fitted = json.loads((fit_dir / "metrics.json").read_text())
-    saved = load_calibrator(fit_dir / "calibrator.json")
-    assert type(saved) is TemperatureScaling
-    assert fitted["evaluation"]["calibrator"]["fitted_on"]["num_images"] == NUM_IMAGES
-
-    # The oracle: fit_calibrator on the held-out (train) split, evaluate_model with it on the validation split.
+def test_fit_calibrator_and_compare_with_agree_with_the_in_process_oracle(folders, compared):
+    output, metrics = compared
     train_split, validation_split = load_splits(DataArguments(dataset_name=str(folders["self_labelled"])))
+    corrupted, _ = corrupt_dataset(validation_split, base_seed=0)
+
+    # The calibrator: fit_calibrator on the held-out (train) split, here and in the script.
+    saved = load_calibrator(output / "calibrator.json")
+    assert type(saved) is TemperatureScaling
     model = AutoModelForObjectDetection.from_pretrained(folders["trained"])
     image_processor = AutoImageProcessor.from_pretrained(folders["trained"])
     loader = DataLoader(train_split, batch_size=32, collate_fn=make_collate_fn(image_processor))
     expected = fit_calibrator(model, loader, image_processor, TemperatureScaling())
     assert saved.temperature == pytest.approx(expected.temperature, rel=1e-6)
-    assert_same_metrics(fitted["in_domain"], oracle(folders["trained"], validation_split, calibrator=saved))
-    assert_same_metrics(fitted["before_calibration"]["in_domain"], oracle(folders["trained"], validation_split))
+    assert metrics["evaluation"]["calibrator"]["fitted_on"]["num_images"] == NUM_IMAGES
+
+    # The model before and after calibration, in-domain and corrupted: evaluate_model here gives the same numbers.
+    for split, dataset in (("in_domain", validation_split), ("out_of_domain", corrupted)):
+        assert_same_metrics(metrics["before_calibration"][split], oracle(folders["trained"], dataset))
+        assert_same_metrics(metrics[split], oracle(folders["trained"], dataset, calibrator=saved))
+        assert metrics[split]["num_images"] == NUM_IMAGES
     # Temperature scaling keeps the ranking, so the AP; the confidences, and so the D-ECE, change.
-    before, after = fitted["before_calibration"]["in_domain"], fitted["in_domain"]
+    before, after = metrics["before_calibration"]["in_domain"], metrics["in_domain"]
     assert after["map"] == before["map"] > 0
     assert abs(after["d_ece"] - before["d_ece"]) > 1e-3
-    assert (fit_dir / "reliability_before_after.png").is_file()
 
-    run(*common, "--calibrator", fit_dir / "calibrator.json", "--output_dir", apply_dir)
-    applied = json.loads((apply_dir / "metrics.json").read_text())
-    assert_same_metrics(applied["in_domain"], fitted["in_domain"])
-    assert applied["evaluation"]["calibrator"]["type"] == "TemperatureScaling"
-    assert applied["evaluation"]["calibrator"]["fitted_on"] is None
+    # The baseline saved no image processor: the script falls back to build_image_processor(--image_size).
+    assert metrics["compare_with"]["model"] == str(folders["baseline"])
+    assert_same_metrics(metrics["compare_with"]["in_domain"],
+                        oracle(folders["baseline"], validation_split, build_image_processor(96)))
+    assert metrics["compare_with"]["in_domain"]["d_ece"] != before["d_ece"]
+
+    for name in ("reliability_diagram.png", "reliability_comparison.png", "reliability_before_after.png",
+                 "corruption_manifest.json"):
+        assert (output / name).is_file(), name
+    assert (output / "reliability_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_calibrator_applies_on_the_train_py_evaluation(folders, compared):
+    """Plain python, the digits default: uncalibrated, the numbers of train.py's own evaluation (its Phase 6)."""
+    output = folders["root"] / "applied"
+    calibrator_path = compared[0] / "calibrator.json"
+    run("--model_name_or_path", folders["trained"], "--calibrator", calibrator_path,
+        "--num_validation_images", NUM_IMAGES, "--skip_out_of_domain", "true", "--output_dir", output)
+    metrics = json.loads((output / "metrics.json").read_text())
+    trained_metrics = json.loads((folders["trained"] / "metrics.json").read_text())
+    assert_same_metrics(metrics["before_calibration"]["in_domain"], trained_metrics["in_domain"])
+    assert_same_metrics(metrics["in_domain"], oracle(folders["trained"], folders["validation"],
+                                                     calibrator=load_calibrator(calibrator_path)))
+    assert metrics["in_domain"]["d_ece"] != trained_metrics["in_domain"]["d_ece"]
+    assert metrics["evaluation"]["calibrator"] == {"type": "TemperatureScaling", "path": str(calibrator_path),
+                                                   "fitted_on": None}
+    assert "out_of_domain" not in metrics and "compare_with" not in metrics
+    assert not (output / "reliability_comparison.png").exists()
+    assert (output / "reliability_before_after.png").is_file()
 
 
 @pytest.fixture(scope="module")
 def script():
     spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
     spec.loader.exec_module(module)
     return module
 

@@ -84,3 +84,12 @@ def test_two_processes(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["run"]["num_processes"] == 2
     assert metrics["in_domain"]["num_images"] == 16  # gather_for_metrics: every image once
+
+
+@pytest.mark.parametrize("model_type", ["detr", "rt_detr"])
+def test_other_architectures_train_and_evaluate(tmp_path, model_type):
+    launch(tmp_path, "--max_train_steps", "2", "--model_type", model_type, "--skip_out_of_domain", "true")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == model_type and config["uncertainty_modulation"] == "multiplicative"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["in_domain"]["num_images"] == 16 and "map" in metrics["in_domain"]

@@ -11,6 +11,7 @@ held-out split's detections, matched as the D-ECE protocol matches them (``colle
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -39,10 +40,17 @@ def labels_to_references(labels: list[dict]) -> list[dict]:
 
 
 def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_K) -> list[dict]:
-    """The model's detections per image, absolute xyxy boxes in the original image."""
+    """The model's detections per image, absolute xyxy boxes in the original image.
+
+    Each architecture's own post-processing: Deformable DETR's top ``top_k`` over the ``Q * C`` sigmoid scores;
+    DETR's one detection per query (softmax, no-object excluded); RT-DETR's top ``Q`` sigmoid scores.
+    """
     target_sizes = torch.stack([label["orig_size"] for label in labels]).to(outputs.logits.device)
+    options = {}
+    if "top_k" in inspect.signature(image_processor.post_process_object_detection).parameters:
+        options["top_k"] = min(top_k, outputs.logits[0].numel())
     results = image_processor.post_process_object_detection(
-        outputs, threshold=0.0, target_sizes=target_sizes, top_k=min(top_k, outputs.logits[0].numel())
+        outputs, threshold=0.0, target_sizes=target_sizes, **options
     )
     return [
         {

@@ -6,10 +6,12 @@ A method is a set of Cal settings on one architecture, so every arm of a compari
 
 from __future__ import annotations
 
-from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+from dataclasses import dataclass
 
-from .configuration import CalDeformableDetrConfig
-from .models import CalDeformableDetrForObjectDetection
+import transformers
+from transformers import ResNetConfig
+
+from . import configuration, models
 
 # method -> Cal settings (None: the stock transformers model).
 METHODS = {
@@ -25,24 +27,88 @@ CAL_FIELDS = ("uncertainty_modulation", "modulate_at_inference", "use_logit_mixi
               "logit_mixing_loss_coefficient")
 
 
-def small_backbone_config(hidden_sizes=(32, 64, 128, 256)) -> ResNetConfig:
-    """A small basic-block ResNet (random init: nothing is downloaded), three feature levels (strides 8, 16, 32)."""
-    return ResNetConfig(layer_type="basic", hidden_sizes=list(hidden_sizes), embedding_size=hidden_sizes[0],
-                        depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"])
+def small_backbone_config(hidden_sizes=(32, 64, 128, 256), config_class=ResNetConfig, levels=3):
+    """A small basic-block ResNet (random init: nothing is downloaded), the last ``levels`` stages as features."""
+    stages = ["stage2", "stage3", "stage4"][-levels:]
+    return config_class(layer_type="basic", hidden_sizes=list(hidden_sizes), embedding_size=hidden_sizes[0],
+                        depths=[1, 1, 1, 1], out_features=stages)
 
 
-# Fresh-model presets (no pretrained weights exist offline). "r50" is the paper's recipe on a random timm ResNet-50.
-MODEL_PRESETS = {
-    "tiny": dict(backbone_config=lambda: small_backbone_config((16, 32, 64, 128)), d_model=32, encoder_layers=1,
-                 decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-                 decoder_attention_heads=2, num_queries=12, num_feature_levels=3, encoder_n_points=2,
-                 decoder_n_points=2, two_stage_num_proposals=12),
-    "small": dict(backbone_config=small_backbone_config, d_model=64, encoder_layers=2, decoder_layers=3,
-                  encoder_ffn_dim=256, decoder_ffn_dim=256, encoder_attention_heads=4, decoder_attention_heads=4,
-                  num_queries=20, num_feature_levels=3, encoder_n_points=2, decoder_n_points=2,
-                  two_stage_num_proposals=20, dropout=0.0),
-    "r50": dict(num_queries=300),
+def _rt_detr_backbone(hidden_sizes):
+    return small_backbone_config(hidden_sizes, transformers.RTDetrResNetConfig)
+
+
+_SMALL = dict(encoder_attention_heads=4, decoder_attention_heads=4, dropout=0.0)
+_TINY = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+             encoder_attention_heads=2, decoder_attention_heads=2, num_queries=12)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One architecture: its stock and Cal classes, its image processor, and fresh-model presets.
+
+    Presets build models with random weights (no pretrained weights exist offline); values that are callables
+    are called at build time.
+    """
+
+    config_class: type
+    model_class: type
+    cal_config_class: type
+    cal_model_class: type
+    image_processor_class: str
+    presets: dict
+
+
+MODEL_FAMILIES = {
+    "deformable_detr": ModelFamily(
+        transformers.DeformableDetrConfig, transformers.DeformableDetrForObjectDetection,
+        configuration.CalDeformableDetrConfig, models.CalDeformableDetrForObjectDetection,
+        "DeformableDetrImageProcessor",
+        {
+            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128)), num_feature_levels=3,
+                         encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=12),
+            "small": dict(_SMALL, backbone_config=small_backbone_config, d_model=64, encoder_layers=2, decoder_layers=3,
+                          encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20, num_feature_levels=3,
+                          encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=20),
+            # The paper's recipe on a random timm ResNet-50.
+            "r50": dict(num_queries=300),
+        },
+    ),
+    "detr": ModelFamily(
+        transformers.DetrConfig, transformers.DetrForObjectDetection,
+        configuration.CalDetrConfig, models.CalDetrForObjectDetection,
+        "DetrImageProcessor",
+        {
+            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1),
+                         use_timm_backbone=False),
+            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1), use_timm_backbone=False,
+                          d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256,
+                          num_queries=20),
+            "r50": dict(num_queries=100),
+        },
+    ),
+    "rt_detr": ModelFamily(
+        transformers.RTDetrConfig, transformers.RTDetrForObjectDetection,
+        configuration.CalRTDetrConfig, models.CalRTDetrForObjectDetection,
+        "RTDetrImageProcessor",
+        {
+            "tiny": dict(backbone_config=lambda: _rt_detr_backbone((16, 32, 64, 128)), encoder_hidden_dim=32,
+                         encoder_in_channels=[32, 64, 128], encoder_layers=1, encoder_ffn_dim=64,
+                         encoder_attention_heads=2, d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64,
+                         decoder_layers=2, decoder_attention_heads=2, decoder_n_points=2, num_queries=12,
+                         num_denoising=10),
+            "small": dict(backbone_config=lambda: _rt_detr_backbone((32, 64, 128, 256)), encoder_hidden_dim=64,
+                          encoder_in_channels=[64, 128, 256], encoder_layers=1, encoder_ffn_dim=256,
+                          encoder_attention_heads=4, d_model=64, decoder_in_channels=[64, 64, 64], decoder_ffn_dim=256,
+                          decoder_layers=3, decoder_attention_heads=4, decoder_n_points=2, num_queries=20,
+                          num_denoising=20),
+            "r50": dict(),
+        },
+    ),
 }
+
+# Backwards-compatible view: the Deformable DETR presets.
+MODEL_PRESETS = MODEL_FAMILIES["deformable_detr"].presets
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -81,23 +147,39 @@ def method_settings(method: str, **cal_overrides) -> dict | None:
     return {**settings, **overrides}
 
 
+def checkpoint_model_type(model_name_or_path: str) -> str:
+    """The ``model_type`` of a checkpoint (Hub id or folder)."""
+    return transformers.AutoConfig.from_pretrained(model_name_or_path).model_type
+
+
+def model_family(model_type: str) -> ModelFamily:
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(f"model_type must be one of {sorted(MODEL_FAMILIES)}, got {model_type!r}")
+    return MODEL_FAMILIES[model_type]
+
+
 def build_model(method: str, id2label: dict[int, str], model_name_or_path: str | None = None,
-                preset: str = "small", config_overrides: dict | None = None, **cal_overrides):
+                preset: str = "small", config_overrides: dict | None = None, model_type: str | None = None,
+                **cal_overrides):
     """The model of ``method``: from a checkpoint (plain or Cal, Hub id or folder) or a fresh ``preset``.
 
-    A checkpoint with another label set gets a new classification head (``ignore_mismatched_sizes``).
+    ``model_type`` defaults to the checkpoint's own, or ``deformable_detr`` for a fresh model. A checkpoint with
+    another label set gets a new classification head (``ignore_mismatched_sizes``).
     """
     settings = method_settings(method, **cal_overrides)
-    model_class = DeformableDetrForObjectDetection if settings is None else CalDeformableDetrForObjectDetection
+    if model_type is None:
+        model_type = checkpoint_model_type(model_name_or_path) if model_name_or_path else "deformable_detr"
+    family = model_family(model_type)
+    model_class = family.model_class if settings is None else family.cal_model_class
     labels = {"num_labels": len(id2label), "id2label": dict(id2label),
               "label2id": {name: index for index, name in id2label.items()}}
     extra = {**(config_overrides or {}), **(settings or {})}
     if model_name_or_path:
         return model_class.from_pretrained(model_name_or_path, ignore_mismatched_sizes=True, **labels, **extra)
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"model preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
-    kwargs = {k: (v() if callable(v) else v) for k, v in MODEL_PRESETS[preset].items()}
-    config_class = DeformableDetrConfig if settings is None else CalDeformableDetrConfig
+    if preset not in family.presets:
+        raise ValueError(f"model preset must be one of {sorted(family.presets)}, got {preset!r}")
+    kwargs = {k: (v() if callable(v) else v) for k, v in family.presets[preset].items()}
+    config_class = family.config_class if settings is None else family.cal_config_class
     return model_class(config_class(**{**kwargs, **labels, **extra}))
 
 

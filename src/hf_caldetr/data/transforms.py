@@ -26,8 +26,8 @@ MIN_VISIBLE_FRACTION = 0.5
 MIN_BOX_PX = 2.0
 
 
-def build_image_processor(size: int | dict | None = 96, **kwargs):
-    """A ``DeformableDetrImageProcessor`` for small images.
+def build_image_processor(size: int | dict | None = 96, processor_class: str = "DeformableDetrImageProcessor", **kwargs):
+    """A detection image processor for small images (``DeformableDetrImageProcessor`` unless another is named).
 
     Args:
         size: an int resizes every image to ``size x size`` (a 96x96 image stays untouched: the resize is the
@@ -35,15 +35,17 @@ def build_image_processor(size: int | dict | None = 96, **kwargs):
             the aspect ratio, ``{"height", "width"}`` is exact); None keeps every image at its own size and
             pads each batch to its largest image (transformers' default of shortest edge 800 would blow a
             96 px image up eightfold).
+        processor_class: the transformers class name (``DetrImageProcessor``, ``RTDetrImageProcessor`` ...).
         kwargs: any other processor argument (``image_mean``, ``do_pad`` ...).
     """
-    from transformers import DeformableDetrImageProcessor
+    import transformers
 
+    processor = getattr(transformers, processor_class)
     if size is None:
-        return DeformableDetrImageProcessor(do_resize=False, **kwargs)
+        return processor(do_resize=False, **kwargs)
     if isinstance(size, int):
         size = {"height": size, "width": size}
-    return DeformableDetrImageProcessor(size=dict(size), **kwargs)
+    return processor(size=dict(size), **kwargs)
 
 
 def coco_detection_target(image_id: int, objects: Any) -> dict:
