@@ -3,7 +3,8 @@
     accelerate launch examples/evaluate.py --model_name_or_path outputs/cal-detr-digits
     python examples/evaluate.py --model_name_or_path outputs/baseline-digits --compare_with outputs/cal-detr-digits
     python examples/evaluate.py --model_name_or_path outputs/baseline-digits --fit_calibrator isotonic
-    python examples/evaluate.py --model_name_or_path outputs/baseline-digits --calibrator outputs/evaluation/calibrator.json
+    python examples/evaluate.py --model_name_or_path outputs/baseline-digits \
+        --calibrator outputs/evaluation/calibrator.json
 
 The checkpoint is a folder or a Hub id, plain or Cal (a stock transformers checkpoint either way); the data flags
 are train.py's (the embedded digits default, ``--dataset_name``, or COCO folders), of which the validation split
@@ -17,6 +18,11 @@ baseline against the train-time method. ``--output_dir`` receives:
 - ``reliability_diagram.png`` (the model's splits), ``reliability_comparison.png`` (with ``--compare_with``),
   ``reliability_before_after.png`` (with a calibrator), ``calibrator.json`` (with ``--fit_calibrator``) and
   ``corruption_manifest.json``.
+
+The calibrator maps every post-processed score, and the metrics then keep the detections scoring at least 0.3,
+as for any detector (see ``hf_caldetr.evaluation.evaluate_model``). ``--fit_calibrator`` fits it on the held-out
+detections the protocol keeps (``--calibration_score_threshold 0.3``); below that it extrapolates.
+``--calibration_score_threshold 0`` fits it on all top-100 detections instead.
 """
 
 from __future__ import annotations
@@ -37,10 +43,23 @@ from hf_caldetr.calibrators import (
     TemperatureScaling,
     load_calibrator,
 )
-from hf_caldetr.data import build_image_processor, corrupt_dataset, id2label, make_collate_fn, save_manifest
+from hf_caldetr.data import (
+    build_image_processor,
+    corrupt_dataset,
+    id2label,
+    make_collate_fn,
+    save_manifest,
+)
 from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
-from hf_caldetr.evaluation import fit_calibrator, iter_detections, measure_detections, summarize, write_metrics
+from hf_caldetr.evaluation import (
+    fit_calibrator,
+    iter_detections,
+    measure_detections,
+    summarize,
+    write_metrics,
+)
 from hf_caldetr.metrics import plot_reliability_diagram
+from hf_caldetr.training import MODEL_FAMILIES
 
 logger = logging.getLogger("evaluate")
 
@@ -83,28 +102,29 @@ def load_detector(name_or_path: str):
     """
     from transformers import AutoConfig, AutoModelForObjectDetection
 
-    import hf_caldetr.models
-
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as error:
         raise ValueError(f"{name_or_path}: not a local checkpoint folder, and loading it from the Hub failed: "
                          f"{error}") from error
-    cal_classes = [getattr(hf_caldetr.models, f"Cal{name}", None) for name in config.architectures or []]
-    if getattr(config, "modulate_at_inference", False) and cal_classes and cal_classes[0] is not None:
-        return cal_classes[0].from_pretrained(name_or_path)
+    if getattr(config, "modulate_at_inference", False) and config.model_type in MODEL_FAMILIES:
+        return MODEL_FAMILIES[config.model_type].cal_model_class.from_pretrained(name_or_path)
     return AutoModelForObjectDetection.from_pretrained(name_or_path)
 
 
-def load_image_processor(name_or_path: str, image_size: int):
-    """The checkpoint's image processor; ``build_image_processor(image_size)`` when it saved none."""
+def load_image_processor(name_or_path: str, model_type: str, image_size: int):
+    """The checkpoint's image processor; when it saved none, ``build_image_processor(image_size)`` of the class
+    train.py uses for ``model_type``."""
     from transformers import AutoImageProcessor
 
     try:
         return AutoImageProcessor.from_pretrained(name_or_path)
     except OSError:
-        logger.info("%s has no image processor config: using build_image_processor(%s)", name_or_path, image_size)
-        return build_image_processor(image_size or None)
+        family = MODEL_FAMILIES.get(model_type)
+        processor_class = family.image_processor_class if family else "DeformableDetrImageProcessor"
+        logger.info("%s has no image processor config: using %s at size %s", name_or_path, processor_class,
+                    image_size)
+        return build_image_processor(image_size or None, processor_class)
 
 
 def check_labels(model, dataset, name_or_path: str) -> None:
@@ -133,6 +153,12 @@ def display_name(name_or_path: str) -> str:
     return Path(name_or_path).name or name_or_path
 
 
+def plot_panels(panels: list[tuple[dict, str]], path) -> None:
+    """One reliability diagram of ``(result, title)`` panels side by side."""
+    results, titles = zip(*panels)
+    plot_reliability_diagram(list(results), path, titles=list(titles))
+
+
 # --------------------------------------------------------------------------------------------------- arguments
 
 
@@ -149,8 +175,10 @@ class EvaluationArguments:
 
 @dataclass
 class CalibrationArguments:
-    calibrator: str | None = field(default=None, metadata={"help": "a saved calibrator.json, applied before the metrics"})
-    fit_calibrator: str | None = field(default=None, metadata={"help": f"fit one of {sorted(CALIBRATORS)} on held-out data"})
+    calibrator: str | None = field(
+        default=None, metadata={"help": "a saved calibrator.json, applied before the metrics"})
+    fit_calibrator: str | None = field(
+        default=None, metadata={"help": f"fit one of {sorted(CALIBRATORS)} on held-out data"})
     class_wise: bool = field(default=False, metadata={"help": "one map per class (fit_calibrator)"})
     calibration_split: str | None = field(
         default=None, metadata={"help": "Hub split to fit on (default: the train split); never the evaluation split"})
@@ -168,6 +196,8 @@ def check_arguments(eval_args: EvaluationArguments, calibration_args: Calibratio
     check_checkpoint(eval_args.model_name_or_path)
     if eval_args.compare_with:
         check_checkpoint(eval_args.compare_with)
+        if eval_args.compare_with == eval_args.model_name_or_path:
+            raise ValueError("--compare_with names the evaluated model itself; give another checkpoint")
     checkpoint = Path(eval_args.model_name_or_path).expanduser()
     if checkpoint.is_dir() and checkpoint.resolve() == Path(eval_args.output_dir).expanduser().resolve():
         raise ValueError("--output_dir is the checkpoint folder: its metrics.json (train.py's, read by the model "
@@ -177,7 +207,8 @@ def check_arguments(eval_args: EvaluationArguments, calibration_args: Calibratio
     if calibration_args.fit_calibrator and calibration_args.fit_calibrator not in CALIBRATORS:
         raise ValueError(f"--fit_calibrator must be one of {sorted(CALIBRATORS)}, got "
                          f"{calibration_args.fit_calibrator!r}")
-    if calibration_args.save_calibrator_with_checkpoint and not (calibration_args.fit_calibrator and checkpoint.is_dir()):
+    saves_with_checkpoint = calibration_args.save_calibrator_with_checkpoint
+    if saves_with_checkpoint and not (calibration_args.fit_calibrator and checkpoint.is_dir()):
         raise ValueError("--save_calibrator_with_checkpoint needs --fit_calibrator and a checkpoint folder")
 
 
@@ -212,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = load_detector(name)
         check_labels(model, eval_dataset, name)
         models[name] = accelerator.prepare_model(model, evaluation_mode=True)
-        processors[name] = load_image_processor(name, data_args.image_size)
+        processors[name] = load_image_processor(name, model.config.model_type, data_args.image_size)
 
     def dataloader(dataset, name):
         return accelerator.prepare(DataLoader(dataset, batch_size=eval_args.per_device_eval_batch_size,
@@ -236,22 +267,21 @@ def main(argv: list[str] | None = None) -> dict:
                               "score_threshold": calibration_args.calibration_score_threshold}
         logger.info("fitted %r on %d images: %s", calibrator, len(calibration_dataset), calibrator.params_)
 
-    # Phase 5: evaluate. The model runs once per split; raw and calibrated scores are measured on its detections.
+    # Phase 5: evaluate. A model runs once per split; raw and calibrated scores are measured on its detections.
     results, before, compared = {}, {}, {}
     for split, dataset in splits.items():
         for name in names:
             batches = list(iter_detections(models[name], dataloader(dataset, name), processors[name], accelerator,
                                            progress=True))
             raw = measure_detections(batches, **metric_options)
-            if name != main_name:
-                compared[split] = raw
-            elif calibrator is not None:
+            if name == main_name:
                 before[split] = raw
-                results[split] = measure_detections(batches, calibrator, **metric_options)
+                results[split] = raw if calibrator is None else measure_detections(batches, calibrator,
+                                                                                   **metric_options)
             else:
-                results[split] = raw
-            shown = results[split] if name == main_name else raw
-            logger.info("%s %s: %s", display_name(name), split, {k: round(v, 4) for k, v in summarize(shown).items()})
+                compared[split] = raw
+            shown = summarize(results[split] if name == main_name else raw)
+            logger.info("%s %s: %s", display_name(name), split, {k: round(v, 4) for k, v in shown.items()})
 
     # Phase 6: write metrics, diagrams, calibrator and manifest.
     accelerator.wait_for_everyone()
@@ -275,16 +305,15 @@ def main(argv: list[str] | None = None) -> dict:
     titles = {split: f"{display_name(main_name)}{suffix}, {SPLIT_TITLES[split]}" for split in results}
     metrics = write_metrics(results, output_dir, extra=extra, titles=titles)
     if compared:
-        panels = [(results[split], titles[split]) for split in results]
-        panels += [(compared[split], f"{display_name(eval_args.compare_with)}, {SPLIT_TITLES[split]}")
-                   for split in compared]
-        plot_reliability_diagram([result for result, _ in panels], output_dir / "reliability_comparison.png",
-                                 titles=[title for _, title in panels])
+        other = display_name(eval_args.compare_with)
+        plot_panels([panel for split in results for panel in (
+            (results[split], titles[split]), (compared[split], f"{other}, {SPLIT_TITLES[split]}"))],
+            output_dir / "reliability_comparison.png")
     if calibrator is not None:
-        panels = [(before[split], f"raw scores, {SPLIT_TITLES[split]}") for split in before]
-        panels += [(results[split], f"after {type(calibrator).__name__}, {SPLIT_TITLES[split]}") for split in results]
-        plot_reliability_diagram([result for result, _ in panels], output_dir / "reliability_before_after.png",
-                                 titles=[title for _, title in panels])
+        plot_panels([panel for split in results for panel in (
+            (before[split], f"raw scores, {SPLIT_TITLES[split]}"),
+            (results[split], f"after {type(calibrator).__name__}, {SPLIT_TITLES[split]}"))],
+            output_dir / "reliability_before_after.png")
     if calibration_args.fit_calibrator:
         calibrator.save(output_dir / "calibrator.json")
         if calibration_args.save_calibrator_with_checkpoint:

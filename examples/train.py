@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,16 +26,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
-from hf_caldetr.data import (
-    build_image_processor,
-    corrupt_dataset,
-    id2label,
-    load_coco_folder,
-    load_digits_detection,
-    load_hub_dataset,
-    make_collate_fn,
-    save_manifest,
-)
+from hf_caldetr.data import build_image_processor, corrupt_dataset, id2label, make_collate_fn, save_manifest
+from hf_caldetr.data.splits import DataArguments, load_splits
 from hf_caldetr.evaluation import evaluate_model, summarize, write_metrics
 from hf_caldetr.training import (
     METHODS,
@@ -53,25 +44,6 @@ logger = logging.getLogger("train")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def load_splits(args) -> tuple:
-    """``(train, validation)`` datasets in the detection schema, from a Hub dataset, COCO folders or the default."""
-    if args.dataset_name:
-        data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid).dataset
-        return data[args.train_split], data[args.validation_split]
-    if args.train_annotations or args.validation_annotations:
-        missing = [name for name in ("train_annotations", "train_images", "validation_annotations",
-                                     "validation_images") if not getattr(args, name)]
-        if missing:
-            raise ValueError(f"COCO folders need all four of train/validation annotations and images; missing {missing}")
-        train = load_coco_folder(args.train_annotations, args.train_images, skip_invalid=args.skip_invalid)
-        validation = load_coco_folder(args.validation_annotations, args.validation_images,
-                                      skip_invalid=args.skip_invalid)
-        return train.dataset, validation.dataset
-    digits = load_digits_detection(num_train=args.num_train_images, num_validation=args.num_validation_images,
-                                   image_size=args.image_size, seed=args.data_seed)
-    return digits["train"], digits["validation"]
 
 
 def checkpoint_step(path: str) -> int:
@@ -104,24 +76,6 @@ class ModelArguments:
     use_logit_mixing: bool | None = field(default=None)
     logit_mixing_alpha: float | None = field(default=None)
     logit_mixing_loss_coefficient: float | None = field(default=None)
-
-
-@dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset or saved folder, detection schema"})
-    train_split: str = "train"
-    validation_split: str = "validation"
-    train_annotations: str | None = None
-    train_images: str | None = None
-    validation_annotations: str | None = None
-    validation_images: str | None = None
-    skip_invalid: bool = field(default=False, metadata={"help": "skip (count and log) bad records instead of stopping"})
-    image_size: int = field(default=96, metadata={"help": "processor resize (square); 0 keeps images as they are"})
-    num_train_images: int = field(default=4000, metadata={"help": "embedded default only"})
-    num_validation_images: int = field(default=500, metadata={"help": "embedded default only"})
-    data_seed: int = 0
-    corruption_seed: int = 0
-    skip_out_of_domain: bool = field(default=False, metadata={"help": "skip the corrupted-copy evaluation"})
 
 
 @dataclass

@@ -6,9 +6,14 @@ import pytest
 from test_data_loading import write_coco
 
 from hf_caldetr.data import load_digits_detection
-from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits, random_subset
+from hf_caldetr.data.splits import (
+    DataArguments,
+    load_calibration_split,
+    load_splits,
+    random_subset,
+)
 
-SMALL = dict(num_train_images=6, num_validation_images=4, image_size=64)
+SMALL = {"num_train_images": 6, "num_validation_images": 4, "image_size": 64}
 
 
 def rows(dataset):

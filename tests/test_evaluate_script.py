@@ -14,9 +14,19 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_caldetr.calibrators import TemperatureScaling, load_calibrator
-from hf_caldetr.data import DIGIT_NAMES, build_image_processor, corrupt_dataset, make_collate_fn
+from hf_caldetr.data import (
+    DIGIT_NAMES,
+    build_image_processor,
+    corrupt_dataset,
+    make_collate_fn,
+)
 from hf_caldetr.data.splits import DataArguments, load_splits
-from hf_caldetr.evaluation import evaluate_model, fit_calibrator, iter_detections, summarize
+from hf_caldetr.evaluation import (
+    evaluate_model,
+    fit_calibrator,
+    iter_detections,
+    summarize,
+)
 from hf_caldetr.training import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +44,8 @@ def run(*args, launcher=False):
     if launcher:
         command += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = subprocess.run([*command, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=ENV,
-                            cwd=ROOT, timeout=600)
+    result = subprocess.run([*command, str(SCRIPT), *map(str, args)], check=False, capture_output=True, text=True,
+                            env=ENV, cwd=ROOT, timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"evaluate.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
 
@@ -88,7 +98,7 @@ def folders(tmp_path_factory):
              "--output_dir", str(trained), "--max_train_steps", "5", "--model_preset", "tiny",
              "--num_train_images", "32", "--num_validation_images", str(NUM_IMAGES),
              "--per_device_train_batch_size", "4", "--report_to", "none", "--skip_out_of_domain", "true"]
-    result = subprocess.run(train, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    result = subprocess.run(train, check=False, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
     torch.manual_seed(0)
@@ -111,7 +121,7 @@ def compared(folders):
     output = folders["root"] / "compared"
     run("--model_name_or_path", folders["trained"], "--compare_with", folders["baseline"],
         "--dataset_name", folders["self_labelled"], "--fit_calibrator", "temperature", "--output_dir", output,
-        launcher=True)
+        "--save_calibrator_with_checkpoint", "true", launcher=True)
     return output, json.loads((output / "metrics.json").read_text())
 
 
@@ -128,6 +138,8 @@ def test_fit_calibrator_and_compare_with_agree_with_the_in_process_oracle(folder
     loader = DataLoader(train_split, batch_size=32, collate_fn=make_collate_fn(image_processor))
     expected = fit_calibrator(model, loader, image_processor, TemperatureScaling())
     assert saved.temperature == pytest.approx(expected.temperature, rel=1e-6)
+    # ... and a copy travels with the checkpoint folder.
+    assert (folders["trained"] / "calibrator.json").read_text() == (output / "calibrator.json").read_text()
     assert metrics["evaluation"]["calibrator"]["fitted_on"]["num_images"] == NUM_IMAGES
 
     # The model before and after calibration, in-domain and corrupted: evaluate_model here gives the same numbers.
@@ -196,6 +208,20 @@ def test_bad_input_is_named(folders, script, tmp_path):
                      "--fit_calibrator", "platt", *out])
     with pytest.raises(ValueError, match="must be one of"):
         script.main(["--model_name_or_path", trained, "--fit_calibrator", "beta", *out])
+    with pytest.raises(ValueError, match="names the evaluated model itself"):
+        script.main(["--model_name_or_path", trained, "--compare_with", trained, *out])
     with pytest.raises(ValueError, match="metrics.json .* would be overwritten"):
         script.main(["--model_name_or_path", trained, "--output_dir", trained])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_modulated_at_inference_loads_its_cal_class(folders, script, tmp_path):
+    """train.py measured such a model with modulated logits, which only the Cal class computes."""
+    from transformers import DeformableDetrForObjectDetection
+
+    from hf_caldetr import CalDeformableDetrForObjectDetection
+
+    labels = dict(enumerate(DIGIT_NAMES))
+    build_model("cal-detr", labels, preset="tiny", modulate_at_inference=True).save_pretrained(tmp_path / "modulated")
+    assert type(script.load_detector(str(tmp_path / "modulated"))) is CalDeformableDetrForObjectDetection
+    assert type(script.load_detector(str(folders["trained"]))) is DeformableDetrForObjectDetection

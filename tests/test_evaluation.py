@@ -124,6 +124,29 @@ def test_evaluate_model_with_a_calibrator_measures_the_calibrated_scores(model, 
     assert abs(calibrated["d_ece"] - raw["d_ece"]) > 1e-3
 
 
+def test_accelerate_prepared_loader_with_a_short_last_batch(model, image_processor, batches):
+    """Three images in batches of two: gather_for_metrics cuts the last batch to its one real image."""
+    from accelerate import Accelerator
+
+    images = [{"pixel_values": batch["pixel_values"][i], "labels": batch["labels"][i]}
+              for batch in batches for i in range(2)][:3]
+
+    def collate(items):
+        pixel_values = torch.stack([item["pixel_values"] for item in items])
+        return {"pixel_values": pixel_values, "pixel_mask": torch.ones(len(items), 64, 64, dtype=torch.int64),
+                "labels": [item["labels"] for item in items]}
+
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(images, batch_size=2, collate_fn=collate))
+    gathered = collect_matches(model, loader, image_processor, accelerator, score_threshold=0.0)
+    plain = collect_matches(model, [collate(images[:2]), collate(images[2:])], image_processor, score_threshold=0.0)
+    np.testing.assert_array_equal(gathered.scores, plain.scores)
+    np.testing.assert_array_equal(gathered.matched, plain.matched)
+    # top_k is min(100, Q * C): all 12 * 5 scores of each image.
+    assert len(plain.scores) == 3 * model.config.num_queries * model.config.num_labels
+    assert plain.matched.sum() == 3 * GROUND_TRUTH_PER_IMAGE
+
+
 def test_bad_calibration_input_is_named(model, image_processor, batches):
     model.train()
     with pytest.raises(ValueError, match="kept 0 detections .* fewer than the 10"):

@@ -22,6 +22,9 @@ def launch(output_dir, *args, processes=1, check=True):
     command += ["--multi_gpu"] if processes > 1 else ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += [str(ROOT / "examples" / "train.py"), "--output_dir", str(output_dir), *TINY_RUN, *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if processes > 1:
+        # Without it, `--multi_gpu` on a machine without GPUs starts independent single processes.
+        env["ACCELERATE_USE_CPU"] = "true"
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-4000:]}")

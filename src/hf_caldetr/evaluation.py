@@ -19,7 +19,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .metrics import DetectionCalibrationMetric, match_detections, plot_reliability_diagram
+from .metrics import (
+    DetectionCalibrationMetric,
+    match_detections,
+    plot_reliability_diagram,
+)
 
 TOP_K = 100
 
@@ -84,9 +88,11 @@ def iter_detections(model, dataloader, image_processor, accelerator=None, progre
             references = labels_to_references(batch["labels"])
             sizes = [tuple(int(v) for v in label["orig_size"]) for label in batch["labels"]]
             if accelerator is not None:
-                predictions, references, sizes = accelerator.gather_for_metrics(
-                    (predictions, references, sizes), use_gather_object=True
-                )
+                # One record per image: gather_object concatenates the processes' lists one level deep, and
+                # gather_for_metrics then cuts the padded duplicates off that list, counting images.
+                images = accelerator.gather_for_metrics(list(zip(predictions, references, sizes)),
+                                                        use_gather_object=True)
+                predictions, references, sizes = (list(column) for column in zip(*images)) if images else ([], [], [])
             yield predictions, references, sizes
     finally:
         model.train(was_training)

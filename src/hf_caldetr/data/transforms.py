@@ -11,7 +11,6 @@ is another glyph (or none), and the embedded default is digits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np

@@ -7,7 +7,7 @@ transformers criterion; the matching, the positives and the cross-process poolin
 from __future__ import annotations
 
 import torch
-from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
+from transformers.loss.loss_for_object_detection import _set_aux_loss, sigmoid_focal_loss
 
 from ..calibration import gather_positives, pooled_logit_mixing, soft_target_cross_entropy
 from ..distributed import num_boxes_across_processes
@@ -112,3 +112,58 @@ class CalImageLossMixin:
                 aux_losses = self.get_loss(loss, auxiliary_outputs, targets, aux_indices, num_boxes)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         return losses
+
+
+def detr_style_loss(criterion, logits, labels, pred_boxes, config, outputs_class=None, outputs_coord=None):
+    """Steps three and four of transformers' DETR-style loss functions, with the mixing loss added.
+
+    Three: the criterion on the final layer (and on the auxiliary layers' raw logits with `auxiliary_loss`).
+    Four: the weighted sum, ``loss_ce + bbox * loss_bbox + giou * loss_giou`` per layer plus
+    ``logit_mixing_loss_coefficient * loss_logit_mixing``; the mixing loss stays unweighted in `loss_dict`.
+
+    Returns:
+        ``(loss, loss_dict, auxiliary_outputs)``, as transformers' loss functions do.
+    """
+    outputs_loss = {"logits": logits, "pred_boxes": pred_boxes}
+    auxiliary_outputs = None
+    if config.auxiliary_loss:
+        auxiliary_outputs = _set_aux_loss(outputs_class, outputs_coord)
+        outputs_loss["auxiliary_outputs"] = auxiliary_outputs
+    loss_dict = criterion(outputs_loss, labels)
+    layer_weights = {"loss_ce": 1, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+    weight_dict = dict(layer_weights)
+    if config.auxiliary_loss:
+        for i in range(config.decoder_layers - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in layer_weights.items()})
+    weight_dict["loss_logit_mixing"] = config.logit_mixing_loss_coefficient
+    loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+    return loss, loss_dict, auxiliary_outputs
+
+
+def criterion_losses(config, base=("labels", "boxes", "cardinality")) -> list[str]:
+    """The criterion's loss names: the detector's own, plus `"logit_mixing"` when `use_logit_mixing`."""
+    return [*base, "logit_mixing"] if config.use_logit_mixing else list(base)
+
+
+class CalibratedDetectorMixin:
+    """What every Cal model adds to its transformers parent's construction. Put it first among the bases.
+
+    - The Cal settings are checked again: `from_pretrained(..., field=value)` sets config attributes after the
+      config's own checks.
+    - The loss function is set explicitly (`cal_loss_function`): transformers picks a loss by matching the class
+      name, and "Cal..." would silently get the wrong one, or none.
+    """
+
+    cal_loss_function = None
+
+    def __init__(self, config):
+        config.validate_calibration_settings()
+        super().__init__(config)
+
+    @property
+    def loss_function(self):
+        return getattr(self, "_loss_function", type(self).cal_loss_function)
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self._loss_function = value

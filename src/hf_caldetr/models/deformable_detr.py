@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DeformableDetrForObjectDetection
 from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher, DeformableDetrImageLoss
-from transformers.loss.loss_for_object_detection import _set_aux_loss
 from transformers.models.deformable_detr.modeling_deformable_detr import (
     DeformableDetrObjectDetectionOutput,
     inverse_sigmoid,
@@ -16,7 +15,13 @@ from transformers.utils.generic import can_return_tuple
 
 from ..calibration import logit_uncertainty, modulate_logits
 from ..configuration import CalDeformableDetrConfig
-from .criterion import CalImageLossMixin, sigmoid_logit_mixing_loss
+from .criterion import (
+    CalibratedDetectorMixin,
+    CalImageLossMixin,
+    criterion_losses,
+    detr_style_loss,
+    sigmoid_logit_mixing_loss,
+)
 
 
 @dataclass
@@ -66,35 +71,18 @@ def CalDeformableDetrForObjectDetectionLoss(
         class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
     )
     # Second: the criterion, with the mixing loss when enabled.
-    losses = ["labels", "boxes", "cardinality"]
-    if config.use_logit_mixing:
-        losses.append("logit_mixing")
     criterion = CalDeformableDetrImageLoss(
         matcher=matcher,
         num_classes=config.num_labels,
         focal_alpha=config.focal_alpha,
-        losses=losses,
+        losses=criterion_losses(config),
         logit_mixing_alpha=config.logit_mixing_alpha,
     ).to(device)
-    # Third: the losses.
-    outputs_loss = {"logits": logits, "pred_boxes": pred_boxes}
-    auxiliary_outputs = None
-    if config.auxiliary_loss:
-        auxiliary_outputs = _set_aux_loss(outputs_class, outputs_coord)
-        outputs_loss["auxiliary_outputs"] = auxiliary_outputs
-    loss_dict = criterion(outputs_loss, labels)
-    # Fourth: the weighted sum; the mixing loss stays unweighted in `loss_dict`.
-    layer_weights = {"loss_ce": 1, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
-    weight_dict = dict(layer_weights)
-    if config.auxiliary_loss:
-        for i in range(config.decoder_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in layer_weights.items()})
-    weight_dict["loss_logit_mixing"] = config.logit_mixing_loss_coefficient
-    loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-    return loss, loss_dict, auxiliary_outputs
+    # Third and fourth: the losses and their weighted sum.
+    return detr_style_loss(criterion, logits, labels, pred_boxes, config, outputs_class, outputs_coord)
 
 
-class CalDeformableDetrForObjectDetection(DeformableDetrForObjectDetection):
+class CalDeformableDetrForObjectDetection(CalibratedDetectorMixin, DeformableDetrForObjectDetection):
     """Differs from `DeformableDetrForObjectDetection` in modulating the final logits by their uncertainty over the
     decoder layers (in training), adding the logit-mixing loss, and returning every layer's logits.
 
@@ -103,20 +91,7 @@ class CalDeformableDetrForObjectDetection(DeformableDetrForObjectDetection):
 
     config_class = CalDeformableDetrConfig
 
-    def __init__(self, config: CalDeformableDetrConfig):
-        # `from_pretrained(..., field=value)` sets config attributes after the config's own checks: check again.
-        config.validate_calibration_settings()
-        super().__init__(config)
-
-    @property
-    def loss_function(self):
-        # Set explicitly: transformers picks a loss by matching the class name, and "CalDeformableDetr..." would
-        # silently get the wrong one.
-        return getattr(self, "_loss_function", CalDeformableDetrForObjectDetectionLoss)
-
-    @loss_function.setter
-    def loss_function(self, value):
-        self._loss_function = value
+    cal_loss_function = staticmethod(CalDeformableDetrForObjectDetectionLoss)
 
     def _predict_every_layer(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits and boxes of every decoder layer, ``[L, B, Q, C]`` and ``[L, B, Q, 4]``.

@@ -7,13 +7,19 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DetrForObjectDetection
-from transformers.loss.loss_for_object_detection import HungarianMatcher, ImageLoss, _set_aux_loss
+from transformers.loss.loss_for_object_detection import HungarianMatcher, ImageLoss
 from transformers.models.detr.modeling_detr import DetrObjectDetectionOutput
 from transformers.utils.generic import can_return_tuple
 
 from ..calibration import logit_uncertainty, modulate_logits
 from ..configuration import CalDetrConfig
-from .criterion import CalImageLossMixin, softmax_logit_mixing_loss
+from .criterion import (
+    CalibratedDetectorMixin,
+    CalImageLossMixin,
+    criterion_losses,
+    detr_style_loss,
+    softmax_logit_mixing_loss,
+)
 
 
 @dataclass
@@ -63,35 +69,18 @@ def CalDetrForObjectDetectionLoss(
     # First: the matcher, with the config's costs, on the logits it is given.
     matcher = HungarianMatcher(class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost)
     # Second: the criterion, with the mixing loss when enabled.
-    losses = ["labels", "boxes", "cardinality"]
-    if config.use_logit_mixing:
-        losses.append("logit_mixing")
     criterion = CalDetrImageLoss(
         matcher=matcher,
         num_classes=config.num_labels,
         eos_coef=config.eos_coefficient,
-        losses=losses,
+        losses=criterion_losses(config),
         logit_mixing_alpha=config.logit_mixing_alpha,
     ).to(device)
-    # Third: the losses.
-    outputs_loss = {"logits": logits, "pred_boxes": pred_boxes}
-    auxiliary_outputs = None
-    if config.auxiliary_loss:
-        auxiliary_outputs = _set_aux_loss(outputs_class, outputs_coord)
-        outputs_loss["auxiliary_outputs"] = auxiliary_outputs
-    loss_dict = criterion(outputs_loss, labels)
-    # Fourth: the weighted sum; the mixing loss stays unweighted in `loss_dict`.
-    layer_weights = {"loss_ce": 1, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
-    weight_dict = dict(layer_weights)
-    if config.auxiliary_loss:
-        for i in range(config.decoder_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in layer_weights.items()})
-    weight_dict["loss_logit_mixing"] = config.logit_mixing_loss_coefficient
-    loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-    return loss, loss_dict, auxiliary_outputs
+    # Third and fourth: the losses and their weighted sum.
+    return detr_style_loss(criterion, logits, labels, pred_boxes, config, outputs_class, outputs_coord)
 
 
-class CalDetrForObjectDetection(DetrForObjectDetection):
+class CalDetrForObjectDetection(CalibratedDetectorMixin, DetrForObjectDetection):
     """Differs from `DetrForObjectDetection` in modulating the final logits (all `labels + 1` columns) by their
     uncertainty over the decoder layers (in training), adding the logit-mixing loss, and returning every layer's
     logits.
@@ -101,20 +90,7 @@ class CalDetrForObjectDetection(DetrForObjectDetection):
 
     config_class = CalDetrConfig
 
-    def __init__(self, config: CalDetrConfig):
-        # `from_pretrained(..., field=value)` sets config attributes after the config's own checks: check again.
-        config.validate_calibration_settings()
-        super().__init__(config)
-
-    @property
-    def loss_function(self):
-        # Set explicitly: transformers picks a loss by matching the class name, and "CalDetr..." would silently get
-        # the wrong one (or none).
-        return getattr(self, "_loss_function", CalDetrForObjectDetectionLoss)
-
-    @loss_function.setter
-    def loss_function(self, value):
-        self._loss_function = value
+    cal_loss_function = staticmethod(CalDetrForObjectDetectionLoss)
 
     def _decoder_layer_states(self, outputs) -> torch.Tensor:
         """Every decoder layer's output as its class head sees it, ``[B, L, Q, d_model]``.

@@ -13,7 +13,7 @@ from transformers.utils.generic import can_return_tuple
 from ..calibration import logit_uncertainty, modulate_logits
 from ..configuration import CalRTDetrConfig
 from ..distributed import num_boxes_across_processes
-from .criterion import sigmoid_logit_mixing_loss
+from .criterion import CalibratedDetectorMixin, sigmoid_logit_mixing_loss
 
 
 @dataclass
@@ -144,7 +144,7 @@ def CalRTDetrForObjectDetectionLoss(
     return loss, loss_dict, auxiliary_outputs
 
 
-class CalRTDetrForObjectDetection(RTDetrForObjectDetection):
+class CalRTDetrForObjectDetection(CalibratedDetectorMixin, RTDetrForObjectDetection):
     """Differs from `RTDetrForObjectDetection` in modulating the matching queries' final logits by their uncertainty
     over the decoder layers (in training), adding the logit-mixing loss, and returning that uncertainty; the
     denoising queries are left out of both.
@@ -154,20 +154,7 @@ class CalRTDetrForObjectDetection(RTDetrForObjectDetection):
 
     config_class = CalRTDetrConfig
 
-    def __init__(self, config: CalRTDetrConfig):
-        # `from_pretrained(..., field=value)` sets config attributes after the config's own checks: check again.
-        config.validate_calibration_settings()
-        super().__init__(config)
-
-    @property
-    def loss_function(self):
-        # Set explicitly: transformers picks a loss by matching the class name, and "CalRTDetr..." would silently
-        # get the wrong one (or none).
-        return getattr(self, "_loss_function", CalRTDetrForObjectDetectionLoss)
-
-    @loss_function.setter
-    def loss_function(self, value):
-        self._loss_function = value
+    cal_loss_function = staticmethod(CalRTDetrForObjectDetectionLoss)
 
     @can_return_tuple
     def forward(

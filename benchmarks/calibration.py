@@ -1,0 +1,532 @@
+"""Cal-DETR's calibration gain in miniature: every arm trained alike, measured alike, reported as measured.
+
+    python benchmarks/calibration.py --size smoke             # a few minutes on a laptop CPU: checks the pipeline
+    python benchmarks/calibration.py --size cpu               # train.py's default budget, 5 arms x 3 seeds
+    python benchmarks/calibration.py --size gpu               # one GPU, a larger model and images
+    python benchmarks/calibration.py --arms baseline cal-detr --seeds 0 1 -- --learning_rate 3e-4
+
+Each (arm, seed) is one ``examples/train.py`` run into ``<work_dir>/<arm>/seed_<s>/``, with the same arguments
+but ``--method`` and ``--seed``. Arguments after ``--`` go to every run after the size's own, so they override
+them. A run whose ``metrics.json`` exists is reused (an interrupted benchmark resumes), unless it was made with
+other arguments, which stops the benchmark.
+
+From those folders it reports, per arm, the mean, standard deviation and range over seeds of AP, AP50, D-ECE and
+LaECE in-domain and out-of-domain (the corrupted copy); each arm's mean D-ECE relative to the baseline's; issue
+7's goal, met or not met; post-hoc rows (temperature scaling and isotonic regression fitted on fresh scenes of
+the train split, never the evaluation split) on the baseline and Cal-DETR models; a reliability diagram of both
+(first seed). The saved models are re-evaluated for the diagram and the post-hoc rows, since ``metrics.json``
+holds no bins. Output: ``benchmarks/results/<name>.md`` and ``<name>_reliability.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "examples" / "train.py"
+ARMS = ("baseline", "cal-detr", "released", "modulation-only", "mixing-only")
+SPLITS = ("in_domain", "out_of_domain")
+SPLIT_NAMES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
+METRICS = ("d_ece", "map", "map_50", "laece")
+# Issue 7's goal: Cal-DETR's mean D-ECE at most this fraction of the baseline's (the paper: 0.66x and 0.82x) ...
+GOAL_D_ECE_RATIO = {"in_domain": 0.75, "out_of_domain": 0.85}
+# ... with its AP at most one point (0.01) below the baseline's; and a baseline below this AP50 is no detector.
+GOAL_AP_DROP = 0.01
+MEANINGFUL_AP50 = 0.5
+POST_HOC_ARMS = ("baseline", "cal-detr")
+# Arguments of train.py that may differ between runs of one benchmark; everything else must match.
+PER_RUN_ARGUMENTS = ("method", "seed", "output_dir")
+
+
+@dataclass(frozen=True)
+class Size:
+    """A budget: train.py arguments, the default seeds, and the images the post-hoc calibrators are fitted on."""
+
+    train_args: tuple[str, ...]
+    seeds: tuple[int, ...]
+    calibration_images: int
+
+
+SIZES = {
+    # Checks the pipeline only: 50 steps of the tiny model detect nothing yet.
+    "smoke": Size(("--model_preset", "tiny", "--max_train_steps", "50", "--num_warmup_steps", "10",
+                   "--num_train_images", "128", "--num_validation_images", "32",
+                   "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16"), (0,), 64),
+    # train.py's defaults: the small preset, 3000 steps of batch 8 at 96x96.
+    "cpu": Size((), (0, 1, 2), 500),
+    # One GPU: a wider model at 128x128, batch 32. Not yet timed on a GPU: aimed at about two minutes a run, so
+    # check the first run's train_seconds in its metrics.json.
+    "gpu": Size(("--model_preset", "small", "--image_size", "128", "--num_train_images", "8000",
+                 "--config_overrides", "d_model=128,encoder_ffn_dim=512,decoder_ffn_dim=512,num_queries=30",
+                 "--max_train_steps", "1500", "--per_device_train_batch_size", "32",
+                 "--per_device_eval_batch_size", "64", "--dataloader_num_workers", "8"), (0, 1, 2), 500),
+}
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+
+
+def run_folder(work_dir, arm: str, seed: int) -> Path:
+    return Path(work_dir) / arm / f"seed_{seed}"
+
+
+def train_arguments(arm: str, seed: int, output_dir, train_args) -> list[str]:
+    """train.py's arguments for one run; method, seed and folder last, so nothing passed through overrides them."""
+    return [*train_args, "--report_to", "none", "--method", arm, "--seed", str(seed), "--output_dir", str(output_dir)]
+
+
+def ensure_run(arm: str, seed: int, work_dir, train_args) -> bool:
+    """Train (arm, seed) unless its ``metrics.json`` exists; True when it trained. Refuses to reuse a run made
+    with other arguments, whose numbers would silently join this benchmark's."""
+    folder = run_folder(work_dir, arm, seed)
+    arguments = train_arguments(arm, seed, folder, train_args)
+    recorded = folder / "benchmark_arguments.json"
+    if (folder / "metrics.json").is_file():
+        if recorded.is_file() and json.loads(recorded.read_text()) != arguments:
+            raise SystemExit(f"{folder} holds a run made with other train.py arguments ({recorded}); pick another "
+                             "--work_dir or delete the folder")
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(arguments))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT), *arguments]
+    log_path = folder / "train.log"
+    with log_path.open("w") as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if finished.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"train.py failed for {arm} seed {seed} (exit {finished.returncode}), log {log_path}:\n{tail}")
+    return True
+
+
+def load_runs(work_dir, arms, seeds) -> dict[str, list[dict]]:
+    """``{arm: [metrics.json of each seed]}``, after checking that the runs differ only in method and seed."""
+    runs = {arm: [json.loads((run_folder(work_dir, arm, seed) / "metrics.json").read_text()) for seed in seeds]
+            for arm in arms}
+    check_same_budget([metrics for arm_runs in runs.values() for metrics in arm_runs])
+    return runs
+
+
+def check_same_budget(all_metrics: list[dict]) -> None:
+    """Every run must share train.py's arguments except ``PER_RUN_ARGUMENTS``: else the comparison is unfair."""
+    shared = [{k: v for k, v in m["run"]["arguments"].items() if k not in PER_RUN_ARGUMENTS} for m in all_metrics]
+    differing = sorted({key for arguments in shared for key in arguments
+                        if any(other.get(key) != arguments.get(key) for other in shared)})
+    if differing:
+        raise ValueError(f"the runs were trained with different arguments ({differing}): not a fair comparison")
+
+
+# --------------------------------------------------------------------------------------------------- aggregation
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One metric over seeds: mean, sample standard deviation (NaN for one seed), range, count."""
+
+    mean: float
+    std: float
+    low: float
+    high: float
+    count: int
+
+
+def spread(values) -> Spread:
+    values = np.asarray(values, dtype=float)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    return Spread(float(np.mean(values)), std, float(np.min(values)), float(np.max(values)), len(values))
+
+
+def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, Spread]]]:
+    """``{row: {split: {metric: Spread}}}`` over each row's runs (``metrics.json``-shaped dicts), for the splits
+    every run of the row has."""
+    summary = {}
+    for row, row_runs in runs.items():
+        splits = [split for split in SPLITS if all(split in metrics for metrics in row_runs)]
+        summary[row] = {split: {metric: spread([metrics[split][metric] for metrics in row_runs])
+                                for metric in METRICS} for split in splits}
+    return summary
+
+
+def d_ece_ratio(summary, row: str, split: str, reference: str = "baseline") -> float:
+    """``row``'s mean D-ECE over ``reference``'s; NaN when either is missing or the reference's is 0."""
+    if split not in summary.get(row, {}) or split not in summary.get(reference, {}):
+        return float("nan")
+    base = summary[reference][split]["d_ece"].mean
+    return summary[row][split]["d_ece"].mean / base if base > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Goal:
+    verdict: str  # "met", "not met" or "not evaluated"
+    checks: tuple[tuple[str, bool], ...]
+    baseline_meaningful: bool | None
+
+
+def judge_goal(summary) -> Goal:
+    """Issue 7's goal on the means over seeds: Cal-DETR's D-ECE at most 0.75x the baseline's in-domain and 0.85x
+    out-of-domain, and its AP (COCO AP@[.5:.95]) at most one point below the baseline's in both splits."""
+    if "baseline" not in summary or "cal-detr" not in summary:
+        return Goal("not evaluated", (("the baseline and cal-detr arms are both needed", False),), None)
+    checks = []
+    for split in SPLITS:
+        if split not in summary["baseline"] or split not in summary["cal-detr"]:
+            checks.append((f"{SPLIT_NAMES[split]}: not measured", False))
+            continue
+        base, cal = summary["baseline"][split], summary["cal-detr"][split]
+        ratio = d_ece_ratio(summary, "cal-detr", split)
+        checks.append((f"D-ECE {SPLIT_NAMES[split]}: Cal-DETR {pct(cal['d_ece'].mean)} vs baseline "
+                       f"{pct(base['d_ece'].mean)} = {ratio:.2f}x (goal <= {GOAL_D_ECE_RATIO[split]}x)",
+                       bool(ratio <= GOAL_D_ECE_RATIO[split])))
+        change = cal["map"].mean - base["map"].mean
+        checks.append((f"AP {SPLIT_NAMES[split]}: Cal-DETR {pct(cal['map'].mean)} vs baseline {pct(base['map'].mean)}"
+                       f" ({100 * change:+.2f} points; goal: at most 1 point lower)",
+                       bool(change >= -GOAL_AP_DROP - 1e-12)))
+    measured = all(split in summary["baseline"] and split in summary["cal-detr"] for split in SPLITS)
+    verdict = "not evaluated" if not measured else "met" if all(ok for _, ok in checks) else "not met"
+    in_domain = summary["baseline"].get("in_domain")
+    meaningful = None if in_domain is None else bool(in_domain["map_50"].mean >= MEANINGFUL_AP50)
+    return Goal(verdict, tuple(checks), meaningful)
+
+
+# ------------------------------------------------------------------------------------- re-evaluation, post hoc
+
+
+def evaluation_data(arguments: dict, num_calibration_images: int, calibration_seed: int | None):
+    """The runs' evaluation splits (``{split: dataset}``, as train.py built them) and the calibration images
+    (fresh train-split scenes, or a seeded subset of the train split; ``None`` without ``calibration_seed``)."""
+    from hf_caldetr.data import corrupt_dataset
+    from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
+
+    data_args = DataArguments(**{f.name: arguments[f.name] for f in fields(DataArguments) if f.name in arguments})
+    (validation,) = load_splits(data_args, ("validation",))
+    datasets = {"in_domain": validation}
+    if not data_args.skip_out_of_domain:
+        datasets["out_of_domain"], _ = corrupt_dataset(validation, base_seed=data_args.corruption_seed)
+    calibration = None if calibration_seed is None else load_calibration_split(
+        data_args, None, num_calibration_images, calibration_seed)
+    return datasets, calibration
+
+
+def reevaluate(folder, datasets: dict, calibration_dataset, batch_size: int) -> tuple[dict, dict]:
+    """Re-run a saved model over ``datasets``: ``({row: {split: evaluate_model-style result}}, {calibrator:
+    why it could not be fitted})``, row ``"raw"`` the model's own scores, the others post-hoc calibrated."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    from hf_caldetr.calibrators import IsotonicCalibrator, TemperatureScaling
+    from hf_caldetr.data import make_collate_fn
+    from hf_caldetr.evaluation import collect_matches, iter_detections, measure_detections
+
+    model = AutoModelForObjectDetection.from_pretrained(folder)
+    if getattr(model.config, "modulate_at_inference", False):
+        raise ValueError(f"{folder} was measured with modulated logits, which the stock model does not compute")
+    processor = AutoImageProcessor.from_pretrained(folder)
+    accelerator = Accelerator()
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+
+    def loader(dataset):
+        return accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=make_collate_fn(processor)))
+
+    calibrators, failures = {}, {}
+    if calibration_dataset is not None:
+        outcomes = collect_matches(model, loader(calibration_dataset), processor, accelerator)
+        for name, calibrator in (("temperature scaling", TemperatureScaling()), ("isotonic regression",
+                                                                                  IsotonicCalibrator())):
+            try:
+                calibrators[name] = calibrator.fit(outcomes.scores, outcomes.matched, outcomes.labels)
+            except ValueError as error:
+                failures[name] = str(error)
+    results = {row: {} for row in ("raw", *calibrators)}
+    for split, dataset in datasets.items():
+        batches = list(iter_detections(model, loader(dataset), processor, accelerator))
+        results["raw"][split] = measure_detections(batches)
+        for name, calibrator in calibrators.items():
+            results[name][split] = measure_detections(batches, calibrator)
+    return results, failures
+
+
+def reevaluation_notes(arm: str, seed: int, raw: dict, metrics: dict) -> list[str]:
+    """Where re-evaluating the saved model does not reproduce train.py's numbers (it should, up to float noise)."""
+    notes = []
+    for split, result in raw.items():
+        for key in ("d_ece", "map"):
+            if abs(float(result[key]) - metrics[split][key]) > 1e-4:
+                notes.append(f"{arm} seed {seed} {SPLIT_NAMES[split]}: re-evaluated {key} {float(result[key]):.4f}, "
+                             f"train.py measured {metrics[split][key]:.4f}")
+    return notes
+
+
+# -------------------------------------------------------------------------------------------------------- report
+
+
+def pct(value: float) -> str:
+    return "n/a" if not np.isfinite(value) else f"{100 * value:.2f}"
+
+
+def cell(stat: Spread | None) -> str:
+    if stat is None:
+        return "-"
+    return pct(stat.mean) if not np.isfinite(stat.std) else f"{pct(stat.mean)} ± {pct(stat.std)}"
+
+
+def compare(stat: Spread, reference: Spread) -> str:
+    """Whether two means differ by more than their seeds' standard deviations added: a rough guide, not a test."""
+    if not (np.isfinite(stat.mean) and np.isfinite(reference.mean)):
+        return "not comparable"
+    if stat.count < 2 or reference.count < 2:
+        return "one seed, no spread to judge by"
+    within = abs(stat.mean - reference.mean) <= stat.std + reference.std
+    return "within the seed spread" if within else "beyond the seed spread"
+
+
+def results_table(summary) -> list[str]:
+    columns = [("in_domain", "d_ece", "D-ECE in"), ("in_domain", "map", "AP in"), ("in_domain", "map_50", "AP50 in"),
+               ("out_of_domain", "d_ece", "D-ECE out"), ("out_of_domain", "map", "AP out"),
+               ("in_domain", "laece", "LaECE in"), ("out_of_domain", "laece", "LaECE out")]
+    lines = ["| method | " + " | ".join(title for *_, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, splits in summary.items():
+        lines.append(f"| {row} | " + " | ".join(cell(splits.get(split, {}).get(metric)) for split, metric, _ in columns)
+                     + " |")
+    return lines
+
+
+def spread_table(summary) -> list[str]:
+    lines = ["| method | seeds | D-ECE in / baseline | D-ECE out / baseline | D-ECE in range | D-ECE out range "
+             "| AP in range | AP out range |", "|---" * 8 + "|"]
+    for row, splits in summary.items():
+        ratios = [d_ece_ratio(summary, row, split) for split in SPLITS]
+        ranges = [f"{pct(splits[split][metric].low)} - {pct(splits[split][metric].high)}" if split in splits else "-"
+                  for metric in ("d_ece", "map") for split in SPLITS]
+        count = next(iter(next(iter(splits.values())).values())).count if splits else 0
+        lines.append(f"| {row} | {count} | " + " | ".join(f"{r:.2f}x" if np.isfinite(r) else "-" for r in ratios)
+                     + " | " + " | ".join(ranges) + " |")
+    return lines
+
+
+def analysis(summary, goal: Goal) -> list[str]:
+    """Statements read off the numbers: the baseline's quality, each arm against the baseline, the ablations."""
+    if "baseline" not in summary or "in_domain" not in summary["baseline"]:
+        return ["- No baseline measured in-domain: nothing to compare against."]
+    base = summary["baseline"]
+    ap50 = base["in_domain"]["map_50"].mean
+    lines = [f"- Baseline AP50 in-domain {pct(ap50)} %: " + (
+        "a meaningful detector by the issue's bar (AP50 >= 50 %)." if goal.baseline_meaningful else
+        "below the issue's bar of 50 % for a meaningful detector, so the calibration differences below say "
+        "little about the method.")]
+    for row, splits in summary.items():
+        if row == "baseline":
+            continue
+        parts = []
+        for split in (s for s in SPLITS if s in splits and s in base):
+            ours, theirs = splits[split]["d_ece"], base[split]["d_ece"]
+            ap_change = f"AP {100 * (splits[split]['map'].mean - base[split]['map'].mean):+.2f} points"
+            if not np.isfinite(ours.mean):
+                parts.append(f"D-ECE {SPLIT_NAMES[split]} n/a (no detection kept at score >= 0.3), {ap_change}")
+                continue
+            # Judged at the report's precision, so the words never contradict the printed numbers.
+            change = round(100 * ours.mean, 2) - round(100 * theirs.mean, 2)
+            verb = "keeps" if change == 0 else "lowers" if change < 0 else "raises"
+            parts.append(f"{verb} D-ECE {SPLIT_NAMES[split]} {pct(theirs.mean)} -> {pct(ours.mean)} "
+                         f"({d_ece_ratio(summary, row, split):.2f}x, {compare(ours, theirs)}), {ap_change}")
+        lines.append(f"- {row}: " + "; ".join(parts) + ".")
+    ablations = [("cal-detr", "modulation-only", "logit mixing, added to multiplicative modulation"),
+                 ("cal-detr", "mixing-only", "multiplicative modulation, added to logit mixing"),
+                 ("modulation-only", "released", "multiplicative instead of subtractive modulation, both without mixing")]
+    for with_it, without_it, what in ablations:
+        if with_it in summary and without_it in summary:
+            changes = [f"{SPLIT_NAMES[split]} {pct(summary[without_it][split]['d_ece'].mean)} -> "
+                       f"{pct(summary[with_it][split]['d_ece'].mean)} "
+                       f"({compare(summary[with_it][split]['d_ece'], summary[without_it][split]['d_ece'])})"
+                       for split in SPLITS if split in summary[with_it] and split in summary[without_it]]
+            lines.append(f"- Ablation, {what} ({without_it} -> {with_it}): D-ECE " + ", ".join(changes) + ".")
+    for split in (s for s in SPLITS if all(s in splits for splits in summary.values())):
+        measured = [row for row in summary if np.isfinite(summary[row][split]["d_ece"].mean)]
+        if not measured:
+            continue
+        best = min(measured, key=lambda row: summary[row][split]["d_ece"].mean)
+        lines.append(f"- Lowest D-ECE {SPLIT_NAMES[split]}: {best} ({pct(summary[best][split]['d_ece'].mean)}).")
+    return lines
+
+
+def write_report(path: Path, summary, goal: Goal, setup: list[str], diagram: str | None, notes: list[str]) -> str:
+    """The markdown report; returns its text."""
+    verdict = f"**Goal (issue 7): {goal.verdict}.**"
+    if goal.baseline_meaningful is False:
+        verdict += f" The baseline is not a meaningful detector (AP50 in-domain below {100 * MEANINGFUL_AP50:.0f} %)."
+    lines = [f"# Cal-DETR calibration benchmark: {path.stem}", "", verdict, "",
+             *[f"- {text}: {'yes' if ok else 'no'}" for text, ok in goal.checks], "",
+             "Percent, mean ± standard deviation over seeds (D-ECE: 10 bins, detections with score >= 0.3; AP: COCO "
+             "AP@[.5:.95]). Rows with `+` are post-hoc calibrators fitted on train-split images, never on the "
+             "evaluation split.", "", *results_table(summary), "",
+             "## Spread over seeds and ratio to the baseline", "", *spread_table(summary), "",
+             "## Analysis", "", *analysis(summary, goal), "",
+             "Nothing was tuned on the evaluation split: every arm runs the library's settings listed under Setup."]
+    if diagram:
+        lines += ["", "## Reliability diagram", "", f"![baseline vs Cal-DETR]({diagram})"]
+    lines += ["", "## Setup", "", *setup]
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"CPU {cpu} ({os.cpu_count()} cores), GPU {gpu}; torch {torch.__version__}"
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
+
+
+def describe_setup(runs, work_dir, seeds, size: str, command: str, post_hoc: str, shown_work_dir=None) -> list[str]:
+    first = next(iter(runs.values()))[0]
+    arguments, run = first["run"]["arguments"], first["run"]
+    if arguments.get("dataset_name"):
+        dataset = f"Hub dataset `{arguments['dataset_name']}` (`{arguments['validation_split']}` evaluated)"
+    elif arguments.get("train_annotations"):
+        dataset = f"COCO folders `{arguments['train_annotations']}` / `{arguments['validation_annotations']}`"
+    else:
+        dataset = (f"embedded digits default: {arguments['num_train_images']} train / "
+                   f"{arguments['num_validation_images']} validation scenes at {arguments['image_size']} px "
+                   f"(data seed {arguments['data_seed']})")
+    if not arguments.get("skip_out_of_domain"):
+        dataset += (f"; out-of-domain: the validation scenes, each with one of 15 corruptions at severity 1-5 "
+                    f"(corruption seed {arguments['corruption_seed']})")
+    lines = [f"- Machine: {machine()}",
+             f"- Budget ({size}): {run['train_steps']} optimizer steps, batch {arguments['per_device_train_batch_size']}"
+             f" x {run['num_processes']} process(es), learning rate {arguments['learning_rate']}, images "
+             f"{arguments['image_size']} px, model `{arguments['model_type'] or 'deformable_detr'}` preset "
+             f"`{arguments['model_preset']}`, config overrides `{arguments['config_overrides']}`",
+             f"- Seeds: {', '.join(map(str, seeds))}", f"- Dataset: {dataset}", f"- Post hoc: {post_hoc}",
+             f"- Commit: `{git_commit()}`", f"- Command: `{command}`", f"- Runs: `{shown_work_dir or work_dir}/<arm>/seed_<s>/`", "",
+             "| arm | Cal settings (config.json) | train s / run | total s / run |", "|---|---|---|---|"]
+    for arm, arm_runs in runs.items():
+        config = json.loads((run_folder(work_dir, arm, seeds[0]) / "config.json").read_text())
+        settings = ", ".join(f"{k}={config[k]}" for k in ("uncertainty_modulation", "use_logit_mixing",
+                                                           "logit_mixing_alpha", "logit_mixing_loss_coefficient")
+                             if k in config) or "stock model"
+        times = [np.mean([m["run"][key] for m in arm_runs]) for key in ("train_seconds", "total_seconds")]
+        lines.append(f"| {arm} | {settings} | {times[0]:.0f} | {times[1]:.0f} |")
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def parse_arguments(argv: list[str]):
+    own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: the size's (smoke 0; cpu, gpu 0 1 2)")
+    parser.add_argument("--name", help="report name; default calibration_<size>")
+    parser.add_argument("--work_dir", help="default outputs/benchmarks/<name>")
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--no_post_hoc", action="store_true", help="skip the post-hoc calibrator rows")
+    parser.add_argument("--num_calibration_images", type=int, help="default: the size's (smoke 64, else 500)")
+    parser.add_argument("--calibration_seed", type=int, default=1,
+                        help="seed of the fresh train-split scenes the calibrators are fitted on (not the data seed)")
+    parser.add_argument("--eval_batch_size", type=int, default=32, help="of the re-evaluation")
+    args = parser.parse_args(own)
+    size = SIZES[args.size]
+    args.arms = [arm for arm in ARMS if arm in args.arms]
+    args.seeds = args.seeds or list(size.seeds)
+    args.name = args.name or f"calibration_{args.size}"
+    args.work_dir = Path(args.work_dir or ROOT / "outputs" / "benchmarks" / args.name)
+    args.num_calibration_images = size.calibration_images if args.num_calibration_images is None \
+        else args.num_calibration_images
+    args.train_args = [*size.train_args, *passthrough]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_arguments(argv)
+    command = shlex.join(["python", "benchmarks/calibration.py", *argv])
+
+    # Phase 1: train every (arm, seed) not yet trained, seeds outermost so a short run covers every arm.
+    for seed in args.seeds:
+        for arm in args.arms:
+            started = time.time()
+            if ensure_run(arm, seed, args.work_dir, args.train_args):
+                print(f"trained {arm} seed {seed} in {time.time() - started:.0f} s", flush=True)
+    runs = load_runs(args.work_dir, args.arms, args.seeds)
+
+    # Phase 2: re-evaluate baseline and Cal-DETR: the diagram (first seed), and the post-hoc rows (every seed).
+    post_hoc_arms = [arm for arm in POST_HOC_ARMS if arm in args.arms]
+    arguments = runs[args.arms[0]][0]["run"]["arguments"]
+    datasets, calibration = evaluation_data(arguments, args.num_calibration_images,
+                                            None if args.no_post_hoc else args.calibration_seed)
+    post_hoc_runs, raw_first_seed, notes = {}, {}, []
+    for arm in post_hoc_arms:
+        for seed, metrics in zip(args.seeds if calibration is not None else args.seeds[:1], runs[arm]):
+            results, failures = reevaluate(run_folder(args.work_dir, arm, seed), datasets, calibration,
+                                           args.eval_batch_size)
+            notes += reevaluation_notes(arm, seed, results["raw"], metrics)
+            notes += [f"{arm} seed {seed}: {name} not fitted: {why}" for name, why in failures.items()]
+            raw_first_seed.setdefault(arm, results["raw"])
+            for name, by_split in results.items():
+                if name != "raw":
+                    post_hoc_runs.setdefault(f"{arm} + {name}", []).append(
+                        {split: {metric: float(result[metric]) for metric in METRICS}
+                         for split, result in by_split.items()})
+
+    # Phase 3: aggregate, judge, write.
+    summary = aggregate(runs)
+    goal = judge_goal(summary)
+    summary.update(aggregate(post_hoc_runs))
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    diagram = None
+    if len(raw_first_seed) == 2:
+        from hf_caldetr.metrics import plot_reliability_diagram
+
+        diagram = f"{args.name}_reliability.png"
+        panels = [(raw_first_seed[arm][split], f"{arm}, {SPLIT_NAMES[split]} (seed {args.seeds[0]})")
+                  for split in datasets for arm in POST_HOC_ARMS]
+        plot_reliability_diagram([result for result, _ in panels], results_dir / diagram,
+                                 titles=[title for _, title in panels])
+    digits = not (arguments.get("dataset_name") or arguments.get("train_annotations"))
+    post_hoc = ("not run (--no_post_hoc)" if calibration is None else
+                f"temperature scaling and isotonic regression, class-agnostic, fitted per model on the detections "
+                f"with score >= 0.3 of {len(calibration)} " + (
+                    f"fresh train-split scenes (generation seed {args.calibration_seed}, none a training image)"
+                    if digits else f"train-split images (a subset drawn with seed {args.calibration_seed})")
+                + ", then applied to the evaluation detections")
+    work_dir = args.work_dir.resolve()
+    shown_work_dir = work_dir.relative_to(ROOT) if work_dir.is_relative_to(ROOT) else work_dir
+    setup = describe_setup(runs, args.work_dir, args.seeds, args.size, command, post_hoc, shown_work_dir)
+    report = results_dir / f"{args.name}.md"
+    write_report(report, summary, goal, setup, diagram, notes)
+    print("\n".join(results_table(summary)))
+    print(f"goal: {goal.verdict}; wrote {report}" + (f" and {results_dir / diagram}" if diagram else ""))
+
+
+if __name__ == "__main__":
+    main()

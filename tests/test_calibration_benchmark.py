@@ -1,0 +1,160 @@
+"""benchmarks/calibration.py: aggregation, goal and report on hand-made runs; one smoke run end to end."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "calibration.py"
+
+spec = importlib.util.spec_from_file_location("calibration_benchmark", SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = bench  # dataclasses look their module up there
+spec.loader.exec_module(bench)
+
+ARGUMENTS = {"model_preset": "tiny", "model_type": None, "config_overrides": None, "max_train_steps": 50,
+             "per_device_train_batch_size": 4, "learning_rate": 5e-4, "image_size": 96, "num_train_images": 128,
+             "num_validation_images": 32, "data_seed": 0, "corruption_seed": 0, "skip_out_of_domain": False,
+             "dataset_name": None, "train_annotations": None}
+
+
+def split_metrics(d_ece, ap, ap50=0.6, laece=0.2):
+    return {"d_ece": d_ece, "map": ap, "map_50": ap50, "laece": laece}
+
+
+def write_run(work_dir, arm, seed, in_domain, out_of_domain, **argument_changes):
+    folder = bench.run_folder(work_dir, arm, seed)
+    folder.mkdir(parents=True)
+    arguments = {**ARGUMENTS, "method": arm, "seed": seed, "output_dir": str(folder), **argument_changes}
+    metrics = {"in_domain": in_domain, "out_of_domain": out_of_domain,
+               "run": {"method": arm, "train_steps": 50, "train_seconds": 30.0 + seed, "total_seconds": 40.0 + seed,
+                       "num_processes": 1, "arguments": arguments}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    config = {} if arm == "baseline" else {"uncertainty_modulation": "multiplicative", "use_logit_mixing": True}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def make_runs(work_dir, cal_in=(0.07, 0.08, 0.09), cal_out=(0.08, 0.08, 0.08), cal_ap=(0.395, 0.40, 0.405)):
+    """Baseline D-ECE in-domain 0.11/0.12/0.13 (mean 0.12, std 0.01), out-of-domain 0.10; AP 0.40."""
+    for seed in range(3):
+        write_run(work_dir, "baseline", seed, split_metrics(0.11 + 0.01 * seed, 0.40), split_metrics(0.10, 0.20))
+        write_run(work_dir, "cal-detr", seed, split_metrics(cal_in[seed], cal_ap[seed]),
+                  split_metrics(cal_out[seed], 0.20))
+
+
+def test_spread_is_mean_sample_std_and_range():
+    stat = bench.spread([0.11, 0.12, 0.13])
+    assert stat.mean == pytest.approx(0.12) and stat.std == pytest.approx(0.01)
+    assert (stat.low, stat.high, stat.count) == (0.11, 0.13, 3)
+    assert math.isnan(bench.spread([0.5]).std)
+
+
+def test_aggregate_and_ratios_from_metrics_files(tmp_path):
+    make_runs(tmp_path)
+    summary = bench.aggregate(bench.load_runs(tmp_path, ["baseline", "cal-detr"], [0, 1, 2]))
+    assert summary["baseline"]["in_domain"]["d_ece"].mean == pytest.approx(0.12)
+    assert summary["cal-detr"]["in_domain"]["d_ece"].std == pytest.approx(0.01)
+    assert summary["cal-detr"]["in_domain"]["map"].mean == pytest.approx(0.40)
+    assert bench.d_ece_ratio(summary, "cal-detr", "in_domain") == pytest.approx(0.08 / 0.12)
+    assert bench.d_ece_ratio(summary, "cal-detr", "out_of_domain") == pytest.approx(0.8)
+    assert bench.d_ece_ratio(summary, "baseline", "in_domain") == pytest.approx(1.0)
+
+
+def test_goal_met_when_both_ratios_and_ap_hold(tmp_path):
+    make_runs(tmp_path)
+    goal = bench.judge_goal(bench.aggregate(bench.load_runs(tmp_path, ["baseline", "cal-detr"], [0, 1, 2])))
+    assert goal.verdict == "met" and goal.baseline_meaningful
+    assert [ok for _, ok in goal.checks] == [True, True, True, True]
+
+
+@pytest.mark.parametrize("changes, verdict, failing_check", [
+    (dict(cal_in=(0.079, 0.089, 0.099)), "met", None),         # 0.089 / 0.12 = 0.74x in-domain
+    (dict(cal_in=(0.0815, 0.0915, 0.1015)), "not met", 0),     # 0.76x in-domain
+    (dict(cal_out=(0.084, 0.084, 0.084)), "met", None),        # 0.84x out-of-domain
+    (dict(cal_out=(0.086, 0.086, 0.086)), "not met", 2),       # 0.86x out-of-domain
+    (dict(cal_ap=(0.386, 0.391, 0.396)), "met", None),         # AP 0.9 points lower
+    (dict(cal_ap=(0.38, 0.385, 0.39)), "not met", 1),          # AP 1.5 points lower
+])
+def test_goal_bounds(tmp_path, changes, verdict, failing_check):
+    make_runs(tmp_path, **changes)
+    goal = bench.judge_goal(bench.aggregate(bench.load_runs(tmp_path, ["baseline", "cal-detr"], [0, 1, 2])))
+    assert goal.verdict == verdict
+    assert [index for index, (_, ok) in enumerate(goal.checks) if not ok] == (
+        [] if failing_check is None else [failing_check])
+
+
+def test_goal_needs_both_arms_and_flags_a_weak_baseline(tmp_path):
+    for seed in range(2):
+        write_run(tmp_path, "baseline", seed, split_metrics(0.12, 0.1, ap50=0.3), split_metrics(0.1, 0.05, ap50=0.2))
+        write_run(tmp_path, "cal-detr", seed, split_metrics(0.05, 0.1, ap50=0.3), split_metrics(0.05, 0.05, ap50=0.2))
+    assert bench.judge_goal(bench.aggregate(bench.load_runs(tmp_path, ["baseline"], [0, 1]))).verdict == "not evaluated"
+    goal = bench.judge_goal(bench.aggregate(bench.load_runs(tmp_path, ["baseline", "cal-detr"], [0, 1])))
+    assert goal.verdict == "met" and goal.baseline_meaningful is False
+
+
+def test_runs_with_different_budgets_are_refused(tmp_path):
+    write_run(tmp_path, "baseline", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    write_run(tmp_path, "cal-detr", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2), max_train_steps=60)
+    with pytest.raises(ValueError, match="max_train_steps"):
+        bench.load_runs(tmp_path, ["baseline", "cal-detr"], [0])
+
+
+def test_existing_runs_are_reused_only_with_the_same_arguments(tmp_path):
+    write_run(tmp_path, "baseline", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    folder = bench.run_folder(tmp_path, "baseline", 0)
+    assert bench.ensure_run("baseline", 0, tmp_path, ["--max_train_steps", "50"]) is False  # no record: reused
+    (folder / "benchmark_arguments.json").write_text(json.dumps(
+        bench.train_arguments("baseline", 0, folder, ["--max_train_steps", "50"])))
+    assert bench.ensure_run("baseline", 0, tmp_path, ["--max_train_steps", "50"]) is False
+    with pytest.raises(SystemExit, match="other train.py arguments"):
+        bench.ensure_run("baseline", 0, tmp_path, ["--max_train_steps", "60"])
+
+
+def test_arguments_sizes_and_passthrough(tmp_path):
+    args = bench.parse_arguments(["--size", "smoke", "--arms", "cal-detr", "baseline", "--", "--max_train_steps", "4"])
+    assert args.arms == ["baseline", "cal-detr"] and args.seeds == [0] and args.name == "calibration_smoke"
+    # The passthrough comes after the size's own arguments, so it wins; method, seed and folder come last.
+    assert args.train_args[-2:] == ["--max_train_steps", "4"] and "--model_preset" in args.train_args
+    command = bench.train_arguments("cal-detr", 2, tmp_path, args.train_args)
+    assert command[-6:] == ["--method", "cal-detr", "--seed", "2", "--output_dir", str(tmp_path)]
+    assert bench.parse_arguments([]).seeds == [0, 1, 2] and bench.parse_arguments([]).train_args == []
+
+
+def test_report_holds_the_numbers_and_the_verdict(tmp_path):
+    make_runs(tmp_path / "runs", cal_in=(0.081, 0.091, 0.101))
+    runs = bench.load_runs(tmp_path / "runs", ["baseline", "cal-detr"], [0, 1, 2])
+    summary = bench.aggregate(runs)
+    goal = bench.judge_goal(summary)
+    setup = bench.describe_setup(runs, tmp_path / "runs", [0, 1, 2], "smoke", "python benchmarks/calibration.py",
+                                 "not run")
+    text = bench.write_report(tmp_path / "report.md", summary, goal, setup, "diagram.png", ["a note"])
+    assert text == (tmp_path / "report.md").read_text()
+    assert "**Goal (issue 7): not met.**" in text
+    assert "| baseline | 12.00 ± 1.00 | 40.00 ± 0.00 | 60.00 ± 0.00 | 10.00 ± 0.00 | 20.00 ± 0.00 |" in text
+    assert "| cal-detr | 9.10 ± 1.00 | 40.00 ± 0.50 |" in text
+    assert "0.76x" in text and "11.00 - 13.00" in text and "(goal <= 0.75x): no" in text
+    assert "cal-detr: lowers D-ECE in-domain 12.00 -> 9.10 (0.76x, beyond the seed spread)" in text
+    assert "![baseline vs Cal-DETR](diagram.png)" in text and "- a note" in text
+    assert "50 optimizer steps, batch 4" in text and "uncertainty_modulation=multiplicative" in text
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_report_and_the_diagram(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--size", "smoke", "--arms", "baseline", "cal-detr", "--seeds", "0",
+               "--work_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results"), "--name", "smoke",
+               "--num_calibration_images", "16", "--", "--max_train_steps", "4", "--num_train_images", "32",
+               "--num_validation_images", "16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = (tmp_path / "results" / "smoke.md").read_text()
+    assert (tmp_path / "results" / "smoke_reliability.png").stat().st_size > 0
+    assert "**Goal (issue 7): " in report and "| baseline |" in report and "| cal-detr + isotonic regression |" in report
+    for arm in ("baseline", "cal-detr"):
+        assert (tmp_path / "runs" / arm / "seed_0" / "metrics.json").is_file()
