@@ -72,5 +72,8 @@ def test_two_processes_equal_one(tmp_path, overrides, boxes_per_image):
         assert torch.allclose(result["losses"][name], value, rtol=1e-5, atol=1e-6), name
     assert result["losses"]["loss_logit_mixing"] > 0
     assert single_grads.keys() == result["grads"].keys()
+    # Absolute tolerance relative to the largest gradient: some gradients are zero in exact arithmetic (a bias
+    # followed by GroupNorm) and float noise of 1e-6 around them says nothing.
+    scale = max(grad.abs().max().item() for grad in single_grads.values())
     for name, grad in single_grads.items():
-        assert torch.allclose(result["grads"][name], grad, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(result["grads"][name], grad, rtol=1e-4, atol=1e-6 * scale), name

@@ -305,3 +305,18 @@ def test_card_of_a_baseline_run_without_out_of_domain_claims_no_cal_detr(folder)
     assert {result.dataset_config for result in card.data.eval_results} == {"clean"}
     assert "without Cal-DETR" in card.text and "None: this is the stock model" in card.text
     assert "| metric | in-domain |\n" in card.text and "Not evaluated out of domain" in card.text
+
+
+def test_card_says_when_a_calibrator_travels_with_the_checkpoint(folder):
+    import numpy as np
+
+    from hf_caldetr.calibrators import TemperatureScaling
+    from hf_caldetr.hub import hub_files, render_model_card
+
+    assert "Post-hoc calibrator" not in str(render_model_card(folder))
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.3, 1.0, 200)
+    TemperatureScaling().fit(scores, rng.uniform(size=200) < scores * 0.7).save(folder / "calibrator.json")
+    card = str(render_model_card(folder))
+    assert "Post-hoc calibrator" in card and "TemperatureScaling, class-agnostic" in card
+    assert "calibrator.json" in [str(repo_path) for _, repo_path in hub_files(folder)]

@@ -471,6 +471,7 @@ def render_model_card(model_dir, repo_id: str | None = None, template_path=None,
         "reliability_diagram": RELIABILITY_DIAGRAM if (model_dir / RELIABILITY_DIAGRAM).is_file() else None,
         "corruption_manifest": CORRUPTION_MANIFEST if (model_dir / CORRUPTION_MANIFEST).is_file() else None,
         "out_of_domain": "out_of_domain" in metrics, "protocol": settings,
+        "calibrator": calibrator_note(model_dir),
         "limitations": limitations(metrics, dataset, settings["score_threshold"]), "library_version": __version__,
         "transformers_version": config.get("transformers_version", transformers.__version__),
     }
@@ -478,6 +479,25 @@ def render_model_card(model_dir, repo_id: str | None = None, template_path=None,
     # ModelCard.from_template also passes the card data's own keys (license, tags, ...) to the template.
     check_template(template, {"card_data", *fields, *card_data.to_dict()}, str(template_path))
     return ModelCard.from_template(card_data, template_str=template, **fields)
+
+
+CALIBRATOR_FILE = "calibrator.json"
+
+
+def calibrator_note(model_dir: Path) -> str | None:
+    """A card paragraph for a post-hoc calibrator travelling with the checkpoint (``calibrator.json``), or None."""
+    path = Path(model_dir) / CALIBRATOR_FILE
+    if not path.is_file():
+        return None
+    from .calibrators import load_calibrator
+
+    calibrator = load_calibrator(path)
+    kind = type(calibrator).__name__
+    scope = "class-wise" if calibrator.class_wise else "class-agnostic"
+    return (f"This repository also holds a post-hoc calibrator, `{CALIBRATOR_FILE}` ({kind}, {scope}), fitted on "
+            "held-out detections. The model's own scores are not changed by it: apply it to the post-processed "
+            "scores with `hf_caldetr.calibrators.load_calibrator(path).transform(scores, labels)`, or evaluate with "
+            f"`examples/evaluate.py --calibrator {CALIBRATOR_FILE}`. The results above are without it.")
 
 
 def write_model_card(model_dir, repo_id: str | None = None, path=None, **options) -> Path:

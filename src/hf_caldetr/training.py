@@ -27,9 +27,10 @@ CAL_FIELDS = ("uncertainty_modulation", "modulate_at_inference", "use_logit_mixi
               "logit_mixing_loss_coefficient")
 
 
-def small_backbone_config(hidden_sizes=(32, 64, 128, 256), config_class=ResNetConfig, levels=3):
-    """A small basic-block ResNet (random init: nothing is downloaded), the last ``levels`` stages as features."""
-    stages = ["stage2", "stage3", "stage4"][-levels:]
+def small_backbone_config(hidden_sizes=(32, 64, 128, 256), config_class=ResNetConfig, levels=3, first_stage=2):
+    """A small basic-block ResNet (random init: nothing is downloaded), ``levels`` stages from ``first_stage`` on
+    as features (stage k has stride 2^(k+1))."""
+    stages = [f"stage{k}" for k in range(first_stage, first_stage + levels)]
     return config_class(layer_type="basic", hidden_sizes=list(hidden_sizes), embedding_size=hidden_sizes[0],
                         depths=[1, 1, 1, 1], out_features=stages)
 
@@ -67,9 +68,13 @@ MODEL_FAMILIES = {
         {
             "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128)), num_feature_levels=3,
                          encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=12),
-            "small": dict(_SMALL, backbone_config=small_backbone_config, d_model=64, encoder_layers=2, decoder_layers=3,
-                          encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20, num_feature_levels=3,
-                          encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=20),
+            # Measured on the digits default (2-core CPU, 3000 steps): features from strides 4-16 rather than 8-32
+            # (digits are 14-32 px) and deep supervision of every decoder layer (the original recipe's auxiliary
+            # loss, off by default in transformers) each raised AP50 at equal steps.
+            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(first_stage=1), d_model=64,
+                          encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20,
+                          num_feature_levels=3, encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=20,
+                          auxiliary_loss=True),
             # The paper's recipe on a random timm ResNet-50.
             "r50": dict(num_queries=300),
         },
@@ -79,9 +84,9 @@ MODEL_FAMILIES = {
         configuration.CalDetrConfig, models.CalDetrForObjectDetection,
         "DetrImageProcessor",
         {
-            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1),
+            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4),
                          use_timm_backbone=False),
-            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1), use_timm_backbone=False,
+            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4), use_timm_backbone=False,
                           d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256,
                           num_queries=20),
             "r50": dict(num_queries=100),
