@@ -85,7 +85,7 @@ class TrainArguments:
     max_train_steps: int | None = field(default=3000, metadata={"help": "overrides num_train_epochs when set"})
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 32
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     lr_scheduler_type: str = "cosine"
     num_warmup_steps: int = 100
