@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
@@ -99,8 +100,10 @@ def ensure_run(arm: str, seed: int, work_dir, train_args) -> bool:
         return False
     folder.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(arguments))
+    # Without a GPU, `--cpu` lets accelerate give the process every physical core (it sets one thread otherwise).
+    device = [] if torch.cuda.is_available() else ["--cpu"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT), *arguments]
+               "--mixed_precision", "no", "--dynamo_backend", "no", *device, str(TRAIN_SCRIPT), *arguments]
     log_path = folder / "train.log"
     with log_path.open("w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
