@@ -30,6 +30,7 @@ from hf_caldetr.data import build_image_processor, corrupt_dataset, id2label, ma
 from hf_caldetr.data.splits import DataArguments, load_splits
 from hf_caldetr.evaluation import evaluate_model, summarize, write_metrics
 from hf_caldetr.training import (
+    CAL_FIELDS,
     METHODS,
     MODEL_FAMILIES,
     checkpoint_model_type,
@@ -85,7 +86,8 @@ class TrainArguments:
     max_train_steps: int | None = field(default=3000, metadata={"help": "overrides num_train_epochs when set"})
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "default 1e-3 for a fresh model (the from-scratch presets), 1e-4 when fine-tuning a checkpoint"})
     weight_decay: float = 1e-4
     lr_scheduler_type: str = "cosine"
     num_warmup_steps: int = 100
@@ -157,20 +159,23 @@ def main():
     logger.info("data: %d train / %d validation images, %d classes", len(train_dataset), len(eval_dataset), len(labels))
 
     # Phase 3: model, optimizer, schedule.
-    cal_overrides = {name: args[name] for name in ("uncertainty_modulation", "modulate_at_inference", "use_logit_mixing",
-                                                    "logit_mixing_alpha", "logit_mixing_loss_coefficient")}
+    cal_overrides = {name: args[name] for name in CAL_FIELDS}
     model = build_model(model_args.method, labels, model_args.model_name_or_path, model_args.model_preset,
                         parse_config_overrides(model_args.config_overrides), model_type, **cal_overrides)
     if model_args.model_name_or_path is None:
         # A backbone trained from scratch needs its batch norms (frozen for pretrained backbones); the saved
         # checkpoint gets them back frozen, with the learned statistics.
         unfreeze_batch_norm(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
+    learning_rate = train_args.learning_rate or (1e-4 if model_args.model_name_or_path else 1e-3)
+    args["learning_rate"] = learning_rate  # the run record (metrics.json, the card) holds the value used
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=train_args.weight_decay)
     updates_per_epoch = math.ceil(len(train_dataloader) / (train_args.gradient_accumulation_steps * accelerator.num_processes))
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.num_warmup_steps,
-                              num_training_steps=max_train_steps)
+    # accelerate steps a prepared scheduler once per process at each optimizer step, hence the factors.
+    scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer,
+                              num_warmup_steps=train_args.num_warmup_steps * accelerator.num_processes,
+                              num_training_steps=max_train_steps * accelerator.num_processes)
     model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, scheduler)
     if accelerator.log_with:
