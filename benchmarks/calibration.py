@@ -48,6 +48,8 @@ MEANINGFUL_AP50 = 0.5
 POST_HOC_ARMS = ("baseline", "cal-detr")
 # Arguments of train.py that may differ between runs of one benchmark; everything else must match.
 PER_RUN_ARGUMENTS = ("method", "seed", "output_dir")
+# train.py's Cal settings, which ``--cal_settings`` may set on the Cal arms (never the stock baseline).
+CAL_SETTINGS = ("logit_mixing_alpha", "logit_mixing_loss_coefficient")
 
 
 @dataclass(frozen=True)
@@ -78,20 +80,46 @@ SIZES = {
 # ------------------------------------------------------------------------------------------------ training runs
 
 
-def run_folder(work_dir, arm: str, seed: int) -> Path:
-    return Path(work_dir) / arm / f"seed_{seed}"
+def parse_cal_settings(items) -> dict[str, float]:
+    """``["logit_mixing_loss_coefficient=1.0", ...]`` -> ``{name: value}``; only ``CAL_SETTINGS`` names."""
+    settings = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or name not in CAL_SETTINGS:
+            raise ValueError(f"--cal_settings takes NAME=VALUE with NAME one of {CAL_SETTINGS}, got {item!r}")
+        try:
+            settings[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--cal_settings {item!r}: {value!r} is not a number") from None
+    return settings
 
 
-def train_arguments(arm: str, seed: int, output_dir, train_args) -> list[str]:
+def arm_settings(arm: str, cal_settings: dict | None) -> dict:
+    """The Cal settings a run of ``arm`` gets: none for the stock baseline."""
+    return {} if arm == "baseline" or not cal_settings else dict(sorted(cal_settings.items()))
+
+
+def run_folder(work_dir, arm: str, seed: int, cal_settings: dict | None = None) -> Path:
+    """``<work_dir>/<arm>/seed_<s>``; a Cal arm with settings gets ``<arm>@name=value,...`` so runs with other
+    settings never share a folder."""
+    settings = arm_settings(arm, cal_settings)
+    name = arm + ("@" + ",".join(f"{k}={v:g}" for k, v in settings.items()) if settings else "")
+    return Path(work_dir) / name / f"seed_{seed}"
+
+
+def train_arguments(arm: str, seed: int, output_dir, train_args, cal_settings: dict | None = None) -> list[str]:
     """train.py's arguments for one run; method, seed and folder last, so nothing passed through overrides them."""
-    return [*train_args, "--report_to", "none", "--method", arm, "--seed", str(seed), "--output_dir", str(output_dir)]
+    settings = [token for name, value in arm_settings(arm, cal_settings).items()
+                for token in (f"--{name}", f"{value:g}")]
+    return [*train_args, *settings, "--report_to", "none", "--method", arm, "--seed", str(seed),
+            "--output_dir", str(output_dir)]
 
 
-def ensure_run(arm: str, seed: int, work_dir, train_args) -> bool:
+def ensure_run(arm: str, seed: int, work_dir, train_args, cal_settings: dict | None = None) -> bool:
     """Train (arm, seed) unless its ``metrics.json`` exists; True when it trained. Refuses to reuse a run made
     with other arguments, whose numbers would silently join this benchmark's."""
-    folder = run_folder(work_dir, arm, seed)
-    arguments = train_arguments(arm, seed, folder, train_args)
+    folder = run_folder(work_dir, arm, seed, cal_settings)
+    arguments = train_arguments(arm, seed, folder, train_args, cal_settings)
     recorded = folder / "benchmark_arguments.json"
     if (folder / "metrics.json").is_file():
         if recorded.is_file() and json.loads(recorded.read_text()) != arguments:
@@ -114,17 +142,19 @@ def ensure_run(arm: str, seed: int, work_dir, train_args) -> bool:
     return True
 
 
-def load_runs(work_dir, arms, seeds) -> dict[str, list[dict]]:
-    """``{arm: [metrics.json of each seed]}``, after checking that the runs differ only in method and seed."""
-    runs = {arm: [json.loads((run_folder(work_dir, arm, seed) / "metrics.json").read_text()) for seed in seeds]
-            for arm in arms}
+def load_runs(work_dir, arms, seeds, cal_settings: dict | None = None) -> dict[str, list[dict]]:
+    """``{arm: [metrics.json of each seed]}``, after checking that the runs differ only in method, seed and the
+    Cal arms' ``--cal_settings``."""
+    runs = {arm: [json.loads((run_folder(work_dir, arm, seed, cal_settings) / "metrics.json").read_text())
+                  for seed in seeds] for arm in arms}
     check_same_budget([metrics for arm_runs in runs.values() for metrics in arm_runs])
     return runs
 
 
 def check_same_budget(all_metrics: list[dict]) -> None:
     """Every run must share train.py's arguments except ``PER_RUN_ARGUMENTS``: else the comparison is unfair."""
-    shared = [{k: v for k, v in m["run"]["arguments"].items() if k not in PER_RUN_ARGUMENTS} for m in all_metrics]
+    shared = [{k: v for k, v in m["run"]["arguments"].items() if k not in (*PER_RUN_ARGUMENTS, *CAL_SETTINGS)}
+              for m in all_metrics]
     differing = sorted({key for arguments in shared for key in arguments
                         if any(other.get(key) != arguments.get(key) for other in shared)})
     if differing:
@@ -407,7 +437,8 @@ def git_commit() -> str:
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
 
 
-def describe_setup(runs, work_dir, seeds, size: str, command: str, post_hoc: str, shown_work_dir=None) -> list[str]:
+def describe_setup(runs, work_dir, seeds, size: str, command: str, post_hoc: str, shown_work_dir=None,
+                   cal_settings: dict | None = None) -> list[str]:
     first = next(iter(runs.values()))[0]
     arguments, run = first["run"]["arguments"], first["run"]
     if arguments.get("dataset_name"):
@@ -427,10 +458,12 @@ def describe_setup(runs, work_dir, seeds, size: str, command: str, post_hoc: str
              f"{arguments['image_size']} px, model `{arguments['model_type'] or 'deformable_detr'}` preset "
              f"`{arguments['model_preset']}`, config overrides `{arguments['config_overrides']}`",
              f"- Seeds: {', '.join(map(str, seeds))}", f"- Dataset: {dataset}", f"- Post hoc: {post_hoc}",
-             f"- Commit: `{git_commit()}`", f"- Command: `{command}`", f"- Runs: `{shown_work_dir or work_dir}/<arm>/seed_<s>/`", "",
+             f"- Commit: `{git_commit()}`", f"- Command: `{command}`", f"- Runs: `{shown_work_dir or work_dir}/<arm>/seed_<s>/`"
+             + (f" (Cal arms: `<arm>@{','.join(f'{k}={v:g}' for k, v in sorted(cal_settings.items()))}`)"
+                if cal_settings else ""), "",
              "| arm | Cal settings (config.json) | train s / run | total s / run |", "|---|---|---|---|"]
     for arm, arm_runs in runs.items():
-        config = json.loads((run_folder(work_dir, arm, seeds[0]) / "config.json").read_text())
+        config = json.loads((run_folder(work_dir, arm, seeds[0], cal_settings) / "config.json").read_text())
         settings = ", ".join(f"{k}={config[k]}" for k in ("uncertainty_modulation", "use_logit_mixing",
                                                            "logit_mixing_alpha", "logit_mixing_loss_coefficient")
                              if k in config) or "stock model"
@@ -456,6 +489,10 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--calibration_seed", type=int, default=1,
                         help="seed of the fresh train-split scenes the calibrators are fitted on (not the data seed)")
     parser.add_argument("--eval_batch_size", type=int, default=32, help="of the re-evaluation")
+    parser.add_argument("--cal_settings", nargs="+", metavar="NAME=VALUE",
+                        help=f"Cal settings for every arm but the baseline, one of {CAL_SETTINGS} (e.g. the one "
+                             "benchmarks/calibration_sweep.py selected on its tuning split); such runs get their own "
+                             "folders, the baseline's are shared")
     args = parser.parse_args(own)
     size = SIZES[args.size]
     args.arms = [arm for arm in ARMS if arm in args.arms]
@@ -465,6 +502,10 @@ def parse_arguments(argv: list[str]):
     args.num_calibration_images = size.calibration_images if args.num_calibration_images is None \
         else args.num_calibration_images
     args.train_args = [*size.train_args, *passthrough]
+    try:
+        args.cal_settings = parse_cal_settings(args.cal_settings)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -477,9 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for arm in args.arms:
             started = time.time()
-            if ensure_run(arm, seed, args.work_dir, args.train_args):
+            if ensure_run(arm, seed, args.work_dir, args.train_args, args.cal_settings):
                 print(f"trained {arm} seed {seed} in {time.time() - started:.0f} s", flush=True)
-    runs = load_runs(args.work_dir, args.arms, args.seeds)
+    runs = load_runs(args.work_dir, args.arms, args.seeds, args.cal_settings)
 
     # Phase 2: re-evaluate baseline and Cal-DETR: the diagram (first seed), and the post-hoc rows (every seed).
     post_hoc_arms = [arm for arm in POST_HOC_ARMS if arm in args.arms]
@@ -489,8 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     post_hoc_runs, raw_first_seed, notes = {}, {}, []
     for arm in post_hoc_arms:
         for seed, metrics in zip(args.seeds if calibration is not None else args.seeds[:1], runs[arm]):
-            results, failures = reevaluate(run_folder(args.work_dir, arm, seed), datasets, calibration,
-                                           args.eval_batch_size)
+            folder = run_folder(args.work_dir, arm, seed, args.cal_settings)
+            results, failures = reevaluate(folder, datasets, calibration, args.eval_batch_size)
             notes += reevaluation_notes(arm, seed, results["raw"], metrics)
             notes += [f"{arm} seed {seed}: {name} not fitted: {why}" for name, why in failures.items()]
             raw_first_seed.setdefault(arm, results["raw"])
@@ -524,7 +565,8 @@ def main(argv: list[str] | None = None) -> None:
                 + ", then applied to the evaluation detections")
     work_dir = args.work_dir.resolve()
     shown_work_dir = work_dir.relative_to(ROOT) if work_dir.is_relative_to(ROOT) else work_dir
-    setup = describe_setup(runs, args.work_dir, args.seeds, args.size, command, post_hoc, shown_work_dir)
+    setup = describe_setup(runs, args.work_dir, args.seeds, args.size, command, post_hoc, shown_work_dir,
+                           args.cal_settings)
     report = results_dir / f"{args.name}.md"
     write_report(report, summary, goal, setup, diagram, notes)
     print("\n".join(results_table(summary)))

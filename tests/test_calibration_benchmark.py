@@ -158,3 +158,95 @@ def test_smoke_run_writes_the_report_and_the_diagram(tmp_path):
     assert "**Goal (issue 7): " in report and "| baseline |" in report and "| cal-detr + isotonic regression |" in report
     for arm in ("baseline", "cal-detr"):
         assert (tmp_path / "runs" / arm / "seed_0" / "metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------- --cal_settings and the sweep
+
+SWEEP_SCRIPT = ROOT / "benchmarks" / "calibration_sweep.py"
+sweep_spec = importlib.util.spec_from_file_location("calibration_sweep", SWEEP_SCRIPT)
+sweep = importlib.util.module_from_spec(sweep_spec)
+sweep_spec.loader.exec_module(sweep)
+
+
+def test_cal_settings_reach_the_cal_arms_only_and_get_their_own_folders(tmp_path):
+    settings = bench.parse_cal_settings(["logit_mixing_loss_coefficient=2", "logit_mixing_alpha=0.7"])
+    assert settings == {"logit_mixing_loss_coefficient": 2.0, "logit_mixing_alpha": 0.7}
+    assert bench.run_folder(tmp_path, "baseline", 1, settings) == tmp_path / "baseline" / "seed_1"
+    assert bench.run_folder(tmp_path, "cal-detr", 1, {}) == tmp_path / "cal-detr" / "seed_1"
+    assert bench.run_folder(tmp_path, "cal-detr", 1, settings) == \
+        tmp_path / "cal-detr@logit_mixing_alpha=0.7,logit_mixing_loss_coefficient=2" / "seed_1"
+    assert "--logit_mixing_alpha" not in bench.train_arguments("baseline", 0, tmp_path, [], settings)
+    command = bench.train_arguments("mixing-only", 0, tmp_path, ["--max_train_steps", "4"], settings)
+    assert command[:6] == ["--max_train_steps", "4", "--logit_mixing_alpha", "0.7",
+                           "--logit_mixing_loss_coefficient", "2"]
+    for bad, match in ((["focal_alpha=0.5"], "NAME one of"), (["logit_mixing_alpha"], "NAME one of"),
+                       (["logit_mixing_alpha=high"], "not a number")):
+        with pytest.raises(ValueError, match=match):
+            bench.parse_cal_settings(bad)
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--cal_settings", "num_queries=3"])
+    assert bench.parse_arguments(["--cal_settings", "logit_mixing_alpha=0.8"]).cal_settings == {"logit_mixing_alpha": 0.8}
+
+
+def test_runs_with_different_cal_settings_still_compare(tmp_path):
+    write_run(tmp_path, "baseline", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    settings = {"logit_mixing_loss_coefficient": 2.0}
+    folder = bench.run_folder(tmp_path, "cal-detr", 0, settings)
+    folder.mkdir(parents=True)
+    metrics = {"in_domain": split_metrics(0.05, 0.4), "out_of_domain": split_metrics(0.08, 0.2),
+               "run": {"arguments": {**ARGUMENTS, "method": "cal-detr", "seed": 0, "output_dir": str(folder),
+                                     "logit_mixing_loss_coefficient": 2.0}}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    runs = bench.load_runs(tmp_path, ["baseline", "cal-detr"], [0], settings)
+    assert runs["cal-detr"][0]["in_domain"]["d_ece"] == 0.05  # the settings' folder, not cal-detr/seed_0
+
+
+def rows_of(**measured):
+    """``label=((ap_in, dece_in), (ap_out, dece_out))`` -> the sweep's rows."""
+    return {label: {"in_domain": {"map": a, "d_ece": b}, "out_of_domain": {"map": c, "d_ece": d}}
+            for label, ((a, b), (c, d)) in measured.items()}
+
+
+def test_sweep_selection_rule():
+    rows = rows_of(baseline=((0.40, 0.20), (0.20, 0.20)),
+                   default=((0.40, 0.18), (0.20, 0.17)),  # score max(0.9/0.75, 0.85/0.85) = 1.2
+                   strong=((0.385, 0.10), (0.20, 0.10)),  # best ratios, but AP 1.5 points lower: not eligible
+                   good=((0.392, 0.16), (0.21, 0.15)))  # AP 0.8 points lower: eligible; max(1.067, 0.882)
+    assert sweep.select(rows) == "good"
+    assert sweep.score({"in_domain": 0.8, "out_of_domain": 0.85}) == pytest.approx(1.0667, abs=1e-4)
+    assert sweep.select(rows_of(baseline=((0.4, 0.2), (0.2, 0.2)), worse=((0.3, 0.1), (0.2, 0.1)))) is None
+    assert sweep.parse_candidate("default") == {}
+    assert sweep.parse_candidate("logit_mixing_alpha=0.7,logit_mixing_loss_coefficient=1") == {
+        "logit_mixing_alpha": 0.7, "logit_mixing_loss_coefficient": 1.0}
+    text = "\n".join(sweep.report(rows, "good", ["- setup"], "python benchmarks/calibration.py ..."))
+    assert "**Chosen: good** (score 1.07; issue 7's goal not met on the tuning split)" in text
+    assert "| good (chosen) | 39.20 | 16.00 | 0.80x | 21.00 | 15.00 | 0.75x | 1.07 |" in text
+    assert "| strong | 38.50 | 10.00 | 0.50x |" in text
+
+
+def test_sweep_refuses_the_calibration_seed_and_bad_candidates():
+    with pytest.raises(SystemExit):
+        sweep.parse_arguments(["--candidates", "default", "--tuning_seed", "1"])
+    with pytest.raises(SystemExit):
+        sweep.parse_arguments(["--candidates", "dropout=0.1"])
+    args = sweep.parse_arguments(["--size", "smoke", "--candidates", "logit_mixing_alpha=0.7", "--",
+                                  "--max_train_steps", "4"])
+    assert args.train_args[-2:] == ["--max_train_steps", "4"] and args.num_tuning_images == 64
+
+
+@pytest.mark.slow
+def test_sweep_smoke_run_shares_runs_and_writes_the_report(tmp_path):
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(SWEEP_SCRIPT), "--size", "smoke", "--work_dir", str(runs), "--results_dir",
+               str(tmp_path / "results"), "--num_tuning_images", "8", "--candidates", "logit_mixing_loss_coefficient=2",
+               "--", "--max_train_steps", "4", "--num_train_images", "32", "--num_validation_images", "16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for folder in ("baseline", "cal-detr", "cal-detr@logit_mixing_loss_coefficient=2"):
+        assert (runs / folder / "seed_0" / "metrics.json").is_file()
+    config = json.loads((runs / "cal-detr@logit_mixing_loss_coefficient=2" / "seed_0" / "config.json").read_text())
+    assert config["logit_mixing_loss_coefficient"] == 2.0
+    report = (tmp_path / "results" / "calibration_sweep_smoke.md").read_text()
+    assert "| baseline |" in report and "| library default" in report and "8 fresh train-distribution" in report
+    assert "--work_dir" in report and "-- --max_train_steps 4" in report
