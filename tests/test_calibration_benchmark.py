@@ -250,3 +250,29 @@ def test_sweep_smoke_run_shares_runs_and_writes_the_report(tmp_path):
     report = (tmp_path / "results" / "calibration_sweep_smoke.md").read_text()
     assert "| baseline |" in report and "| library default" in report and "8 fresh train-distribution" in report
     assert "--work_dir" in report and "-- --max_train_steps 4" in report
+
+
+DIAGNOSTICS_SCRIPT = ROOT / "benchmarks" / "calibration_diagnostics.py"
+diagnostics_spec = importlib.util.spec_from_file_location("calibration_diagnostics", DIAGNOSTICS_SCRIPT)
+diagnostics = importlib.util.module_from_spec(diagnostics_spec)
+diagnostics_spec.loader.exec_module(diagnostics)
+
+
+def test_diagnostic_statistics_by_hand(tmp_path):
+    import torch
+
+    logits = torch.tensor([[[0.0, -2.0], [1.0, -1.0]]])  # sigmoid 0.5, 0.119, 0.731, 0.269: two kept (>= 0.3)
+    uncertainty = torch.tensor([[[0.1, 5.0], [0.3, 7.0]]])
+    stats = diagnostics.detection_statistics(logits, uncertainty, num_images=2)
+    assert stats["per_image"] == 1.0 and stats["share_over_half"] == 1.0
+    assert stats["mean_score"] == pytest.approx((0.5 + 1 / (1 + math.exp(-1))) / 2)
+    assert stats["top_score"] == pytest.approx(1 / (1 + math.exp(-1)))
+    assert stats["mean_logit"] == pytest.approx(0.5) and stats["median_u"] == pytest.approx(0.2)
+    assert stats["mean_k"] == pytest.approx(1 - (math.tanh(0.1) + math.tanh(0.3)) / 2)
+    empty = diagnostics.detection_statistics(torch.full((1, 2, 2), -3.0), uncertainty, num_images=1)
+    assert empty["per_image"] == 0.0 and math.isnan(empty["mean_k"])
+    write_run(tmp_path, "baseline", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    write_run(tmp_path, "baseline", 1, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    (tmp_path / "cal-detr" / "seed_0").mkdir(parents=True)  # no metrics.json: unfinished, left out
+    assert diagnostics.run_folders(tmp_path) == {"baseline": [tmp_path / "baseline" / "seed_0",
+                                                              tmp_path / "baseline" / "seed_1"]}
