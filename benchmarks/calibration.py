@@ -394,8 +394,19 @@ def analysis(summary, goal: Goal) -> list[str]:
     return lines
 
 
-def write_report(path: Path, summary, goal: Goal, setup: list[str], diagram: str | None, notes: list[str]) -> str:
-    """The markdown report; returns its text."""
+def embedded(path: Path, title: str, report_dir: Path) -> list[str]:
+    """A section quoting another benchmark report's verdict (bold lines) and tables, with a link to it; nothing
+    when it does not exist."""
+    if not path.is_file():
+        return []
+    kept = [line for line in path.read_text().splitlines() if line.startswith(("|", "**"))]
+    link = os.path.relpath(path, report_dir)
+    return ["", f"## {title}", "", f"From [{path.name}]({link}) (its setup and command are there):", "", *kept]
+
+
+def write_report(path: Path, summary, goal: Goal, setup: list[str], diagram: str | None, notes: list[str],
+                 cal_settings: dict | None = None, sections: list[str] = ()) -> str:
+    """The markdown report; returns its text. ``sections``: markdown lines put before the setup."""
     verdict = f"**Goal (issue 7): {goal.verdict}.**"
     if goal.baseline_meaningful is False:
         verdict += f" The baseline is not a meaningful detector (AP50 in-domain below {100 * MEANINGFUL_AP50:.0f} %)."
@@ -406,10 +417,13 @@ def write_report(path: Path, summary, goal: Goal, setup: list[str], diagram: str
              "evaluation split.", "", *results_table(summary), "",
              "## Spread over seeds and ratio to the baseline", "", *spread_table(summary), "",
              "## Analysis", "", *analysis(summary, goal), "",
-             "Nothing was tuned on the evaluation split: every arm runs the library's settings listed under Setup."]
+             "Nothing was tuned on the evaluation split: " + (
+                 "the Cal arms run the settings " + ", ".join(f"{k}={v:g}" for k, v in sorted(cal_settings.items()))
+                 + ", chosen on a separate tuning split; the rest are the library's, listed under Setup."
+                 if cal_settings else "every arm runs the library's settings listed under Setup.")]
     if diagram:
         lines += ["", "## Reliability diagram", "", f"![baseline vs Cal-DETR]({diagram})"]
-    lines += ["", "## Setup", "", *setup]
+    lines += [*sections, "", "## Setup", "", *setup]
     if notes:
         lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]
     text = "\n".join(lines) + "\n"
@@ -489,6 +503,12 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--calibration_seed", type=int, default=1,
                         help="seed of the fresh train-split scenes the calibrators are fitted on (not the data seed)")
     parser.add_argument("--eval_batch_size", type=int, default=32, help="of the re-evaluation")
+    parser.add_argument("--sweep_report", type=Path,
+                        help="benchmarks/calibration_sweep.py's report to quote under 'Hyper-parameters tried' "
+                             "(default <results_dir>/calibration_sweep_<size>.md, when it exists)")
+    parser.add_argument("--diagnostics_report", type=Path,
+                        help="benchmarks/calibration_diagnostics.py's report to quote under 'Diagnostics' "
+                             "(default <results_dir>/calibration_<size>_diagnostics.md, when it exists)")
     parser.add_argument("--cal_settings", nargs="+", metavar="NAME=VALUE",
                         help=f"Cal settings for every arm but the baseline, one of {CAL_SETTINGS} (e.g. the one "
                              "benchmarks/calibration_sweep.py selected on its tuning split); such runs get their own "
@@ -568,7 +588,11 @@ def main(argv: list[str] | None = None) -> None:
     setup = describe_setup(runs, args.work_dir, args.seeds, args.size, command, post_hoc, shown_work_dir,
                            args.cal_settings)
     report = results_dir / f"{args.name}.md"
-    write_report(report, summary, goal, setup, diagram, notes)
+    sections = [*embedded(args.sweep_report or results_dir / f"calibration_sweep_{args.size}.md",
+                          "Hyper-parameters tried (tuning split, not the evaluation split)", results_dir),
+                *embedded(args.diagnostics_report or results_dir / f"calibration_{args.size}_diagnostics.md",
+                          "Diagnostics", results_dir)]
+    write_report(report, summary, goal, setup, diagram, notes, args.cal_settings, sections)
     print("\n".join(results_table(summary)))
     print(f"goal: {goal.verdict}; wrote {report}" + (f" and {results_dir / diagram}" if diagram else ""))
 

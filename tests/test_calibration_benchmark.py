@@ -276,3 +276,21 @@ def test_diagnostic_statistics_by_hand(tmp_path):
     (tmp_path / "cal-detr" / "seed_0").mkdir(parents=True)  # no metrics.json: unfinished, left out
     assert diagnostics.run_folders(tmp_path) == {"baseline": [tmp_path / "baseline" / "seed_0",
                                                               tmp_path / "baseline" / "seed_1"]}
+
+
+def test_report_quotes_the_sweep_and_names_the_chosen_settings(tmp_path):
+    make_runs(tmp_path / "runs")
+    runs = bench.load_runs(tmp_path / "runs", ["baseline", "cal-detr"], [0, 1, 2])
+    summary = bench.aggregate(runs)
+    sweep_report = tmp_path / "results" / "calibration_sweep_cpu.md"
+    sweep_report.parent.mkdir()
+    sweep_report.write_text("# title\n\n**Chosen: x**\n\nprose\n\n| run | AP |\n|---|---|\n| baseline | 40.00 |\n")
+    sections = bench.embedded(sweep_report, "Hyper-parameters tried", tmp_path / "results")
+    assert sections == ["", "## Hyper-parameters tried", "",
+                        "From [calibration_sweep_cpu.md](calibration_sweep_cpu.md) (its setup and command are there):",
+                        "", "**Chosen: x**", "| run | AP |", "|---|---|", "| baseline | 40.00 |"]
+    assert bench.embedded(tmp_path / "missing.md", "Diagnostics", tmp_path) == []
+    text = bench.write_report(tmp_path / "results" / "r.md", summary, bench.judge_goal(summary), ["- setup"], None,
+                              [], {"logit_mixing_loss_coefficient": 2.0}, sections)
+    assert "the Cal arms run the settings logit_mixing_loss_coefficient=2, chosen on a separate tuning split" in text
+    assert text.index("## Hyper-parameters tried") < text.index("## Setup")
