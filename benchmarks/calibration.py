@@ -115,6 +115,13 @@ def train_arguments(arm: str, seed: int, output_dir, train_args, cal_settings: d
             "--output_dir", str(output_dir)]
 
 
+def comparable(arguments: list[str]) -> list[str]:
+    """train.py arguments with the output folder resolved, so a relative and an absolute spelling of one work dir
+    compare equal."""
+    return [str(Path(value).resolve()) if previous == "--output_dir" else value
+            for previous, value in zip([None, *arguments], arguments)]
+
+
 def ensure_run(arm: str, seed: int, work_dir, train_args, cal_settings: dict | None = None) -> bool:
     """Train (arm, seed) unless its ``metrics.json`` exists; True when it trained. Refuses to reuse a run made
     with other arguments, whose numbers would silently join this benchmark's."""
@@ -122,7 +129,7 @@ def ensure_run(arm: str, seed: int, work_dir, train_args, cal_settings: dict | N
     arguments = train_arguments(arm, seed, folder, train_args, cal_settings)
     recorded = folder / "benchmark_arguments.json"
     if (folder / "metrics.json").is_file():
-        if recorded.is_file() and json.loads(recorded.read_text()) != arguments:
+        if recorded.is_file() and comparable(json.loads(recorded.read_text())) != comparable(arguments):
             raise SystemExit(f"{folder} holds a run made with other train.py arguments ({recorded}); pick another "
                              "--work_dir or delete the folder")
         return False

@@ -105,7 +105,7 @@ def test_runs_with_different_budgets_are_refused(tmp_path):
         bench.load_runs(tmp_path, ["baseline", "cal-detr"], [0])
 
 
-def test_existing_runs_are_reused_only_with_the_same_arguments(tmp_path):
+def test_existing_runs_are_reused_only_with_the_same_arguments(tmp_path, monkeypatch):
     write_run(tmp_path, "baseline", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
     folder = bench.run_folder(tmp_path, "baseline", 0)
     assert bench.ensure_run("baseline", 0, tmp_path, ["--max_train_steps", "50"]) is False  # no record: reused
@@ -114,6 +114,9 @@ def test_existing_runs_are_reused_only_with_the_same_arguments(tmp_path):
     assert bench.ensure_run("baseline", 0, tmp_path, ["--max_train_steps", "50"]) is False
     with pytest.raises(SystemExit, match="other train.py arguments"):
         bench.ensure_run("baseline", 0, tmp_path, ["--max_train_steps", "60"])
+    # The same work dir spelt relative to the current directory is the same run.
+    monkeypatch.chdir(tmp_path)
+    assert bench.ensure_run("baseline", 0, Path("."), ["--max_train_steps", "50"]) is False
 
 
 def test_arguments_sizes_and_passthrough(tmp_path):
