@@ -98,10 +98,12 @@ def report(rows: dict, chosen: str | None, setup: list[str], command: str) -> li
     if chosen is None:
         verdict = ["**No candidate kept its tuning AP within one point of the baseline's: nothing chosen.**"]
     else:
-        met = score({s: rows[chosen][s]["d_ece"] / base[s]["d_ece"] for s in splits}) <= 1
-        verdict = [f"**Chosen: {chosen}** (score {score({s: rows[chosen][s]['d_ece'] / base[s]['d_ece'] for s in splits}):.2f}; "
-                   f"issue 7's goal {'met' if met else 'not met'} on the tuning split).", "",
-                   "Measured over three seeds on the evaluation split by:", "", f"    {command}"]
+        chosen_score = score({s: rows[chosen][s]["d_ece"] / base[s]["d_ece"] for s in splits})
+        how = ("The library default is what `benchmarks/calibration.py` measures anyway, over three seeds on the "
+               "evaluation split; the command for it:" if chosen == candidate_label({}) else
+               "Measured over three seeds on the evaluation split by:")
+        verdict = [f"**Chosen: {chosen}** (score {chosen_score:.2f}; issue 7's goal "
+                   f"{'met' if chosen_score <= 1 else 'not met'} on the tuning split).", "", how, "", f"    {command}"]
     return ["# Cal-DETR settings chosen on a tuning split", "", *verdict, "",
             "Percent, one seed; ratio = D-ECE / the baseline's; score = max(ratio in-domain / 0.75, ratio "
             "out-of-domain / 0.85), <= 1 when issue 7's goal holds; candidates whose AP falls more than one point "
@@ -179,9 +181,11 @@ def main(argv=None) -> None:
     settings_of = {candidate_label(s): s for arm, s in runs if arm != "baseline"}
     shown = args.work_dir.resolve()
     shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    default = chosen == candidate_label({})
     command = "" if chosen is None else shlex.join(
-        ["python", "benchmarks/calibration.py", "--size", args.size, "--arms", "baseline", ARM,
-         "--name", f"calibration_{args.size}_tuned", "--work_dir", str(shown),
+        ["python", "benchmarks/calibration.py", "--size", args.size,
+         *([] if default else ["--arms", "baseline", ARM, "--name", f"calibration_{args.size}_tuned"]),
+         "--work_dir", str(shown),
          *(["--cal_settings", *[f"{k}={v:g}" for k, v in sorted(settings_of[chosen].items())]]
            if settings_of[chosen] else []), *(["--", *args.passthrough] if args.passthrough else [])])
     run = metrics[0]["run"]

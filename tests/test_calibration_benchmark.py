@@ -225,6 +225,9 @@ def test_sweep_selection_rule():
     assert "**Chosen: good** (score 1.07; issue 7's goal not met on the tuning split)" in text
     assert "| good (chosen) | 39.20 | 16.00 | 0.80x | 21.00 | 15.00 | 0.75x | 1.07 |" in text
     assert "| strong | 38.50 | 10.00 | 0.50x |" in text
+    rows["library default"] = rows.pop("default")
+    text = "\n".join(sweep.report(rows, "library default", ["- setup"], "python benchmarks/calibration.py"))
+    assert "**Chosen: library default** (score 1.20;" in text and "measures anyway" in text
 
 
 def test_sweep_refuses_the_calibration_seed_and_bad_candidates():
