@@ -1,6 +1,6 @@
 """Cal-DETR's calibration gain in miniature: every arm trained alike, measured alike, reported as measured.
 
-    python benchmarks/calibration.py --size smoke             # a few minutes on a laptop CPU: checks the pipeline
+    python benchmarks/calibration.py --smoke                  # (= --size smoke) a few minutes on a CPU: checks the pipeline
     python benchmarks/calibration.py --size cpu               # train.py's default budget, 5 arms x 3 seeds
     python benchmarks/calibration.py --size gpu               # one GPU, a larger model and images
     python benchmarks/calibration.py --arms baseline cal-detr --seeds 0 1 -- --learning_rate 3e-4
@@ -500,6 +500,7 @@ def parse_arguments(argv: list[str]):
     own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--smoke", dest="size", action="store_const", const="smoke", help="= --size smoke")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the size's (smoke 0; cpu, gpu 0 1 2)")
     parser.add_argument("--name", help="report name; default calibration_<size>")

@@ -127,6 +127,7 @@ def test_arguments_sizes_and_passthrough(tmp_path):
     command = bench.train_arguments("cal-detr", 2, tmp_path, args.train_args)
     assert command[-6:] == ["--method", "cal-detr", "--seed", "2", "--output_dir", str(tmp_path)]
     assert bench.parse_arguments([]).seeds == [0, 1, 2] and bench.parse_arguments([]).train_args == []
+    assert bench.parse_arguments(["--smoke"]).size == "smoke" and bench.parse_arguments(["--smoke"]).seeds == [0]
 
 
 def test_report_holds_the_numbers_and_the_verdict(tmp_path):
