@@ -29,7 +29,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("calibration_benchmark", HERE / "calibration.py")

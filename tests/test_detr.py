@@ -1,12 +1,11 @@
 """CalDetrForObjectDetection (softmax heads with a no-object column): outputs, the soft-target mixing loss by hand
 and against an independent computation, the plain model as oracle, checkpoints."""
 
-import json
 import math
 
 import pytest
 import torch
-from transformers import AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection
+from transformers import DetrConfig, DetrForObjectDetection
 from transformers.loss.loss_for_object_detection import HungarianMatcher, ImageLoss
 
 from hf_caldetr.configuration import CalDetrConfig
@@ -204,53 +203,6 @@ def test_variance_term_back_propagates_into_earlier_layers():
     assert grads["none"][:, -1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cal_checkpoint_is_a_stock_checkpoint(tmp_path, variant):
-    model = make_model(**VARIANTS[variant]).eval()
-    model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "detr"
-    assert config["architectures"] == ["DetrForObjectDetection"]
-    assert "auto_map" not in config
-    assert config["uncertainty_modulation"] == "multiplicative"
-    stock = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
-    assert type(stock) is DetrForObjectDetection
-    pixel_values, _ = tiny_batch()
-    with torch.no_grad():
-        a, b = model(pixel_values=pixel_values), stock(pixel_values=pixel_values)
-    assert torch.equal(a.logits, b.logits)
-    assert torch.equal(a.pred_boxes, b.pred_boxes)
-
-
-def test_cal_checkpoint_keeps_cal_settings(tmp_path):
-    settings = dict(uncertainty_modulation="subtractive", modulate_at_inference=True, use_logit_mixing=False,
-                    logit_mixing_alpha=0.8, logit_mixing_loss_coefficient=1.0)
-    make_model(**settings).save_pretrained(tmp_path)
-    loaded = CalDetrForObjectDetection.from_pretrained(tmp_path)
-    assert type(loaded.config) is CalDetrConfig
-    for name, value in settings.items():
-        assert getattr(loaded.config, name) == value
-
-
-def test_plain_checkpoint_loads_into_cal(tmp_path):
-    plain = make_model(cal=False).eval()
-    plain.save_pretrained(tmp_path)
-    cal = CalDetrForObjectDetection.from_pretrained(tmp_path).eval()
-    assert cal.config.uncertainty_modulation == "multiplicative" and cal.config.use_logit_mixing
-    assert cal.config.logit_mixing_alpha == 0.9 and cal.config.logit_mixing_loss_coefficient == 0.5
-    pixel_values, _ = tiny_batch()
-    with torch.no_grad():
-        assert torch.equal(cal(pixel_values=pixel_values).logits, plain(pixel_values=pixel_values).logits)
-    relabelled = CalDetrForObjectDetection.from_pretrained(
-        tmp_path, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2},
-        ignore_mismatched_sizes=True,
-    ).train()
-    assert relabelled.class_labels_classifier.weight.shape == (4, 32)
-    _, labels = tiny_batch(num_labels=3)
-    out = relabelled(pixel_values=pixel_values, labels=labels)
-    assert out.logits.shape == (2, 12, 4) and torch.isfinite(out.loss)
-
-
 def test_criterion_is_the_stock_one_apart_from_mixing():
     """`CalDetrImageLoss` without the mixing loss gives transformers' `ImageLoss` numbers (one process)."""
     torch.manual_seed(0)
@@ -264,11 +216,3 @@ def test_criterion_is_the_stock_one_apart_from_mixing():
     assert ours.keys() == stock.keys()
     for key in stock:
         assert torch.allclose(ours[key], stock[key]), key
-
-
-def test_invalid_settings_passed_to_from_pretrained(tmp_path):
-    make_model(cal=False).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="uncertainty_modulation"):
-        CalDetrForObjectDetection.from_pretrained(tmp_path, uncertainty_modulation="bad")
-    loaded = CalDetrForObjectDetection.from_pretrained(tmp_path, logit_mixing_alpha=0.8)
-    assert loaded.config.logit_mixing_alpha == 0.8

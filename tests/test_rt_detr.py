@@ -1,11 +1,10 @@
 """CalRTDetrForObjectDetection (sigmoid heads, varifocal loss, contrastive denoising): the denoising queries are
 left out of uncertainty, modulation and mixing; the plain model as oracle; checkpoints."""
 
-import json
 
 import pytest
 import torch
-from transformers import AutoModelForObjectDetection, RTDetrConfig, RTDetrForObjectDetection
+from transformers import RTDetrConfig, RTDetrForObjectDetection
 from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
@@ -176,61 +175,3 @@ def test_variance_term_back_propagates_into_earlier_layers():
         grads[mode] = out.intermediate_logits.grad[:, :, dn:]
     assert grads["multiplicative"][:, :-1].abs().sum() > 0
     assert torch.count_nonzero(grads["none"][:, :-1]) == 0
-
-
-def test_cal_checkpoint_is_a_stock_checkpoint(tmp_path):
-    model = make_model().eval()
-    model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "rt_detr"
-    assert config["architectures"] == ["RTDetrForObjectDetection"]
-    assert "auto_map" not in config
-    assert config["uncertainty_modulation"] == "multiplicative"
-    stock = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
-    assert type(stock) is RTDetrForObjectDetection
-    pixel_values, _ = tiny_batch()
-    with torch.no_grad():
-        a, b = model(pixel_values=pixel_values), stock(pixel_values=pixel_values)
-    assert torch.equal(a.logits, b.logits)
-    assert torch.equal(a.pred_boxes, b.pred_boxes)
-
-
-def test_cal_checkpoint_keeps_cal_settings(tmp_path):
-    settings = dict(uncertainty_modulation="subtractive", modulate_at_inference=True, use_logit_mixing=False,
-                    logit_mixing_alpha=0.8, logit_mixing_loss_coefficient=1.0)
-    make_model(**settings).save_pretrained(tmp_path)
-    loaded = CalRTDetrForObjectDetection.from_pretrained(tmp_path).eval()
-    assert type(loaded.config) is CalRTDetrConfig
-    for name, value in settings.items():
-        assert getattr(loaded.config, name) == value
-    pixel_values, _ = tiny_batch()
-    with torch.no_grad():
-        out = loaded(pixel_values=pixel_values)
-    assert torch.allclose(out.logits, out.intermediate_logits[:, -1] - torch.tanh(out.logit_uncertainty))
-
-
-def test_plain_checkpoint_loads_into_cal(tmp_path):
-    plain = make_model(cal=False).eval()
-    plain.save_pretrained(tmp_path)
-    cal = CalRTDetrForObjectDetection.from_pretrained(tmp_path).eval()
-    assert cal.config.uncertainty_modulation == "multiplicative" and cal.config.use_logit_mixing
-    assert cal.config.logit_mixing_alpha == 0.9 and cal.config.logit_mixing_loss_coefficient == 0.5
-    pixel_values, _ = tiny_batch()
-    with torch.no_grad():
-        assert torch.equal(cal(pixel_values=pixel_values).logits, plain(pixel_values=pixel_values).logits)
-    relabelled = CalRTDetrForObjectDetection.from_pretrained(
-        tmp_path, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2},
-        ignore_mismatched_sizes=True,
-    ).train()
-    assert relabelled.model.decoder.class_embed[0].weight.shape == (3, 32)
-    _, labels = tiny_batch(num_labels=3)
-    out = run(relabelled, pixel_values, labels)
-    assert out.logit_uncertainty.shape == (2, 12, 3) and torch.isfinite(out.loss)
-
-
-def test_invalid_settings_passed_to_from_pretrained(tmp_path):
-    make_model(cal=False).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="uncertainty_modulation"):
-        CalRTDetrForObjectDetection.from_pretrained(tmp_path, uncertainty_modulation="bad")
-    loaded = CalRTDetrForObjectDetection.from_pretrained(tmp_path, logit_mixing_alpha=0.8)
-    assert loaded.config.logit_mixing_alpha == 0.8
