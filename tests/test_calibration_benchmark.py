@@ -301,3 +301,13 @@ def test_report_quotes_the_sweep_and_names_the_chosen_settings(tmp_path):
                               [], {"logit_mixing_loss_coefficient": 2.0}, sections)
     assert "the Cal arms run the settings logit_mixing_loss_coefficient=2, chosen on a separate tuning split" in text
     assert text.index("## Hyper-parameters tried") < text.index("## Setup")
+
+
+def test_diagnostic_reading_is_read_off_the_numbers():
+    means = {"a": {"share_over_half": 0.1, "mean_logit": -0.5, "mean_k": 0.9},
+             "b": {"share_over_half": 0.4, "mean_logit": -0.1, "mean_k": 0.8}}
+    text = diagnostics.reading(means)
+    assert "in only 10.0 to 40.0 % of cases" in text and "-0.50 to -0.10 (negative in every run" in text
+    assert "K is 0.800 to 0.900" in text and "by 10 to 20 %" in text
+    means["b"]["mean_logit"] = 0.2
+    assert "not negative in every run" in diagnostics.reading(means)
