@@ -60,17 +60,20 @@ def span(means: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
 
 def reading(means: dict) -> str:
     """One bold line read off the table: the confidence regime and what the modulation does in it."""
-    below = [m for m in means.values() if np.isfinite(m["mean_logit"])]
-    if not below:
+    measured = [m for m in means.values() if np.isfinite(m["mean_logit"])]
+    if not measured:
         return "**Reading: no run kept a detection at score >= 0.3.**"
-    negative = all(m["mean_logit"] < 0 for m in below)
-    return (f"**Reading: the detections D-ECE counts score >= 0.5 in only {span(means, 'share_over_half', 100, 1)} % of "
-            f"cases; their mean final logit is {span(means, 'mean_logit')} ("
-            + ("negative in every run, so there the training-time shrink K * z raises the probability the loss sees, "
-               "while the paper's intent, lowering uncertain confidences, holds only above 0.5" if negative else
-               "not negative in every run") +
-            f"); K is {span(means, 'mean_k', digits=3)}, i.e. the modulation moves those logits by "
-            f"{span({a: {'x': 100 * (1 - m['mean_k'])} for a, m in means.items()}, 'x', digits=0)} %.**")
+    if all(m["mean_logit"] < 0 for m in measured):
+        sign = ("negative in every run, so there the training-time shrink K * z raises the probability the loss "
+                "sees, while the paper's intent, lowering uncertain confidences, holds only above 0.5")
+    elif all(m["mean_logit"] > 0 for m in measured):
+        sign = "positive in every run, so there the training-time shrink K * z lowers the probability, as the paper intends"
+    else:
+        sign = "of either sign across runs"
+    return (f"**Reading: the detections D-ECE counts score >= 0.5 in {span(means, 'share_over_half', 100, 1)} % of "
+            f"cases; their mean final logit is {span(means, 'mean_logit')} ({sign}); K there is "
+            f"{span(means, 'mean_k', digits=3)}: multiplicative modulation moves (in arms without it, would move) "
+            f"those logits by {span({a: {'x': 100 * (1 - m['mean_k'])} for a, m in means.items()}, 'x', digits=0)} %.**")
 
 
 @torch.no_grad()

@@ -307,7 +307,9 @@ def test_diagnostic_reading_is_read_off_the_numbers():
     means = {"a": {"share_over_half": 0.1, "mean_logit": -0.5, "mean_k": 0.9},
              "b": {"share_over_half": 0.4, "mean_logit": -0.1, "mean_k": 0.8}}
     text = diagnostics.reading(means)
-    assert "in only 10.0 to 40.0 % of cases" in text and "-0.50 to -0.10 (negative in every run" in text
-    assert "K is 0.800 to 0.900" in text and "by 10 to 20 %" in text
+    assert "in 10.0 to 40.0 % of cases" in text and "-0.50 to -0.10 (negative in every run" in text
+    assert "K there is 0.800 to 0.900" in text and "by 10 to 20 %" in text
     means["b"]["mean_logit"] = 0.2
-    assert "not negative in every run" in diagnostics.reading(means)
+    assert "of either sign across runs" in diagnostics.reading(means)
+    means["a"]["mean_logit"] = 0.1
+    assert "positive in every run" in diagnostics.reading(means)
