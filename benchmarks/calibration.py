@@ -243,13 +243,20 @@ def judge_goal(summary) -> Goal:
 # ------------------------------------------------------------------------------------- re-evaluation, post hoc
 
 
+def data_arguments(arguments: dict):
+    """The ``DataArguments`` a run was trained with, from its recorded train.py arguments."""
+    from hf_caldetr.data.splits import DataArguments
+
+    return DataArguments(**{f.name: arguments[f.name] for f in fields(DataArguments) if f.name in arguments})
+
+
 def evaluation_data(arguments: dict, num_calibration_images: int, calibration_seed: int | None):
     """The runs' evaluation splits (``{split: dataset}``, as train.py built them) and the calibration images
     (fresh train-split scenes, or a seeded subset of the train split; ``None`` without ``calibration_seed``)."""
     from hf_caldetr.data import corrupt_dataset
-    from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
+    from hf_caldetr.data.splits import load_calibration_split, load_splits
 
-    data_args = DataArguments(**{f.name: arguments[f.name] for f in fields(DataArguments) if f.name in arguments})
+    data_args = data_arguments(arguments)
     (validation,) = load_splits(data_args, ("validation",))
     datasets = {"in_domain": validation}
     if not data_args.skip_out_of_domain:
@@ -513,10 +520,12 @@ def parse_arguments(argv: list[str]):
     parser.add_argument("--eval_batch_size", type=int, default=32, help="of the re-evaluation")
     parser.add_argument("--sweep_report", type=Path,
                         help="benchmarks/calibration_sweep.py's report to quote under 'Hyper-parameters tried' "
-                             "(default <results_dir>/calibration_sweep_<size>.md, when it exists)")
+                             "(default, for the default --name only: <results_dir>/calibration_sweep_<size>.md, "
+                             "when it exists)")
     parser.add_argument("--diagnostics_report", type=Path,
                         help="benchmarks/calibration_diagnostics.py's report to quote under 'Diagnostics' "
-                             "(default <results_dir>/calibration_<size>_diagnostics.md, when it exists)")
+                             "(default, for the default --name only: <results_dir>/calibration_<size>_diagnostics.md, "
+                             "when it exists)")
     parser.add_argument("--cal_settings", nargs="+", metavar="NAME=VALUE",
                         help=f"Cal settings for every arm but the baseline, one of {CAL_SETTINGS} (e.g. the one "
                              "benchmarks/calibration_sweep.py selected on its tuning split); such runs get their own "
@@ -534,6 +543,15 @@ def parse_arguments(argv: list[str]):
         args.cal_settings = parse_cal_settings(args.cal_settings)
     except ValueError as error:
         parser.error(str(error))
+    for option in ("sweep_report", "diagnostics_report"):
+        path = getattr(args, option)
+        if path is not None and not path.is_file():
+            parser.error(f"--{option} {path}: no such file")
+    # Another budget's reports would describe other runs: they are quoted by default under the default name only.
+    if args.name == f"calibration_{args.size}":
+        results_dir = Path(args.results_dir)
+        args.sweep_report = args.sweep_report or results_dir / f"calibration_sweep_{args.size}.md"
+        args.diagnostics_report = args.diagnostics_report or results_dir / f"calibration_{args.size}_diagnostics.md"
     return args
 
 
@@ -596,10 +614,9 @@ def main(argv: list[str] | None = None) -> None:
     setup = describe_setup(runs, args.work_dir, args.seeds, args.size, command, post_hoc, shown_work_dir,
                            args.cal_settings)
     report = results_dir / f"{args.name}.md"
-    sections = [*embedded(args.sweep_report or results_dir / f"calibration_sweep_{args.size}.md",
-                          "Hyper-parameters tried (tuning split, not the evaluation split)", results_dir),
-                *embedded(args.diagnostics_report or results_dir / f"calibration_{args.size}_diagnostics.md",
-                          "Diagnostics", results_dir)]
+    sections = [*(embedded(args.sweep_report, "Hyper-parameters tried (tuning split, not the evaluation split)",
+                           results_dir) if args.sweep_report else []),
+                *(embedded(args.diagnostics_report, "Diagnostics", results_dir) if args.diagnostics_report else [])]
     write_report(report, summary, goal, setup, diagram, notes, args.cal_settings, sections)
     print("\n".join(results_table(summary)))
     print(f"goal: {goal.verdict}; wrote {report}" + (f" and {results_dir / diagram}" if diagram else ""))

@@ -20,14 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibration as bench  # noqa: E402  (benchmarks/calibration.py: a run's data arguments)
+
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.3  # the D-ECE protocol's score threshold
+SIGMOID_MODEL_TYPES = ("deformable_detr", "rt_detr")  # the statistics read sigmoid scores off the logits
 
 
 def run_folders(work_dir: Path) -> dict[str, list[Path]]:
@@ -80,11 +83,17 @@ def reading(means: dict) -> str:
 def measure(folder: Path, dataset, batch_size: int) -> dict[str, float]:
     from transformers import AutoImageProcessor
 
-    from hf_caldetr import CalDeformableDetrForObjectDetection
+    from transformers import AutoConfig
+
+    from hf_caldetr.training import model_family
     from hf_caldetr.data import make_collate_fn
 
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    if model_type not in SIGMOID_MODEL_TYPES:
+        raise SystemExit(f"{folder}: model_type {model_type!r} has a softmax head; these diagnostics read sigmoid "
+                         f"scores and support {SIGMOID_MODEL_TYPES} only")
     # The Cal class reads a stock checkpoint too (the Cal fields take their defaults): it adds the uncertainty.
-    model = CalDeformableDetrForObjectDetection.from_pretrained(folder).eval()
+    model = model_family(model_type).cal_model_class.from_pretrained(folder).eval()
     collate = make_collate_fn(AutoImageProcessor.from_pretrained(folder))
     logits, uncertainty = [], []
     for start in range(0, len(dataset), batch_size):
@@ -105,13 +114,13 @@ def main(argv=None) -> None:
                                                            "scenes' seed)")
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args(argv)
-    from hf_caldetr.data.splits import DataArguments, load_calibration_split
+    from hf_caldetr.data.splits import load_calibration_split
 
     arms = run_folders(args.work_dir)
     if not arms:
         raise SystemExit(f"no trained runs (<arm>/seed_<s>/metrics.json) under {args.work_dir}")
     arguments = json.loads((next(iter(arms.values()))[0] / "metrics.json").read_text())["run"]["arguments"]
-    data_args = DataArguments(**{f.name: arguments[f.name] for f in fields(DataArguments) if f.name in arguments})
+    data_args = bench.data_arguments(arguments)
     dataset = load_calibration_split(data_args, None, args.num_images, args.seed)
     keys = ("per_image", "mean_score", "share_over_half", "top_score", "mean_logit", "median_u", "mean_k")
     lines = ["# Cal-DETR diagnostics: confidence regime and measured uncertainty", "",

@@ -20,7 +20,6 @@ the evaluation split. Output: ``benchmarks/results/<name>.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -30,12 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("calibration_benchmark", HERE / "calibration.py")
-bench = sys.modules.get("calibration_benchmark") or importlib.util.module_from_spec(_spec)
-if "calibration_benchmark" not in sys.modules:
-    sys.modules["calibration_benchmark"] = bench  # dataclasses look their module up there
-    _spec.loader.exec_module(bench)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibration as bench  # noqa: E402  (benchmarks/calibration.py: budgets, runs, re-evaluation, report parts)
 
 ROOT = bench.ROOT
 ARM = "cal-detr"
@@ -52,12 +47,10 @@ def candidate_label(settings: dict) -> str:
 
 def tuning_data(arguments: dict, num_images: int, seed: int) -> dict:
     """``{"in_domain": fresh train-distribution scenes, "out_of_domain": their corrupted copy}``."""
-    from dataclasses import fields
-
     from hf_caldetr.data import corrupt_dataset
-    from hf_caldetr.data.splits import DataArguments, load_calibration_split
+    from hf_caldetr.data.splits import load_calibration_split
 
-    data_args = DataArguments(**{f.name: arguments[f.name] for f in fields(DataArguments) if f.name in arguments})
+    data_args = bench.data_arguments(arguments)
     tuning = load_calibration_split(data_args, None, num_images, seed)
     datasets = {"in_domain": tuning}
     if not data_args.skip_out_of_domain:

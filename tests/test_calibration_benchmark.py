@@ -313,3 +313,26 @@ def test_diagnostic_reading_is_read_off_the_numbers():
     assert "of either sign across runs" in diagnostics.reading(means)
     means["a"]["mean_logit"] = 0.1
     assert "positive in every run" in diagnostics.reading(means)
+
+
+def test_other_reports_are_quoted_by_default_under_the_default_name_only(tmp_path):
+    args = bench.parse_arguments(["--results_dir", str(tmp_path)])
+    assert args.sweep_report == tmp_path / "calibration_sweep_cpu.md"
+    assert args.diagnostics_report == tmp_path / "calibration_cpu_diagnostics.md"
+    other = bench.parse_arguments(["--results_dir", str(tmp_path), "--name", "calibration_cpu_long"])
+    assert other.sweep_report is None and other.diagnostics_report is None  # another budget's reports
+    (tmp_path / "mine.md").write_text("| a |\n")
+    assert bench.parse_arguments(["--name", "x", "--diagnostics_report", str(tmp_path / "mine.md")]) \
+        .diagnostics_report == tmp_path / "mine.md"
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--sweep_report", str(tmp_path / "missing.md")])
+
+
+def test_diagnostics_refuse_a_softmax_head(tmp_path):
+    from transformers import DetrConfig, DetrForObjectDetection
+
+    from tiny import tiny_detr_kwargs
+
+    DetrForObjectDetection(DetrConfig(**tiny_detr_kwargs())).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="softmax head"):
+        diagnostics.measure(tmp_path, [], batch_size=4)
