@@ -3,10 +3,13 @@
 The Cal configs keep their parent's ``model_type`` so that saved checkpoints load in stock transformers; for that
 reason they are not registered with the Auto classes under a name of their own (a model type maps to one config
 class only). Submodules: ``calibration`` (the method), ``metrics``, ``calibrators`` (post-hoc), ``data``,
-``evaluation``, ``training``, ``hub``.
+``evaluation``, ``training``, ``hub``, ``folding`` (calibrators
+written into the weights), ``export`` (ONNX).
 """
 
+from .calibrators import calibrate_pipeline_outputs
 from .configuration import CalDeformableDetrConfig, CalDetrConfig, CalibrationConfigMixin, CalRTDetrConfig
+from .folding import CalibrationFoldError, fold_calibrator
 from .models import (
     CalDeformableDetrForObjectDetection,
     CalDeformableDetrObjectDetectionOutput,
@@ -29,4 +32,7 @@ __all__ = [
     "CalRTDetrForObjectDetection",
     "CalRTDetrObjectDetectionOutput",
     "CalibrationConfigMixin",
+    "CalibrationFoldError",
+    "calibrate_pipeline_outputs",
+    "fold_calibrator",
 ]

@@ -51,7 +51,9 @@ __all__ = [
     "IsotonicCalibrator",
     "PlattScaling",
     "PostHocCalibrator",
+    "SoftmaxTemperatureScaling",
     "TemperatureScaling",
+    "calibrate_pipeline_outputs",
     "load_calibrator",
     "reliability_before_after",
 ]
@@ -397,8 +399,81 @@ class HistogramBinning(PostHocCalibrator):
         return np.asarray(params["bin_values"])[histogram_bin_indices(scores, self.num_bins)]
 
 
+def softmax_score_logits(query_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``logit(q)`` of a softmax head's detection score ``q = max_{c < C} softmax(z / T)_c``.
+
+    ``query_logits`` is ``[N, C + 1]``, the last column the no-object class (DETR's layout). With ``l`` the
+    best real class (the same for every ``T > 0``), ``logit(q) = z_l / T - logsumexp_{j != l}(z_j / T)``,
+    computed without forming ``q``, so it stays finite where ``q`` rounds to 1.
+    """
+    scaled = query_logits / temperature
+    best = np.argmax(query_logits[:, :-1], axis=1)
+    rows = np.arange(len(query_logits))
+    others = scaled.copy()
+    others[rows, best] = -np.inf
+    return scaled[rows, best] - special.logsumexp(others, axis=1)
+
+
+class SoftmaxTemperatureScaling(PostHocCalibrator):
+    """Temperature scaling of a softmax head with a no-object column (DETR): ``q = max_{c < C} softmax(z / T)_c``.
+
+    Differs from ``TemperatureScaling`` in its input: a softmax score depends on every column of the query's
+    logits, so it is fitted on and applied to the detections' full logit rows ``[N, C + 1]`` rather than their
+    scores (``fit(query_logits, matched)``, ``transform(query_logits)``). Dividing every column by ``T`` is
+    what ``fold_calibrator`` writes into DETR's classifier; it keeps each query's predicted class, so the
+    detections are the same and only their scores move. Class-agnostic only: a per-class temperature would
+    change the normaliser shared by all classes (see ``hf_caldetr.folding``).
+    """
+
+    def __init__(self, class_wise: bool = False, min_class_detections: int = MIN_CLASS_DETECTIONS):
+        if class_wise:
+            raise ValueError("SoftmaxTemperatureScaling is class-agnostic: one temperature divides every column of a "
+                             "softmax head (a per-class one would change the normaliser shared by all classes)")
+        super().__init__(class_wise=False, min_class_detections=min_class_detections)
+
+    @staticmethod
+    def _check_query_logits(query_logits) -> np.ndarray:
+        query_logits = to_numpy(query_logits).astype(np.float64)
+        if query_logits.ndim != 2 or query_logits.shape[1] < 2:
+            raise ValueError("query_logits must be [N, C + 1] logit rows of a softmax head (no-object column last), "
+                             f"got shape {query_logits.shape}")
+        if not np.all(np.isfinite(query_logits)):
+            raise ValueError("query_logits contain NaN or infinite values")
+        return query_logits
+
+    def fit(self, query_logits, matched, labels=None):
+        """Fit ``T`` by minimising the binary NLL of ``matched`` under the rescaled scores. Returns ``self``."""
+        query_logits = self._check_query_logits(query_logits)
+        matched = _check_matched(matched, len(query_logits))
+        if len(query_logits) < MIN_DETECTIONS:
+            raise ValueError(f"cannot fit a calibrator on {len(query_logits)} detections: need at least "
+                             f"MIN_DETECTIONS={MIN_DETECTIONS}")
+        result = optimize.minimize_scalar(
+            lambda log_t: binary_nll(softmax_score_logits(query_logits, math.exp(log_t)), matched),
+            bounds=tuple(math.log(bound) for bound in TEMPERATURE_BOUNDS), method="bounded",
+            options={"xatol": 1e-10},
+        )
+        self.params_ = {"temperature": math.exp(result.x)}
+        self.class_params_ = {}
+        return self
+
+    def transform(self, query_logits, labels=None) -> np.ndarray:
+        """The calibrated scores ``[N]`` of the detections whose logit rows are given."""
+        if self.params_ is None:
+            raise NotFittedError("this SoftmaxTemperatureScaling is not fitted yet: call fit(query_logits, matched)")
+        query_logits = self._check_query_logits(query_logits)
+        return special.expit(softmax_score_logits(query_logits, self.params_["temperature"]))
+
+    @property
+    def temperature(self) -> float:
+        if self.params_ is None:
+            raise NotFittedError("this SoftmaxTemperatureScaling is not fitted yet")
+        return self.params_["temperature"]
+
+
 CALIBRATOR_TYPES = {
-    cls.__name__: cls for cls in (TemperatureScaling, PlattScaling, IsotonicCalibrator, HistogramBinning)
+    cls.__name__: cls
+    for cls in (TemperatureScaling, PlattScaling, IsotonicCalibrator, HistogramBinning, SoftmaxTemperatureScaling)
 }
 
 
@@ -453,3 +528,42 @@ def reliability_before_after(calibrator: PostHocCalibrator, scores, matched, pat
     titles = ["before: raw scores", f"after: {type(calibrator).__name__}"]
     plot_reliability_diagram([before, after], path, titles=titles)
     return {"before": before, "after": after}
+
+
+def calibrate_pipeline_outputs(outputs, calibrator: PostHocCalibrator, label2id: dict, threshold: float = 0.0):
+    """Apply a score-space calibrator (isotonic regression, histogram binning, ...) to the output of
+    ``pipeline("object-detection")``: the one documented call for calibrators that cannot be folded into the
+    weights (``hf_caldetr.fold_calibrator`` handles the affine ones).
+
+    Run the pipeline with ``threshold=0.0`` (its default 0.5 would drop detections before they are calibrated),
+    then threshold here, on the calibrated scores::
+
+        detections = detector(image, threshold=0.0)
+        detections = calibrate_pipeline_outputs(detections, calibrator, detector.model.config.label2id, 0.5)
+
+    Args:
+        outputs: the pipeline's list of ``{"score", "label", "box"}`` dicts for one image, or a list of such
+            lists for several images.
+        calibrator: a fitted score-space calibrator (``load_calibrator("calibrator.json")``).
+        label2id: class name -> id, the model's ``config.label2id`` (class-wise maps are keyed by id).
+        threshold: keep detections whose calibrated score is at least this.
+
+    Returns:
+        The same structure with calibrated ``score`` values, filtered by ``threshold``, highest score first.
+    """
+    if isinstance(calibrator, SoftmaxTemperatureScaling):
+        raise ValueError("SoftmaxTemperatureScaling needs the logits, which the pipeline does not return: fold it "
+                         "into the model instead (hf_caldetr.fold_calibrator)")
+    if outputs and isinstance(outputs[0], list):
+        return [calibrate_pipeline_outputs(image, calibrator, label2id, threshold) for image in outputs]
+    if not outputs:
+        return []
+    unknown = sorted({item["label"] for item in outputs} - set(label2id))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in label2id ({sorted(label2id)}): pass the model's "
+                         "config.label2id")
+    scores = np.array([item["score"] for item in outputs], dtype=np.float64)
+    labels = np.array([int(label2id[item["label"]]) for item in outputs], dtype=np.int64)
+    calibrated = calibrator.transform(scores, labels)
+    kept = [{**item, "score": float(score)} for item, score in zip(outputs, calibrated) if score >= threshold]
+    return sorted(kept, key=lambda item: -item["score"])

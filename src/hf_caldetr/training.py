@@ -6,6 +6,7 @@ A method is a set of Cal settings on one architecture, so every arm of a compari
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import transformers
@@ -58,6 +59,10 @@ class ModelFamily:
     cal_model_class: type
     image_processor_class: str
     presets: dict
+    # The final decoder layer's class head (what post-processing reads), for folding a calibrator into it.
+    final_class_head: Callable
+    # A softmax head with a no-object column (DETR) rather than per-class sigmoids.
+    softmax_head: bool = False
 
 
 MODEL_FAMILIES = {
@@ -80,6 +85,8 @@ MODEL_FAMILIES = {
             # The paper's recipe on a random timm ResNet-50.
             "r50": dict(num_queries=300),
         },
+        # class_embed[decoder_layers] exists in two-stage models: the encoder's proposal head.
+        final_class_head=lambda model: model.class_embed[model.config.decoder_layers - 1],
     ),
     "detr": ModelFamily(
         transformers.DetrConfig, transformers.DetrForObjectDetection,
@@ -93,6 +100,9 @@ MODEL_FAMILIES = {
                           num_queries=20),
             "r50": dict(num_queries=100),
         },
+        # One classifier serves every decoder layer (the auxiliary outputs too).
+        final_class_head=lambda model: model.class_labels_classifier,
+        softmax_head=True,
     ),
     "rt_detr": ModelFamily(
         transformers.RTDetrConfig, transformers.RTDetrForObjectDetection,
@@ -111,6 +121,8 @@ MODEL_FAMILIES = {
                           num_denoising=20),
             "r50": dict(),
         },
+        # Query selection uses model.enc_score_head, a separate head.
+        final_class_head=lambda model: model.model.decoder.class_embed[-1],
     ),
 }
 
