@@ -506,18 +506,38 @@ def describe_setup(runs, work_dir, seeds, size: str, command: str, post_hoc: str
 def parse_arguments(argv: list[str]):
     own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--smoke", dest="size", action="store_const", const="smoke", help="= --size smoke")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--seeds", nargs="+", type=int, help="default: the size's (smoke 0; cpu, gpu 0 1 2)")
-    parser.add_argument("--name", help="report name; default calibration_<size>")
-    parser.add_argument("--work_dir", help="default outputs/benchmarks/<name>")
-    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--no_post_hoc", action="store_true", help="skip the post-hoc calibrator rows")
-    parser.add_argument("--num_calibration_images", type=int, help="default: the size's (smoke 64, else 500)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu",
+                        help="the budget, train.py arguments and seeds: smoke (a few minutes on a CPU; checks the "
+                             "pipeline, detects nothing yet), cpu (train.py's defaults), gpu (one GPU: a wider model "
+                             "at 128x128) (default: %(default)s)")
+    parser.add_argument("--smoke", dest="size", action="store_const", const="smoke",
+                        help="shorthand for --size smoke (default: off)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="the train.py --method of each arm trained and reported: baseline (the stock model), "
+                             "cal-detr (multiplicative modulation and logit mixing), released (the authors' code: "
+                             "subtractive modulation, no mixing), modulation-only, mixing-only (default: all five)")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="train.py --seed of the runs of every arm (default: the size's: smoke 0; cpu, gpu 0 1 2)")
+    parser.add_argument("--name", help="report name: benchmarks/results/<name>.md and <name>_reliability.png "
+                                       "(default: calibration_<size>)")
+    parser.add_argument("--work_dir", help="the folder the runs are trained into, <arm>/seed_<s>/ each; a run "
+                                           "already there with the same arguments is reused "
+                                           "(default: outputs/benchmarks/<name>)")
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"),
+                        help="the folder the report and its diagram are written to (default: the repository's "
+                             "benchmarks/results)")
+    parser.add_argument("--no_post_hoc", action="store_true",
+                        help="skip the post-hoc calibrator rows (temperature scaling, isotonic regression) "
+                             "(default: off)")
+    parser.add_argument("--num_calibration_images", type=int,
+                        help="number of fresh train-split scenes the post-hoc calibrators are fitted on "
+                             "(default: the size's: smoke 64, else 500)")
     parser.add_argument("--calibration_seed", type=int, default=1,
-                        help="seed of the fresh train-split scenes the calibrators are fitted on (not the data seed)")
-    parser.add_argument("--eval_batch_size", type=int, default=32, help="of the re-evaluation")
+                        help="generation seed of the fresh train-split scenes the calibrators are fitted on; not "
+                             "train.py's --data_seed (0), whose scenes are the training images (default: %(default)s)")
+    parser.add_argument("--eval_batch_size", type=int, default=32,
+                        help="batch size of the re-evaluation of the saved models for the diagram and the "
+                             "post-hoc rows (default: %(default)s)")
     parser.add_argument("--sweep_report", type=Path,
                         help="benchmarks/calibration_sweep.py's report to quote under 'Hyper-parameters tried' "
                              "(default, for the default --name only: <results_dir>/calibration_sweep_<size>.md, "
@@ -527,9 +547,9 @@ def parse_arguments(argv: list[str]):
                              "(default, for the default --name only: <results_dir>/calibration_<size>_diagnostics.md, "
                              "when it exists)")
     parser.add_argument("--cal_settings", nargs="+", metavar="NAME=VALUE",
-                        help=f"Cal settings for every arm but the baseline, one of {CAL_SETTINGS} (e.g. the one "
+                        help=f"Cal settings for every arm but the baseline, NAME one of {CAL_SETTINGS} (e.g. the one "
                              "benchmarks/calibration_sweep.py selected on its tuning split); such runs get their own "
-                             "folders, the baseline's are shared")
+                             "folders, the baseline's are shared (default: none, the library's settings)")
     args = parser.parse_args(own)
     size = SIZES[args.size]
     args.arms = [arm for arm in ARMS if arm in args.arms]

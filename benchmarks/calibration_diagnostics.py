@@ -106,13 +106,20 @@ def measure(folder: Path, dataset, batch_size: int) -> dict[str, float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs" / "benchmarks" / "calibration_cpu")
-    parser.add_argument("--name", default="calibration_cpu_diagnostics")
-    parser.add_argument("--results_dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--num_images", type=int, default=200)
+    parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs" / "benchmarks" / "calibration_cpu",
+                        help="a benchmarks/calibration.py work dir: every <arm>/seed_<s>/ folder in it with a "
+                             "metrics.json is measured (default: outputs/benchmarks/calibration_cpu, the cpu size's)")
+    parser.add_argument("--name", default="calibration_cpu_diagnostics",
+                        help="report name: <results_dir>/<name>.md (default: %(default)s)")
+    parser.add_argument("--results_dir", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="the folder the report is written to (default: the repository's benchmarks/results)")
+    parser.add_argument("--num_images", type=int, default=200,
+                        help="number of fresh train-distribution digits scenes the detections are taken on "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=3, help="generation seed of the scenes (not 0, the training "
-                                                           "scenes' seed)")
-    parser.add_argument("--batch_size", type=int, default=32)
+                                                           "scenes' seed) (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="images per forward pass of each model (default: %(default)s)")
     args = parser.parse_args(argv)
     from hf_caldetr.data.splits import load_calibration_split
 

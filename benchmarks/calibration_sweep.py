@@ -106,20 +106,29 @@ def report(rows: dict, chosen: str | None, setup: list[str], command: str) -> li
 def parse_arguments(argv):
     own, passthrough = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(bench.SIZES), default="cpu")
-    parser.add_argument("--candidates", nargs="+", required=True, metavar="NAME=VALUE[,NAME=VALUE]")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work_dir", help="calibration.py's work dir for the size (default "
-                                           "outputs/benchmarks/calibration_<size>), so runs are shared")
-    parser.add_argument("--name", help="report name; default calibration_sweep_<size>")
-    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--size", choices=sorted(bench.SIZES), default="cpu",
+                        help="benchmarks/calibration.py's budget (train.py arguments) the candidates are trained "
+                             "with: smoke, cpu or gpu (default: %(default)s)")
+    parser.add_argument("--candidates", nargs="+", required=True, metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="the Cal settings to try, one cal-detr run each; NAME one of logit_mixing_alpha, "
+                             "logit_mixing_loss_coefficient (required; the library default and the baseline are "
+                             "always added)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="train.py --seed of every run (default: %(default)s)")
+    parser.add_argument("--work_dir", help="calibration.py's work dir for the size, so runs are shared "
+                                           "(default: outputs/benchmarks/calibration_<size>)")
+    parser.add_argument("--name", help="report name: <results_dir>/<name>.md (default: calibration_sweep_<size>)")
+    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"),
+                        help="the folder the report is written to (default: the repository's benchmarks/results)")
     parser.add_argument("--tuning_seed", type=int, default=2,
                         help="generation seed of the tuning scenes: not the data seed, not calibration.py's "
-                             "--calibration_seed (1)")
-    parser.add_argument("--num_tuning_images", type=int, help="default: the size's calibration images (500)")
+                             "--calibration_seed (1) (default: %(default)s)")
+    parser.add_argument("--num_tuning_images", type=int,
+                        help="number of tuning scenes (default: the size's calibration images: smoke 64, else 500)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs trained at once; on a CPU each gets cores / jobs threads")
-    parser.add_argument("--eval_batch_size", type=int, default=32)
+                        help="runs trained at once; on a CPU each gets cores / jobs threads (default: %(default)s)")
+    parser.add_argument("--eval_batch_size", type=int, default=32,
+                        help="batch size of the evaluation on the tuning split (default: %(default)s)")
     args = parser.parse_args(own)
     try:
         args.candidates = [parse_candidate(text) for text in args.candidates]

@@ -144,20 +144,34 @@ def measure(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODEL_BUILDERS), nargs="+", default=sorted(MODEL_BUILDERS))
-    parser.add_argument("--size", choices=["tiny", "r50"], default="tiny")
-    parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--num_labels", type=int, default=91)
-    parser.add_argument("--boxes_per_image", type=int, default=7)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=sorted(MODEL_BUILDERS), nargs="+", default=sorted(MODEL_BUILDERS),
+                        help="the model families timed, one after the other (default: all: %(default)s)")
+    parser.add_argument("--size", choices=["tiny", "r50"], default="tiny",
+                        help="tiny: a small random ResNet, width 64, 3 decoder layers, 50 queries; r50: the "
+                             "published ResNet-50 shapes (random weights, 6 decoder layers) (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="images per step (default: 4 for tiny, 2 for r50)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="image height in pixels (default: 128 for tiny, 800 for r50)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width in pixels (default: 128 for tiny, 1066 for r50)")
+    parser.add_argument("--num_labels", type=int, default=91,
+                        help="number of classes of the models (default: %(default)s, COCO's)")
+    parser.add_argument("--boxes_per_image", type=int, default=7,
+                        help="random ground-truth boxes per image (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32, or bf16 autocast of the forward pass and loss (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed optimizer steps of each model, interleaved; the median is reported "
+                             "(default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed optimizer steps of each model before the timed ones (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device to run on (default: cuda when available, else cpu)")
     parser.add_argument("--timer", choices=["wall", "cpu"], default=None,
                         help="wall clock (default on GPU) or this process's CPU time with one thread (default on CPU)")
-    parser.add_argument("--output", default=None, help="append the result rows to this markdown file")
+    parser.add_argument("--output", default=None,
+                        help="append the result rows to this markdown file (default: print them only)")
     args = parser.parse_args()
     if args.size == "r50":
         args.batch_size, args.height, args.width = args.batch_size or 2, args.height or 800, args.width or 1066

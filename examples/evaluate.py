@@ -5,6 +5,14 @@
     python examples/evaluate.py --model_name_or_path outputs/baseline-digits --fit_calibrator isotonic
     python examples/evaluate.py --model_name_or_path outputs/baseline-digits \
         --calibrator outputs/evaluation/calibrator.json
+    python examples/evaluate.py --model_name_or_path outputs/onnx/model.int8.onnx --fit_calibrator platt \
+        --save_calibrated_model outputs/onnx-calibrated
+
+The checkpoint may also be an ONNX file written by ``examples/export.py`` (fp32 or int8, with the
+``config.json`` and ``preprocessor_config.json`` it copies beside the file): it is run in onnxruntime and measured
+with the same metrics. ``--fit_calibrator temperature|platt`` folds the fitted map into the model (its weights for
+a PyTorch checkpoint, a Mul + Add at the ``logits`` output of an ONNX graph) and measures the folded model;
+``--save_calibrated_model DIR`` writes it (an ordinary checkpoint, or ``DIR/model.onnx``).
 
 The checkpoint is a folder or a Hub id, plain or Cal (a stock transformers checkpoint either way); the data flags
 are train.py's (the embedded digits default, ``--dataset_name``, or COCO folders), of which the validation split
@@ -52,12 +60,15 @@ from hf_caldetr.data import (
 )
 from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
 from hf_caldetr.evaluation import (
+    CALIBRATOR_KINDS,
     fit_calibrator,
     iter_detections,
+    make_calibrator,
     measure_detections,
     summarize,
     write_metrics,
 )
+from hf_caldetr.folding import fold_calibrator, is_foldable
 from hf_caldetr.metrics import plot_reliability_diagram
 from hf_caldetr.training import MODEL_FAMILIES
 
@@ -69,6 +80,8 @@ CALIBRATORS = {
     "isotonic": IsotonicCalibrator,
     "histogram": HistogramBinning,
 }
+assert set(CALIBRATORS) == set(CALIBRATOR_KINDS) - {"none"}
+COMPARED_METRICS = (("map", "AP"), ("map_50", "AP50"), ("d_ece", "D-ECE"), ("laece", "LaECE"))
 SPLIT_TITLES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 
 
@@ -85,8 +98,10 @@ def check_checkpoint(name_or_path: str) -> None:
             raise ValueError(f"{name_or_path} is a folder without config.json: not a model checkpoint "
                              "(save_pretrained writes one)")
         return
+    if path.is_file() and path.suffix == ".onnx":
+        return
     if path.exists():
-        raise ValueError(f"{name_or_path} is a file; pass a checkpoint folder or a Hub model id")
+        raise ValueError(f"{name_or_path} is a file; pass a checkpoint folder, an .onnx file or a Hub model id")
     try:
         validate_repo_id(name_or_path)
     except HFValidationError:
@@ -102,6 +117,10 @@ def load_detector(name_or_path: str):
     """
     from transformers import AutoConfig, AutoModelForObjectDetection
 
+    if is_onnx(name_or_path):
+        from hf_caldetr.export import OnnxDetector
+
+        return OnnxDetector(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as error:
@@ -112,11 +131,29 @@ def load_detector(name_or_path: str):
     return AutoModelForObjectDetection.from_pretrained(name_or_path)
 
 
+def is_onnx(name_or_path: str) -> bool:
+    return Path(name_or_path).suffix == ".onnx" and Path(name_or_path).is_file()
+
+
+def comparison_table(first: str, second: str, results: dict, compared: dict) -> str:
+    """A side-by-side table (percent) of two models' AP, AP50, D-ECE and LaECE per split, with the difference."""
+    a, b = display_name(first), display_name(second)
+    lines = [f"| split | metric | {a} | {b} | {b} - {a} |", "|---|---|---|---|---|"]
+    for split in results:
+        left, right = summarize(results[split]), summarize(compared[split])
+        for key, label in COMPARED_METRICS:
+            lines.append(f"| {SPLIT_TITLES[split]} | {label} | {100 * left[key]:.2f} | {100 * right[key]:.2f} | "
+                         f"{100 * (right[key] - left[key]):+.2f} |")
+    return "\n".join(lines)
+
+
 def load_image_processor(name_or_path: str, model_type: str, image_size: int):
     """The checkpoint's image processor; when it saved none, ``build_image_processor(image_size)`` of the class
     train.py uses for ``model_type``."""
     from transformers import AutoImageProcessor
 
+    if is_onnx(name_or_path):
+        name_or_path = str(Path(name_or_path).parent)
     try:
         return AutoImageProcessor.from_pretrained(name_or_path)
     except OSError:
@@ -165,21 +202,26 @@ def plot_panels(panels: list[tuple[dict, str]], path) -> None:
 @dataclass
 class EvaluationArguments:
     model_name_or_path: str = field(metadata={"help": "the checkpoint to evaluate (Hub id or folder, plain or Cal)"})
-    compare_with: str | None = field(default=None, metadata={"help": "a second checkpoint, evaluated side by side"})
-    output_dir: str = "outputs/evaluation"
-    per_device_eval_batch_size: int = 32
-    dataloader_num_workers: int = 0
+    compare_with: str | None = field(default=None, metadata={
+        "help": "a second checkpoint, evaluated side by side (a table of both and their difference is printed)"})
+    output_dir: str = field(default="outputs/evaluation", metadata={
+        "help": "where metrics.json and the diagrams go"})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "images per batch and process"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "data-loading worker processes"})
     include_images_without_gt: bool = field(
-        default=False, metadata={"help": "keep detections of images without ground truth (all false positives)"})
+        default=False, metadata={"help": "keep detections of images without ground truth (all false positives; "
+                                         "default: off, the protocol's choice)"})
 
 
 @dataclass
 class CalibrationArguments:
     calibrator: str | None = field(
-        default=None, metadata={"help": "a saved calibrator.json, applied before the metrics"})
+        default=None, metadata={"help": "a saved calibrator.json, applied to the scores before the metrics "
+                                        ""})
     fit_calibrator: str | None = field(
-        default=None, metadata={"help": f"fit one of {sorted(CALIBRATORS)} on held-out data"})
-    class_wise: bool = field(default=False, metadata={"help": "one map per class (fit_calibrator)"})
+        default=None, metadata={"help": f"fit one of {sorted(CALIBRATORS)} on held-out data; temperature and platt "
+                                        "are folded into the model"})
+    class_wise: bool = field(default=False, metadata={"help": "one map per class (fit_calibrator; default: off)"})
     calibration_split: str | None = field(
         default=None, metadata={"help": "Hub split to fit on (default: the train split); never the evaluation split"})
     num_calibration_images: int = field(default=500, metadata={"help": "seeded subset of the split; 0 takes it all"})
@@ -189,6 +231,9 @@ class CalibrationArguments:
         default=0.3, metadata={"help": "fit on detections scoring at least this (the D-ECE protocol's 0.3)"})
     save_calibrator_with_checkpoint: bool = field(
         default=False, metadata={"help": "also write calibrator.json into the checkpoint folder"})
+    save_calibrated_model: str | None = field(
+        default=None, metadata={"help": "write the model with the fitted temperature/Platt map folded in to this "
+                                        "folder: a checkpoint, or model.onnx for an ONNX model (default: not written)"})
 
 
 def check_arguments(eval_args: EvaluationArguments, calibration_args: CalibrationArguments) -> None:
@@ -207,16 +252,40 @@ def check_arguments(eval_args: EvaluationArguments, calibration_args: Calibratio
     if calibration_args.fit_calibrator and calibration_args.fit_calibrator not in CALIBRATORS:
         raise ValueError(f"--fit_calibrator must be one of {sorted(CALIBRATORS)}, got "
                          f"{calibration_args.fit_calibrator!r}")
+    if calibration_args.save_calibrated_model and calibration_args.fit_calibrator not in ("temperature", "platt"):
+        raise ValueError("--save_calibrated_model needs --fit_calibrator temperature or platt (the affine maps that "
+                         "fold into a model); isotonic and histogram stay a calibrator.json")
     saves_with_checkpoint = calibration_args.save_calibrator_with_checkpoint
     if saves_with_checkpoint and not (calibration_args.fit_calibrator and checkpoint.is_dir()):
         raise ValueError("--save_calibrator_with_checkpoint needs --fit_calibrator and a checkpoint folder")
+
+
+def fold_model(name: str, model, calibrator, fitted_on: dict, accelerator, save_to: str | None):
+    """``model`` with ``calibrator`` folded in: into the weights of a PyTorch model (saved as a checkpoint when
+    ``save_to``), or as a Mul + Add at an ONNX graph's logits output (written to ``save_to`` or a temporary
+    folder, and loaded from there)."""
+    if is_onnx(name):
+        import tempfile
+
+        from hf_caldetr.export import OnnxDetector, fold_into_onnx
+
+        folder = Path(save_to) if save_to else Path(tempfile.mkdtemp(prefix="calibrated-onnx-"))
+        path = fold_into_onnx(name, calibrator, folder / "model.onnx", fitted_on=fitted_on)
+        return OnnxDetector(path)
+    unwrapped = accelerator.unwrap_model(model)
+    fold_calibrator(unwrapped, calibrator, fitted_on=fitted_on)
+    if save_to and accelerator.is_main_process:
+        unwrapped.save_pretrained(save_to)
+        load_image_processor(name, unwrapped.config.model_type, 0).save_pretrained(save_to)
+    return model
 
 
 # -------------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((EvaluationArguments, DataArguments, CalibrationArguments))
+    parser = HfArgumentParser((EvaluationArguments, DataArguments, CalibrationArguments),
+                              description=__doc__.split("\n\n")[0])
     eval_args, data_args, calibration_args = parser.parse_args_into_dataclasses(args=argv)
 
     # Phase 1: accelerator, logging, the checks that need no data.
@@ -238,11 +307,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Phase 3: models, each with its own image processor.
     names = [eval_args.model_name_or_path] + ([eval_args.compare_with] if eval_args.compare_with else [])
-    models, processors = {}, {}
+    models, processors, raw_models = {}, {}, {}
     for name in names:
         model = load_detector(name)
         check_labels(model, eval_dataset, name)
-        models[name] = accelerator.prepare_model(model, evaluation_mode=True)
+        models[name] = model if is_onnx(name) else accelerator.prepare_model(model, evaluation_mode=True)
         processors[name] = load_image_processor(name, model.config.model_type, data_args.image_size)
 
     def dataloader(dataset, name):
@@ -252,13 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Phase 4: the post-hoc calibrator of the first model: fitted on held-out images, or loaded.
     main_name = names[0]
-    calibration_record = None
+    calibration_record, folded = None, False
     if calibration_args.fit_calibrator:
         with accelerator.main_process_first():
             calibration_dataset = load_calibration_split(data_args, calibration_args.calibration_split,
                                                          calibration_args.num_calibration_images,
                                                          calibration_args.calibration_seed)
-        calibrator = CALIBRATORS[calibration_args.fit_calibrator](class_wise=calibration_args.class_wise)
+        softmax_head = models[main_name].config.model_type == "detr"
+        calibrator = make_calibrator(calibration_args.fit_calibrator, calibration_args.class_wise, softmax_head)
         fit_calibrator(models[main_name], dataloader(calibration_dataset, main_name), processors[main_name],
                        calibrator, accelerator, score_threshold=calibration_args.calibration_score_threshold,
                        progress=True, **metric_options)
@@ -266,8 +336,14 @@ def main(argv: list[str] | None = None) -> dict:
                               "num_images": len(calibration_dataset), "seed": calibration_args.calibration_seed,
                               "score_threshold": calibration_args.calibration_score_threshold}
         logger.info("fitted %r on %d images: %s", calibrator, len(calibration_dataset), calibrator.params_)
+        if is_foldable(calibrator, softmax_head):
+            raw_models[main_name] = load_detector(main_name)
+            models[main_name] = fold_model(main_name, models[main_name], calibrator, calibration_record, accelerator,
+                                           calibration_args.save_calibrated_model)
+            folded = True
 
-    # Phase 5: evaluate. A model runs once per split; raw and calibrated scores are measured on its detections.
+    # Phase 5: evaluate. A model runs once per split; raw and calibrated scores are measured on its detections
+    # (a folded model runs once more, unfolded, for its raw scores).
     results, before, compared = {}, {}, {}
     for split, dataset in splits.items():
         for name in names:
@@ -275,6 +351,11 @@ def main(argv: list[str] | None = None) -> dict:
                                            progress=True))
             raw = measure_detections(batches, **metric_options)
             if name == main_name:
+                if folded:  # the folded model's own scores are calibrated; its raw ones come from the raw model
+                    raw_batches = list(iter_detections(raw_models[main_name], dataloader(dataset, name),
+                                                       processors[name], accelerator, progress=True))
+                    before[split], results[split] = measure_detections(raw_batches, **metric_options), raw
+                    continue
                 before[split] = raw
                 results[split] = raw if calibrator is None else measure_detections(batches, calibrator,
                                                                                    **metric_options)
@@ -291,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     extra = {"evaluation": {"model": main_name, "compare_with": eval_args.compare_with,
                             "calibrator": None if calibrator is None else {
-                                "type": type(calibrator).__name__,
+                                "type": type(calibrator).__name__, "folded": folded,
                                 "path": calibration_args.calibrator or str(output_dir / "calibrator.json"),
                                 "fitted_on": calibration_record},
                             "num_processes": accelerator.num_processes,
@@ -305,6 +386,9 @@ def main(argv: list[str] | None = None) -> dict:
     titles = {split: f"{display_name(main_name)}{suffix}, {SPLIT_TITLES[split]}" for split in results}
     metrics = write_metrics(results, output_dir, extra=extra, titles=titles)
     if compared:
+        table = comparison_table(main_name, eval_args.compare_with, results, compared)
+        (output_dir / "comparison.md").write_text(table + "\n")
+        print(table)
         other = display_name(eval_args.compare_with)
         plot_panels([panel for split in results for panel in (
             (results[split], titles[split]), (compared[split], f"{other}, {SPLIT_TITLES[split]}"))],

@@ -24,14 +24,22 @@ SKIPPED_BECAUSE = {"checkpoint": "checkpoint folder (--include_checkpoints)",
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", help="a folder written by examples/train.py")
-    parser.add_argument("--hub_model_id", required=True, help="the Hub repo id, e.g. 'me/cal-detr-digits'")
-    parser.add_argument("--private", action="store_true", help="create the repo private (an existing one is kept)")
-    parser.add_argument("--dry_run", action="store_true", help="print what would be uploaded; upload nothing")
-    parser.add_argument("--include_checkpoints", action="store_true", help="also upload step_N/ and epoch_N/")
-    parser.add_argument("--include_logs", action="store_true", help="also upload the tensorboard event files")
-    parser.add_argument("--license", default="apache-2.0", help="card metadata")
-    parser.add_argument("--commit_message", default=None)
+    parser.add_argument("model_dir", help="a folder written by examples/train.py (required)")
+    parser.add_argument("--hub_model_id", required=True,
+                        help="the Hub model repo to create or update, e.g. 'me/cal-detr-digits' (required)")
+    parser.add_argument("--private", action="store_true",
+                        help="create the repo private; an existing repo keeps its visibility (default: public)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="write the card and print what would be uploaded; upload nothing, need no token "
+                             "(default: off)")
+    parser.add_argument("--include_checkpoints", action="store_true",
+                        help="also upload the step_N/ and epoch_N/ checkpoint folders (default: off)")
+    parser.add_argument("--include_logs", action="store_true",
+                        help="also upload the tensorboard event files (default: off)")
+    parser.add_argument("--license", default="apache-2.0",
+                        help="the license written in the model card's metadata (default: %(default)s)")
+    parser.add_argument("--commit_message", default=None,
+                        help="message of the upload commit (default: 'Upload Cal-DETR model folder (hf_caldetr)')")
     return parser.parse_args(argv)
 
 

@@ -1,12 +1,24 @@
-"""Train a Cal-DETR Deformable DETR (or the stock baseline) with Accelerate, then evaluate it in- and out-of-domain.
+"""Train a Cal-DETR detector (or the stock baseline) with Accelerate, calibrate it post hoc on held-out images and
+fold the calibration into its weights, then evaluate it raw and calibrated, in-domain and on a corrupted copy.
 
-    accelerate launch examples/train.py                       # the embedded digits default, ~10 min on a laptop CPU
+    accelerate launch examples/train.py                       # the embedded digits default (see the README's timing)
     accelerate launch examples/train.py --method baseline     # the stock transformers model, all else identical
+    accelerate launch examples/train.py --resume_from_checkpoint latest     # continue an interrupted run
     accelerate launch examples/train.py --train_annotations train.json --train_images imgs/ \
         --validation_annotations val.json --validation_images imgs/ --model_name_or_path SenseTime/deformable-detr
 
-The output folder is a Hub repository: config + safetensors weights (a stock `DeformableDetrForObjectDetection`
-checkpoint), the image processor config, `metrics.json`, `reliability_diagram.png`, the corruption manifest.
+Data: the embedded digits default, a Hub dataset (``--dataset_name``: an ``image`` column and an ``objects`` column
+with ``bbox`` (COCO ``[x, y, width, height]`` in pixels) and ``category`` (ClassLabel ids)), or COCO folders; the
+README's "Your own data" section has the details. Calibration (``--calibrator``, default Platt scaling) is fitted on
+images that are neither training nor evaluation images: fresh scenes for the digits default, a held-out part of the
+training images (``--num_calibration_images``, taken out before training) for COCO folders and Hub datasets without
+``--calibration_split``. Temperature and Platt scaling are folded into the classification head, so the saved
+checkpoint's stock transformers model, pipeline and Hub widget return calibrated scores.
+
+The output folder is a Hub repository: config + safetensors weights (a stock transformers checkpoint), the image
+processor config, ``metrics.json`` (calibrated, and raw under ``before_calibration``), ``reliability_diagram.png``
+(raw and calibrated), ``calibrator.json``, ``example.png``, the corruption manifest, the model card ``README.md``
+and ``step_N`` checkpoints (every ``--checkpointing_steps``).
 """
 
 from __future__ import annotations
@@ -28,7 +40,16 @@ from transformers import HfArgumentParser, get_scheduler
 
 from hf_caldetr.data import build_image_processor, corrupt_dataset, id2label, make_collate_fn, save_manifest
 from hf_caldetr.data.splits import DataArguments, load_splits
-from hf_caldetr.evaluation import evaluate_model, summarize, write_metrics
+from hf_caldetr.data.splits import load_calibration_split, random_subset
+from hf_caldetr.evaluation import (
+    CALIBRATOR_KINDS,
+    evaluate_model,
+    fit_and_fold,
+    make_calibrator,
+    summarize,
+    write_metrics,
+)
+from hf_caldetr.metrics import plot_reliability_diagram
 from hf_caldetr.training import (
     CAL_FIELDS,
     METHODS,
@@ -56,62 +77,169 @@ def checkpoint_step(path: str) -> int:
 
 
 def save_checkpoint(accelerator, output_dir: str, name: str, completed_steps: int) -> None:
+    """``accelerator.save_state`` into ``output_dir/name``; ``progress.json`` is written last, so a checkpoint
+    without it was interrupted mid-write and is never resumed from."""
     path = os.path.join(output_dir, name)
     accelerator.save_state(path)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         Path(path, "progress.json").write_text(json.dumps({"completed_steps": completed_steps}))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint (with its ``progress.json``) of ``output_dir`` with the most steps, or None."""
+    complete = []
+    for path in Path(output_dir).glob("*_*"):
+        progress = path / "progress.json"
+        if path.is_dir() and path.name.split("_")[0] in ("step", "epoch") and progress.is_file():
+            try:
+                complete.append((json.loads(progress.read_text())["completed_steps"], str(path)))
+            except (ValueError, KeyError):
+                continue
+    return max(complete)[1] if complete else None
+
+
+def check_output_dir(train_args) -> None:
+    """Never overwrite a finished run: its weights, metrics and checkpoints would mix with the new run's."""
+    finished = [name for name in ("model.safetensors", "metrics.json") if Path(train_args.output_dir, name).exists()]
+    if finished and not (train_args.overwrite_output_dir or train_args.resume_from_checkpoint):
+        raise ValueError(f"{train_args.output_dir} holds a finished run ({', '.join(finished)}): pick another "
+                         "--output_dir, pass --overwrite_output_dir to replace it, or --resume_from_checkpoint")
+
+
+def use_every_core(accelerator) -> int:
+    """On a CPU, give each process its share of the cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 when it
+    starts a single CPU process, which leaves all but one core idle. Returns the thread count."""
+    if accelerator.device.type == "cpu":
+        share = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
+        if torch.get_num_threads() < share:
+            torch.set_num_threads(share)
+    return torch.get_num_threads()
+
+
+def calibration_images(data_args, calibration_args, train_dataset):
+    """``(train_dataset, calibration_dataset)``: the images a calibrator is fitted on are neither training nor
+    evaluation images. Digits default: fresh scenes (generation seed ``--calibration_seed``). A named Hub split
+    (``--calibration_split``): a subset of it. Otherwise (COCO folders, Hub datasets): ``--num_calibration_images``
+    training images, held out before training."""
+    count = calibration_args.num_calibration_images
+    if calibration_args.calibration_split or not (data_args.dataset_name or data_args.train_annotations):
+        split = calibration_args.calibration_split
+        if split and split == data_args.train_split:
+            raise ValueError(f"--calibration_split {split!r} is the training split: name a split used neither for "
+                             "training nor for evaluation, or leave it unset to hold out training images")
+        return train_dataset, load_calibration_split(data_args, split, count, calibration_args.calibration_seed)
+    if not 0 < count < len(train_dataset) // 2:
+        raise ValueError(f"--num_calibration_images {count}: holding out that many of the {len(train_dataset)} "
+                         "training images leaves too few to train on (at most half), or none to calibrate on")
+    held_out = random_subset(train_dataset, count, calibration_args.calibration_seed)
+    held_out_ids = set(held_out["image_id"])
+    remaining = train_dataset.filter(lambda image_id: image_id not in held_out_ids, input_columns="image_id")
+    return remaining, held_out
 
 
 # --------------------------------------------------------------------------------------------------- arguments
 
 
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
 @dataclass
 class ModelArguments:
-    method: str = field(default="cal-detr", metadata={"help": f"one of {sorted(METHODS)}"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "plain or Cal checkpoint (Hub id or folder)"})
-    model_type: str | None = field(default=None, metadata={"help": f"{sorted(MODEL_FAMILIES)}; default: the checkpoint's, else deformable_detr"})
-    model_preset: str = field(default="small", metadata={"help": "fresh model when no checkpoint: tiny, small, r50"})
-    config_overrides: str | None = field(default=None, metadata={"help": "e.g. 'd_model=128,num_queries=30'"})
-    uncertainty_modulation: str | None = field(default=None, metadata={"help": "override: multiplicative|subtractive|none"})
-    modulate_at_inference: bool | None = field(default=None)
-    use_logit_mixing: bool | None = field(default=None)
-    logit_mixing_alpha: float | None = field(default=None)
-    logit_mixing_loss_coefficient: float | None = field(default=None)
+    method: str = field(default="cal-detr", metadata=_help(
+        f"one of {sorted(METHODS)}; baseline is the stock transformers model"))
+    model_name_or_path: str | None = field(default=None, metadata=_help(
+        "plain or Cal checkpoint to fine-tune (Hub id or folder); default: a fresh model of --model_preset"))
+    model_type: str | None = field(default=None, metadata=_help(
+        f"{sorted(MODEL_FAMILIES)}; default: the checkpoint's, else deformable_detr"))
+    model_preset: str = field(default="small", metadata=_help(
+        "fresh model when no checkpoint: tiny, small or r50"))
+    config_overrides: str | None = field(default=None, metadata=_help(
+        "config fields as key=value pairs, e.g. 'd_model=128,num_queries=30'"))
+    uncertainty_modulation: str | None = field(default=None, metadata=_help(
+        "override the method's modulation: multiplicative|subtractive|none (default: the method's)"))
+    modulate_at_inference: bool | None = field(default=None, metadata=_help(
+        "pass true/false: modulate the logits at inference too"))
+    use_logit_mixing: bool | None = field(default=None, metadata=_help(
+        "pass true/false: override the method's logit-mixing regulariser (default: the method's)"))
+    logit_mixing_alpha: float | None = field(default=None, metadata=_help("alpha of the logit mixing"))
+    logit_mixing_loss_coefficient: float | None = field(default=None, metadata=_help(
+        "lambda, the weight of the mixing loss"))
 
 
 @dataclass
 class TrainArguments:
-    output_dir: str = "outputs/cal-detr-digits"
-    num_train_epochs: int = 50
-    max_train_steps: int | None = field(default=3000, metadata={"help": "overrides num_train_epochs when set"})
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 32
-    learning_rate: float | None = field(default=None, metadata={
-        "help": "default 1e-3 for a fresh model (the from-scratch presets), 1e-4 when fine-tuning a checkpoint"})
-    weight_decay: float = 1e-4
-    lr_scheduler_type: str = "cosine"
-    num_warmup_steps: int = 100
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 0.1
-    augment: bool = field(default=False, metadata={"help": "small scale/translation jitter of training images"})
-    seed: int = 42
-    checkpointing_steps: str | None = field(default=None, metadata={"help": "an integer N (step_N) or 'epoch'"})
-    resume_from_checkpoint: str | None = None
-    eval_every_epoch: bool = False
-    logging_steps: int = 50
-    report_to: str = field(default="auto", metadata={"help": "tensorboard|none|auto (tensorboard when installed)"})
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = False
-    dataloader_num_workers: int = 0
+    output_dir: str = field(default="outputs/cal-detr-digits", metadata=_help(
+        "where the checkpoint, metrics, diagrams and step_N checkpoints go"))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "replace a finished run in --output_dir"))
+    num_train_epochs: int = field(default=50, metadata=_help("epochs, when --max_train_steps is 0"))
+    max_train_steps: int = field(default=3000, metadata=_help(
+        "optimizer steps; 0 trains --num_train_epochs epochs instead"))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("training images per process"))
+    per_device_eval_batch_size: int = field(default=32, metadata=_help("evaluation images per process"))
+    learning_rate: float | None = field(default=None, metadata=_help(
+        "default 1e-3 for a fresh model (the from-scratch presets), 1e-4 when fine-tuning a checkpoint"))
+    weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay"))
+    lr_scheduler_type: str = field(default="cosine", metadata=_help("transformers scheduler name"))
+    num_warmup_steps: int = field(default=100, metadata=_help("linear warm-up steps"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("batches per optimizer step"))
+    max_grad_norm: float = field(default=0.1, metadata=_help("gradient clipping norm, 0 for none"))
+    augment: bool = field(default=False, metadata=_help("small scale/translation jitter of training images"))
+    seed: int = field(default=42, metadata=_help("seed of the model init, data order and augmentation"))
+    checkpointing_steps: str | None = field(default="500", metadata=_help(
+        "save a resumable step_N checkpoint every N steps, 'epoch' for one per epoch, 'none' for none"))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help(
+        "a step_N / epoch_N folder, or 'latest' for the newest complete one in --output_dir (default: start fresh)"))
+    eval_every_epoch: bool = field(default=False, metadata=_help("evaluate in-domain after each epoch"))
+    logging_steps: int = field(default=50, metadata=_help(
+        "log the mean loss and the learning rate every N steps"))
+    report_to: str = field(default="auto", metadata=_help("tensorboard|none|auto (tensorboard when installed)"))
+    push_to_hub: bool = field(default=False, metadata=_help("upload the output folder at the end"))
+    hub_model_id: str | None = field(default=None, metadata=_help("the Hub repo id for --push_to_hub, e.g. me/my-model"))
+    hub_private: bool = field(default=False, metadata=_help("create the Hub repo private"))
+    dataloader_num_workers: int = field(default=0, metadata=_help("data-loading worker processes"))
+
+
+@dataclass
+class CalibrationArguments:
+    calibrator: str = field(default="platt", metadata=_help(
+        f"post-hoc calibrator fitted after training, one of {CALIBRATOR_KINDS}; temperature and platt are folded "
+        "into the weights, isotonic and histogram saved as calibrator.json, none keeps the raw model "
+        ""))
+    calibration_class_wise: bool = field(default=False, metadata=_help(
+        "one calibration map per class (default: one for all classes)"))
+    calibration_split: str | None = field(default=None, metadata=_help(
+        "a Hub dataset split to calibrate on, neither the train nor the validation split (default: fresh scenes for "
+        "the digits default, else --num_calibration_images training images held out before training)"))
+    num_calibration_images: int = field(default=500, metadata=_help(
+        "images the calibrator is fitted on"))
+    calibration_seed: int = field(default=1, metadata=_help(
+        "seed of the calibration images: the digits default's generation seed (must differ from --data_seed), "
+        "else the held-out draw"))
 
 
 # -------------------------------------------------------------------------------------------------------- main
 
 
 def main():
-    model_args, data_args, train_args = HfArgumentParser((ModelArguments, DataArguments, TrainArguments)).parse_args_into_dataclasses()
-    args = {**asdict(model_args), **asdict(data_args), **asdict(train_args)}
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments, CalibrationArguments),
+                              description=__doc__.split("\n\n")[0])
+    model_args, data_args, train_args, calibration_args = parser.parse_args_into_dataclasses()
+    args = {**asdict(model_args), **asdict(data_args), **asdict(train_args), **asdict(calibration_args)}
+    check_output_dir(train_args)
+    for name in ("logging_steps", "gradient_accumulation_steps"):
+        if getattr(train_args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(train_args, name)}")
+    if train_args.max_train_steps < 0:
+        raise ValueError(f"--max_train_steps must be >= 0 (0 trains --num_train_epochs epochs), got "
+                         f"{train_args.max_train_steps}")
+    checkpoint_every = train_args.checkpointing_steps
+    if checkpoint_every in (None, "none", "0"):
+        checkpoint_every = None
+    elif checkpoint_every != "epoch" and not checkpoint_every.isdigit():
+        raise ValueError(f"--checkpointing_steps must be an integer, 'epoch' or 'none', got {checkpoint_every!r}")
 
     # Phase 1: accelerator, logging, seed.
     report_to = train_args.report_to
@@ -126,9 +254,13 @@ def main():
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file at each checkpoint
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(train_args.seed)
+    threads = use_every_core(accelerator)
+    logger.info("running %d process(es) on %s, %d thread(s) each", accelerator.num_processes, accelerator.device,
+                threads)
     if train_args.push_to_hub:
         from huggingface_hub import get_token
 
@@ -140,11 +272,17 @@ def main():
     started = time.time()
 
     # Phase 2: data.
-    with accelerator.main_process_first():
-        train_dataset, eval_dataset = load_splits(data_args)
-    labels = id2label(train_dataset)
     model_type = model_args.model_type or (
         checkpoint_model_type(model_args.model_name_or_path) if model_args.model_name_or_path else "deformable_detr")
+    # Before any data or training: a calibrator that cannot serve this head is refused now, not after training.
+    calibrator = make_calibrator(calibration_args.calibrator, calibration_args.calibration_class_wise,
+                                 model_family(model_type).softmax_head)
+    with accelerator.main_process_first():
+        train_dataset, eval_dataset = load_splits(data_args)
+        calibration_dataset = None
+        if calibrator is not None:
+            train_dataset, calibration_dataset = calibration_images(data_args, calibration_args, train_dataset)
+    labels = id2label(train_dataset)
     image_processor = build_image_processor(data_args.image_size or None, model_family(model_type).image_processor_class)
     loader_options = dict(num_workers=train_args.dataloader_num_workers)
     train_collator = make_collate_fn(image_processor, augment=train_args.augment, seed=train_args.seed)
@@ -171,6 +309,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=train_args.weight_decay)
     updates_per_epoch = math.ceil(len(train_dataloader) / (train_args.gradient_accumulation_steps * accelerator.num_processes))
     max_train_steps = train_args.max_train_steps or train_args.num_train_epochs * updates_per_epoch
+    args["max_train_steps"] = max_train_steps
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     # accelerate steps a prepared scheduler once per process at each optimizer step, hence the factors.
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer,
@@ -183,16 +322,19 @@ def main():
 
     # Phase 4: resume.
     completed_steps = 0
-    if train_args.resume_from_checkpoint:
-        accelerator.load_state(train_args.resume_from_checkpoint)
-        completed_steps = checkpoint_step(train_args.resume_from_checkpoint)
-        logger.info("resumed from %s at step %d", train_args.resume_from_checkpoint, completed_steps)
+    resume_from = train_args.resume_from_checkpoint
+    if resume_from == "latest":
+        resume_from = latest_checkpoint(train_args.output_dir)
+        if resume_from is None:
+            logger.info("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh",
+                        train_args.output_dir)
+    if resume_from:
+        completed_steps = checkpoint_step(resume_from)
+        accelerator.load_state(resume_from)
+        logger.info("resumed from %s at step %d", resume_from, completed_steps)
     start_epoch, resume_batches = divmod(completed_steps * train_args.gradient_accumulation_steps, len(train_dataloader))
 
     # Phase 5: train.
-    checkpoint_every = train_args.checkpointing_steps
-    if checkpoint_every and checkpoint_every != "epoch" and not checkpoint_every.isdigit():
-        raise ValueError(f"--checkpointing_steps must be an integer or 'epoch', got {checkpoint_every!r}")
     progress = tqdm(range(max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process,
                     desc=f"training ({model_args.method})")
     window: dict[str, list[float]] = {}
@@ -221,7 +363,9 @@ def main():
             if completed_steps % train_args.logging_steps == 0 or completed_steps == max_train_steps:
                 scalars = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
                 scalars["train/learning_rate"] = scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{scalars['train/loss']:.3f}")
+                progress.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/learning_rate']:.2e}")
+                logger.info("step %d/%d: loss %.4f, learning rate %.3e", completed_steps, max_train_steps,
+                            scalars["train/loss"], scalars["train/learning_rate"])
                 if accelerator.log_with:
                     accelerator.log(scalars, step=completed_steps)
                 window.clear()
@@ -241,27 +385,58 @@ def main():
     progress.close()
     train_seconds = time.time() - started
 
-    # Phase 6: evaluate in-domain and on the corrupted copy (CorCOCO recipe).
-    results = {"in_domain": evaluate_model(model, eval_dataloader, image_processor, accelerator, progress=True)}
+    # Phase 6: evaluate in-domain and on the corrupted copy (CorCOCO recipe), raw.
+    splits = {"in_domain": eval_dataloader}
     if not data_args.skip_out_of_domain:
         with accelerator.main_process_first():
             corrupted, manifest = corrupt_dataset(eval_dataset, base_seed=data_args.corruption_seed)
-        corrupted_dataloader = accelerator.prepare(DataLoader(
+        splits["out_of_domain"] = accelerator.prepare(DataLoader(
             corrupted, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collate, **loader_options))
-        results["out_of_domain"] = evaluate_model(model, corrupted_dataloader, image_processor, accelerator, progress=True)
-    for split, result in results.items():
-        summary = summarize(result)
-        logger.info("%s: %s", split, {k: round(v, 4) for k, v in summary.items()})
+    raw = {split: evaluate_model(model, loader, image_processor, accelerator, progress=True)
+           for split, loader in splits.items()}
+
+    # Phase 7: fit the post-hoc calibrator on the held-out images, fold it into the weights when it is affine,
+    # and measure the calibrated detector the same way.
+    unwrapped = accelerator.unwrap_model(model)
+    results, calibration = raw, None
+    if calibrator is not None:
+        calibration_loader = accelerator.prepare(DataLoader(
+            calibration_dataset, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collate,
+            **loader_options))
+        fitted_on = {"images": len(calibration_dataset), "source": calibration_args.calibration_split or (
+            "held-out training images" if (data_args.dataset_name or data_args.train_annotations)
+            else f"fresh digit scenes, generation seed {calibration_args.calibration_seed}"),
+            "score_threshold": 0.3}
+        folded = fit_and_fold(model, unwrapped, calibration_loader, image_processor, calibrator, accelerator,
+                              fitted_on=fitted_on, progress=True)
+        # A folded model's own scores are calibrated; otherwise the calibrator maps the post-processed scores.
+        results = {split: evaluate_model(model, loader, image_processor, accelerator, progress=True,
+                                         calibrator=None if folded else calibrator)
+                   for split, loader in splits.items()}
+        calibration = {"type": type(calibrator).__name__, "class_wise": calibrator.class_wise, "folded": folded,
+                       "params": calibrator.params_,
+                       "class_params": {str(k): v for k, v in calibrator.class_params_.items()},
+                       "fitted_on": fitted_on}
+        logger.info("calibrator %s fitted on %d held-out images%s", type(calibrator).__name__,
+                    len(calibration_dataset), ", folded into the weights" if folded else " (saved as calibrator.json)")
+    for split in results:
+        summary = summarize(results[split])
         if accelerator.log_with:
             accelerator.log({f"eval/{split}/{k}": v for k, v in summary.items()}, step=completed_steps)
+        if calibration is None:
+            logger.info("%s: %s", split, {k: round(v, 4) for k, v in summary.items()})
+            continue
+        before = summarize(raw[split])
+        logger.info("%s: D-ECE raw %.2f %% -> calibrated %.2f %%; LaECE %.2f -> %.2f %%; AP %.2f -> %.2f %%", split,
+                    100 * before["d_ece"], 100 * summary["d_ece"], 100 * before["laece"], 100 * summary["laece"],
+                    100 * before["map"], 100 * summary["map"])
 
-    # Phase 7: save the Hub folder (and push).
+    # Phase 8: save the Hub folder (and push).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         from hf_caldetr.hub import push_folder, save_widget_example, write_model_card
 
         output_dir = Path(train_args.output_dir)
-        unwrapped = accelerator.unwrap_model(model)
         freeze_batch_norm(unwrapped)
         unwrapped.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
@@ -269,8 +444,18 @@ def main():
             save_manifest(manifest, str(output_dir / "corruption_manifest.json"), base_seed=data_args.corruption_seed)
         run_info = {"method": model_args.method, "train_steps": completed_steps,
                     "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1),
-                    "num_processes": accelerator.num_processes, "arguments": args}
-        metrics = write_metrics(results, output_dir, extra={"run": run_info})
+                    "num_processes": accelerator.num_processes, "threads_per_process": threads, "arguments": args}
+        extra = {"run": run_info, "calibration": calibration}
+        if calibration is not None:
+            extra["before_calibration"] = {split: summarize(result) for split, result in raw.items()}
+            calibrator.save(output_dir / "calibrator.json")
+        metrics = write_metrics(results, output_dir, extra=extra)
+        if calibration is not None:
+            panels = [(raw[split], f"raw, {split.replace('_', '-')}") for split in raw] + [
+                (results[split], f"calibrated ({type(calibrator).__name__}), {split.replace('_', '-')}")
+                for split in results]
+            plot_reliability_diagram([panel[0] for panel in panels], output_dir / "reliability_diagram.png",
+                                     titles=[panel[1] for panel in panels])
         save_widget_example(eval_dataset, output_dir)
         write_model_card(output_dir, repo_id=train_args.hub_model_id if train_args.push_to_hub else None)
         logger.info("wrote %s: in-domain %s", output_dir, metrics["in_domain"])

@@ -24,18 +24,19 @@ from hf_caldetr.training import MODEL_FAMILIES
 NUM_LABELS = 5
 
 
-def _config(family: str, cal: bool = False, **overrides):
+def _config(family: str, cal: bool = False, names=None, **overrides):
+    names = names or [f"c{i}" for i in range(NUM_LABELS)]
     kwargs = {"deformable_detr": tiny_deformable_kwargs, "detr": tiny_detr_kwargs,
-              "rt_detr": tiny_rt_detr_kwargs}[family](**overrides)
+              "rt_detr": tiny_rt_detr_kwargs}[family](**overrides, num_labels=len(names))
     spec = MODEL_FAMILIES[family]
-    return (spec.cal_config_class if cal else spec.config_class)(**kwargs, id2label={i: f"c{i}" for i in range(NUM_LABELS)},
-                                                                 label2id={f"c{i}": i for i in range(NUM_LABELS)})
+    return (spec.cal_config_class if cal else spec.config_class)(
+        **kwargs, id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
 
 
-def build(family: str, cal: bool = False, seed: int = 0, **overrides):
+def build(family: str, cal: bool = False, seed: int = 0, names=None, **overrides):
     torch.manual_seed(seed)
     spec = MODEL_FAMILIES[family]
-    model = (spec.cal_model_class if cal else spec.model_class)(_config(family, cal, **overrides))
+    model = (spec.cal_model_class if cal else spec.model_class)(_config(family, cal, names, **overrides))
     # Random heads give logits near 0; spread them so the calibrators have something to do.
     with torch.no_grad():
         head = spec.final_class_head(model)

@@ -43,11 +43,21 @@ def labels_to_references(labels: list[dict]) -> list[dict]:
     return references
 
 
-def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_K) -> list[dict]:
+def softmax_head_logit_rows(logits: torch.Tensor) -> list[torch.Tensor]:
+    """Per image, the full logit row ``[C + 1]`` of each detection DETR's post-processing returns at threshold 0:
+    one per query whose best real-class probability is above 0, in query order (its own rule)."""
+    keep = logits.softmax(-1)[..., :-1].max(-1).values > 0
+    return [image_logits[image_keep] for image_logits, image_keep in zip(logits, keep)]
+
+
+def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_K,
+                 logit_rows: bool = False) -> list[dict]:
     """The model's detections per image, absolute xyxy boxes in the original image.
 
     Each architecture's own post-processing: Deformable DETR's top ``top_k`` over the ``Q * C`` sigmoid scores;
     DETR's one detection per query (softmax, no-object excluded); RT-DETR's top ``Q`` sigmoid scores.
+    ``logit_rows=True`` (softmax heads only) adds each detection's full logit row as ``"logit_rows"``
+    ``[n, C + 1]``, which ``SoftmaxTemperatureScaling`` is fitted on.
     """
     target_sizes = torch.stack([label["orig_size"] for label in labels]).to(outputs.logits.device)
     options = {}
@@ -56,7 +66,7 @@ def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_
     results = image_processor.post_process_object_detection(
         outputs, threshold=0.0, target_sizes=target_sizes, **options
     )
-    return [
+    predictions = [
         {
             "boxes": result["boxes"].float().cpu().numpy(),
             "scores": result["scores"].float().cpu().numpy(),
@@ -64,11 +74,18 @@ def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_
         }
         for result in results
     ]
+    if logit_rows:
+        for prediction, rows in zip(predictions, softmax_head_logit_rows(outputs.logits)):
+            if len(rows) != len(prediction["scores"]):
+                raise ValueError("logit_rows: the post-processing kept other detections than one per query; "
+                                 "logit rows exist for softmax heads (DETR) only")
+            prediction["logit_rows"] = rows.double().cpu().numpy()
+    return predictions
 
 
 @torch.no_grad()
 def iter_detections(model, dataloader, image_processor, accelerator=None, progress: bool = False,
-                    desc: str = "evaluating"):
+                    desc: str = "evaluating", logit_rows: bool = False):
     """Run ``model`` (in eval mode) over ``dataloader``; yield ``(predictions, references, image_sizes)`` per batch.
 
     ``predictions`` and ``references`` are lists of per-image dicts (``post_process``, ``labels_to_references``),
@@ -84,7 +101,7 @@ def iter_detections(model, dataloader, image_processor, accelerator=None, progre
     try:
         for batch in tqdm(dataloader, desc=desc, disable=not show, leave=False):
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"))
-            predictions = post_process(outputs, batch["labels"], image_processor)
+            predictions = post_process(outputs, batch["labels"], image_processor, logit_rows=logit_rows)
             references = labels_to_references(batch["labels"])
             sizes = [tuple(int(v) for v in label["orig_size"]) for label in batch["labels"]]
             if accelerator is not None:
@@ -136,31 +153,38 @@ def evaluate_model(model, dataloader, image_processor, accelerator=None, progres
 
 class DetectionOutcomes(NamedTuple):
     """Kept detections pooled over a split, in matching order: ``scores`` [N] float64, ``matched`` [N] bool
-    (true positive under the D-ECE protocol), ``labels`` [N] int64 predicted classes."""
+    (true positive under the D-ECE protocol), ``labels`` [N] int64 predicted classes; ``logit_rows`` [N, C + 1]
+    (softmax heads, when asked for) or None."""
 
     scores: np.ndarray
     matched: np.ndarray
     labels: np.ndarray
+    logit_rows: np.ndarray | None = None
 
 
 def collect_matches(model, dataloader, image_processor, accelerator=None, score_threshold: float = 0.3,
                     iou_threshold: float = 0.5, include_images_without_gt: bool = False,
-                    progress: bool = False) -> DetectionOutcomes:
+                    progress: bool = False, logit_rows: bool = False) -> DetectionOutcomes:
     """The ``(scores, matched, labels)`` of the D-ECE protocol over a split: ``model``'s post-processed detections
     with ``score >= score_threshold``, matched per image by ``match_detections`` (the metrics' own rule).
 
     Matching is per image, so matching batch by batch equals matching the split at once. With an
     ``accelerator``, every process returns the outcomes of the whole split.
     """
-    parts = [
-        match_detections(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
-        for predictions, references, _ in iter_detections(model, dataloader, image_processor, accelerator,
-                                                           progress, desc="matching")
-    ]
+    parts, rows = [], []
+    for predictions, references, _ in iter_detections(model, dataloader, image_processor, accelerator, progress,
+                                                      desc="matching", logit_rows=logit_rows):
+        image_rows = [prediction.pop("logit_rows", None) for prediction in predictions]
+        part = match_detections(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
+        parts.append(part)
+        if logit_rows:
+            rows.extend(image_rows[image][detection]
+                        for image, detection in zip(part.image_index, part.detection_index))
     return DetectionOutcomes(
         scores=np.concatenate([part.scores for part in parts] or [np.zeros(0)]).astype(np.float64),
         matched=np.concatenate([part.matched for part in parts] or [np.zeros(0, dtype=bool)]),
         labels=np.concatenate([part.labels for part in parts] or [np.zeros(0, dtype=np.int64)]).astype(np.int64),
+        logit_rows=np.stack(rows) if rows else None,
     )
 
 
@@ -173,19 +197,22 @@ def fit_calibrator(model, dataloader, image_processor, calibrator, accelerator=N
     measures it. Pass ``score_threshold=0`` to fit on all top-100 detections instead. ``dataloader`` must not
     hold the images the calibrated model is evaluated on. Returns the fitted calibrator (fitted in place).
     """
-    from .calibrators import MIN_DETECTIONS
+    from .calibrators import MIN_DETECTIONS, SoftmaxTemperatureScaling
 
     if not callable(getattr(calibrator, "fit", None)) or not callable(getattr(calibrator, "transform", None)):
         raise TypeError(f"calibrator must be a post-hoc calibrator with fit and transform (hf_caldetr.calibrators), "
                         f"got {type(calibrator).__name__}")
+    softmax = isinstance(calibrator, SoftmaxTemperatureScaling)
     outcomes = collect_matches(model, dataloader, image_processor, accelerator, score_threshold, iou_threshold,
-                               include_images_without_gt, progress)
+                               include_images_without_gt, progress, logit_rows=softmax)
     if len(outcomes.scores) < MIN_DETECTIONS:
         raise ValueError(
             f"the model kept {len(outcomes.scores)} detections (score >= {score_threshold}) on the calibration "
             f"split, fewer than the {MIN_DETECTIONS} a calibrator needs: use more calibration images or a lower "
             "score threshold"
         )
+    if softmax:
+        return calibrator.fit(outcomes.logit_rows, outcomes.matched)
     return calibrator.fit(outcomes.scores, outcomes.matched, outcomes.labels)
 
 
@@ -221,3 +248,51 @@ def write_metrics(results: dict[str, dict], output_dir, extra: dict | None = Non
         titles=[(titles or {}).get(name, name.replace("_", "-")) for name in names],
     )
     return metrics
+
+
+CALIBRATOR_KINDS = ("none", "temperature", "platt", "isotonic", "histogram")
+"""Post-hoc calibrators the example scripts fit; temperature and Platt scaling are folded into the weights."""
+
+
+def make_calibrator(kind: str, class_wise: bool = False, softmax_head: bool = False):
+    """An unfitted calibrator of ``kind`` (``CALIBRATOR_KINDS``) for a sigmoid or softmax (DETR) head; None for
+    ``"none"``. Refuses, before any training, the combinations that cannot be folded into a softmax head."""
+    from .calibrators import (
+        HistogramBinning,
+        IsotonicCalibrator,
+        PlattScaling,
+        SoftmaxTemperatureScaling,
+        TemperatureScaling,
+    )
+
+    if kind not in CALIBRATOR_KINDS:
+        raise ValueError(f"calibrator must be one of {CALIBRATOR_KINDS}, got {kind!r}")
+    if kind == "none":
+        return None
+    if softmax_head and kind in ("temperature", "platt"):
+        if kind == "platt" or class_wise:
+            raise ValueError(
+                f"{'class-wise ' if class_wise else ''}{kind} scaling cannot be folded into a softmax head (DETR): "
+                "its score depends on every column through the softmax normaliser, so only one temperature over "
+                "all columns can be written into the weights. Use --calibrator temperature (class-agnostic), or "
+                "isotonic / histogram (kept as calibrator.json)")
+        return SoftmaxTemperatureScaling()
+    classes = {"temperature": TemperatureScaling, "platt": PlattScaling, "isotonic": IsotonicCalibrator,
+               "histogram": HistogramBinning}
+    return classes[kind](class_wise=class_wise)
+
+
+def fit_and_fold(model, unwrapped_model, dataloader, image_processor, calibrator, accelerator=None,
+                 fitted_on: dict | None = None, progress: bool = False, **match_options) -> bool:
+    """Fit ``calibrator`` on ``model``'s detections over ``dataloader`` (a held-out split) and fold it into
+    ``unwrapped_model``'s weights when it is an affine map (``hf_caldetr.fold_calibrator``). Returns whether it was
+    folded; a calibrator that was not must be applied to the scores (``evaluate_model(..., calibrator=...)``)."""
+    from .folding import fold_calibrator, is_foldable
+    from .training import MODEL_FAMILIES
+
+    fit_calibrator(model, dataloader, image_processor, calibrator, accelerator, progress=progress, **match_options)
+    family = MODEL_FAMILIES.get(unwrapped_model.config.model_type)
+    if family is None or not is_foldable(calibrator, family.softmax_head):
+        return False
+    fold_calibrator(unwrapped_model, calibrator, fitted_on=fitted_on)
+    return True

@@ -26,20 +26,47 @@ ROLES = ("train", "validation")
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset or saved folder, detection schema"})
-    train_split: str = "train"
-    validation_split: str = "validation"
-    train_annotations: str | None = None
-    train_images: str | None = None
-    validation_annotations: str | None = None
-    validation_images: str | None = None
-    skip_invalid: bool = field(default=False, metadata={"help": "skip (count and log) bad records instead of stopping"})
-    image_size: int = field(default=96, metadata={"help": "processor resize (square); 0 keeps images as they are"})
-    num_train_images: int = field(default=4000, metadata={"help": "embedded default only"})
-    num_validation_images: int = field(default=500, metadata={"help": "embedded default only"})
-    data_seed: int = 0
-    corruption_seed: int = 0
-    skip_out_of_domain: bool = field(default=False, metadata={"help": "skip the corrupted-copy evaluation"})
+    dataset_name: str | None = field(default=None, metadata={"help": (
+        "the data source: a Hub dataset id or a datasets save_to_disk folder with an 'image' column and an "
+        "'objects' column {'bbox': COCO [x, y, w, h] boxes in pixels, 'category': class ids (ClassLabel) or "
+        "names} per image, split by --train_split / --validation_split. Takes precedence over the COCO folder "
+        "flags; with neither, the embedded digits scenes are used. See the README section 'Your own data'")})
+    train_split: str = field(default="train", metadata={"help": (
+        "the split of --dataset_name trained on (evaluate.py: the one a calibrator is fitted on unless "
+        "--calibration_split names another); ignored for COCO folders and the digits default")})
+    validation_split: str = field(default="validation", metadata={"help": (
+        "the split of --dataset_name evaluated, as is (in-domain) and corrupted (out-of-domain); ignored for COCO "
+        "folders and the digits default")})
+    train_annotations: str | None = field(default=None, metadata={"help": (
+        "COCO detection JSON of the training images (images with file_name, annotations with bbox [x, y, w, h] "
+        "in pixels and category_id, categories); with --train_images, used when --dataset_name is not given "
+        "(evaluate.py: only to fit a calibrator on). See the README section 'Your own data'")})
+    train_images: str | None = field(default=None, metadata={"help": (
+        "the folder the file_name of every image in --train_annotations is relative to")})
+    validation_annotations: str | None = field(default=None, metadata={"help": (
+        "COCO detection JSON of the evaluated images (images with file_name, annotations with bbox [x, y, w, h] "
+        "in pixels and category_id, categories); with --validation_images, used when --dataset_name is not "
+        "given. See the README section 'Your own data'")})
+    validation_images: str | None = field(default=None, metadata={"help": (
+        "the folder the file_name of every image in --validation_annotations is relative to")})
+    skip_invalid: bool = field(default=False, metadata={"help": (
+        "skip (count and log) invalid records of a Hub dataset or COCO folder (an unreadable image, a malformed "
+        "or impossible box, an unknown category) instead of stopping with the list of them")})
+    image_size: int = field(default=96, metadata={"help": (
+        "the square side (pixels) the image processor resizes every image to; 0 keeps each image at its own size "
+        "and pads the batch. Also the side of the generated digits scenes (at least 32 there). evaluate.py uses it "
+        "only for a checkpoint saved without its image processor")})
+    num_train_images: int = field(default=4000, metadata={"help": (
+        "number of training scenes generated; digits default only")})
+    num_validation_images: int = field(default=500, metadata={"help": (
+        "number of validation scenes generated; digits default only")})
+    data_seed: int = field(default=0, metadata={"help": (
+        "generation seed of the digits scenes (train and validation); digits default only")})
+    corruption_seed: int = field(default=0, metadata={"help": (
+        "seed of the corruption (type, severity, noise) drawn for each image of the out-of-domain copy of the "
+        "validation split")})
+    skip_out_of_domain: bool = field(default=False, metadata={"help": (
+        "skip the out-of-domain evaluation on the corrupted copy of the validation split")})
 
 
 def _hub_split(data, name: str, source: str):

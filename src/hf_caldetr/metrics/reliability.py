@@ -2,6 +2,18 @@
 
 Drawn on a bare matplotlib ``Figure`` with the Agg canvas, so it never touches pyplot's global state or the
 user's interactive backend.
+
+How to read one panel:
+
+- each non-empty bin is a bar whose black outline reaches the bin's precision;
+- the gap between that precision and the bin's mean confidence is hatched: red above the bar where the detector
+  claimed more than it achieved (over-confident, precision < confidence), orange inside the bar where it
+  achieved more than it claimed (under-confident, precision > confidence);
+- a bin holding few detections (fewer than ``SPARSE_BIN_DETECTIONS``, or under ``SPARSE_BIN_SHARE`` of the
+  panel's detections, hence under that share of its D-ECE weight) is drawn pale and dotted: its precision is
+  too noisy to read a gap from. Every bar is labelled with its number of detections.
+
+Every colour and hatch is drawn opaque (no alpha blending into colours of its own) and has its legend entry.
 """
 
 from __future__ import annotations
@@ -12,8 +24,28 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 _REQUIRED_KEYS = ("d_ece", "bin_counts", "bin_precisions", "bin_confidences", "bin_edges")
+
+# A bin is "sparse" (drawn pale and dotted) when it holds fewer than this many detections: the precision of n
+# detections has a standard error up to 0.5 / sqrt(n), 0.16 at n = 10, as large as most calibration gaps ...
+SPARSE_BIN_DETECTIONS = 10
+# ... or less than this share of the panel's detections: D-ECE weights bins by count, so such a bin moves the
+# D-ECE in the title by less than this share of its gap.
+SPARSE_BIN_SHARE = 0.01
+
+# Styles: (face colour, hatch, hatch/edge colour). All opaque, so what is drawn is what the legend shows.
+_PRECISION = {"facecolor": "#1f77b4", "edgecolor": "black", "hatch": None}  # tab:blue
+_SPARSE = {"facecolor": "#d4e4f4", "edgecolor": "#1f77b4", "hatch": ".."}  # pale blue, blue dots
+_OVER_CONFIDENT = {"facecolor": "#f6b8b8", "edgecolor": "#c42021", "hatch": "//"}  # pale red, red hatch
+_UNDER_CONFIDENT = {"facecolor": "#fde3a7", "edgecolor": "#d46a00", "hatch": "\\\\"}  # pale orange, orange hatch
+_LABELS = {
+    "precision": "precision (black outline)",
+    "sparse": f"sparse bin: < {SPARSE_BIN_DETECTIONS} detections or < {100 * SPARSE_BIN_SHARE:g} % of all",
+    "over": "gap: over-confident (precision < confidence)",
+    "under": "gap: under-confident (precision > confidence)",
+}
 
 
 def _check_result(result, index: int) -> None:
@@ -27,27 +59,54 @@ def _check_result(result, index: int) -> None:
                          f"{len(result['bin_edges'])} edges")
 
 
+def sparse_bins(counts) -> np.ndarray:
+    """Which bins of ``counts`` are sparse: non-empty, with fewer than ``SPARSE_BIN_DETECTIONS`` detections or
+    under ``SPARSE_BIN_SHARE`` of all of them."""
+    counts = np.asarray(counts)
+    return (counts > 0) & ((counts < SPARSE_BIN_DETECTIONS) | (counts < SPARSE_BIN_SHARE * counts.sum()))
+
+
+def _bars(axes, lefts, bottoms, heights, widths, style, zorder, linewidth=0.6):
+    if len(lefts):
+        axes.bar(lefts, heights, bottom=bottoms, width=widths, align="edge", linewidth=linewidth, zorder=zorder,
+                 **style)
+
+
 def _draw_panel(axes, result: Mapping, title: str | None) -> None:
-    """One diagram: a bar per non-empty bin at its precision, the gap to its mean confidence shaded."""
+    """One diagram: a bar per non-empty bin at its precision, the gap to its mean confidence hatched."""
     edges = np.asarray(result["bin_edges"], dtype=float)
     counts = np.asarray(result["bin_counts"])
     precisions = np.asarray(result["bin_precisions"], dtype=float)
     confidences = np.asarray(result["bin_confidences"], dtype=float)
     occupied = counts > 0
-    lefts, widths = edges[:-1][occupied], np.diff(edges)[occupied]
+    sparse = sparse_bins(counts)
+    lefts, widths = edges[:-1], np.diff(edges)
+    zeros = np.zeros_like(lefts)
+    legend = {}
 
-    axes.bar(lefts, precisions[occupied], width=widths, align="edge", color="tab:blue", edgecolor="black",
-             linewidth=0.6, label="precision")
-    # The gap between what the detector claimed (mean confidence) and what it achieved (precision).
-    gap_bottom = np.minimum(precisions[occupied], confidences[occupied])
-    gap_height = np.abs(confidences[occupied] - precisions[occupied])
-    axes.bar(lefts, gap_height, bottom=gap_bottom, width=widths, align="edge", color="tab:red", alpha=0.35,
-             edgecolor="tab:red", hatch="//", linewidth=0.6, label="gap to mean confidence")
-    axes.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
-    for left, width, top, count in zip(lefts, widths, np.maximum(precisions, confidences)[occupied],
-                                       counts[occupied]):
+    # The precision bars: full colour where the bin holds enough detections, pale and dotted where it does not.
+    for kind, chosen, style in (("precision", occupied & ~sparse, _PRECISION), ("sparse", sparse, _SPARSE)):
+        _bars(axes, lefts[chosen], zeros[chosen], precisions[chosen], widths[chosen], style, zorder=2)
+        if chosen.any():
+            legend[kind] = style
+    # The gap between what the detector claimed (mean confidence) and what it achieved (precision), opaque on top
+    # of the bar (under-confident) or above it (over-confident).
+    gap = np.where(occupied, confidences - precisions, 0.0)
+    bottoms = np.minimum(precisions, confidences)
+    for kind, chosen, style in (("over", gap > 0, _OVER_CONFIDENT), ("under", gap < 0, _UNDER_CONFIDENT)):
+        _bars(axes, lefts[chosen], bottoms[chosen], np.abs(gap)[chosen], widths[chosen], style, zorder=3)
+        if chosen.any():
+            legend[kind] = style
+    # The bars' outlines last, so that the precision reads off the black outline whatever covers the bar.
+    _bars(axes, lefts[occupied], zeros[occupied], precisions[occupied], widths[occupied],
+          {"facecolor": "none", "edgecolor": "black"}, zorder=4, linewidth=0.8)
+    for left, width, top, count, is_sparse in zip(lefts[occupied], widths[occupied],
+                                                  np.maximum(precisions, confidences)[occupied], counts[occupied],
+                                                  sparse[occupied]):
         axes.text(left + width / 2, min(top, 1.0) + 0.015, f"n={count}", ha="center", va="bottom", fontsize=7,
-                  rotation=90)
+                  rotation=90, color=_SPARSE["edgecolor"] if is_sparse else "black")
+    (diagonal,) = axes.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, zorder=5,
+                            label="perfect calibration")
 
     d_ece = result["d_ece"]
     d_ece_text = "D-ECE = n/a (no detections)" if not np.isfinite(d_ece) else f"D-ECE = {100 * d_ece:.2f} %"
@@ -56,11 +115,41 @@ def _draw_panel(axes, result: Mapping, title: str | None) -> None:
     axes.set_ylim(0, 1.15)
     axes.set_xlabel("confidence")
     axes.set_ylabel("precision")
-    axes.legend(loc="upper left", fontsize=8)
+    # One entry per style drawn in this panel, each a patch styled exactly as the bars it names.
+    handles = [diagonal] + [Patch(linewidth=0.6, label=_LABELS[kind], **style) for kind, style in legend.items()]
+    # Below the panel: inside it, it would hide the bars of a detector confident and right at low scores.
+    axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7, handlelength=2.5,
+                frameon=False)
+
+
+def reliability_figure(results, titles: Sequence[str] | None = None) -> Figure:
+    """The reliability diagram of ``results`` as a matplotlib ``Figure`` (Agg canvas, no pyplot), one panel per
+    result; ``plot_reliability_diagram`` writes it as a PNG. Arguments as there."""
+    results = [results] if isinstance(results, Mapping) else list(results)
+    if not results:
+        raise ValueError("results is empty: pass at least one detection_ece result")
+    for index, result in enumerate(results):
+        _check_result(result, index)
+    if titles is not None and len(titles) != len(results):
+        raise ValueError(f"{len(titles)} titles for {len(results)} results")
+
+    figure = Figure(figsize=(5 * len(results), 6), dpi=120)  # a 5 x 5 inch panel and its legend below
+    FigureCanvasAgg(figure)
+    for index, result in enumerate(results):
+        axes = figure.add_subplot(1, len(results), index + 1)
+        _draw_panel(axes, result, None if titles is None else titles[index])
+    figure.tight_layout()
+    return figure
 
 
 def plot_reliability_diagram(results, path, titles: Sequence[str] | None = None) -> Path:
     """Write a reliability diagram as a PNG.
+
+    Each non-empty bin is a bar up to its precision (black outline); the gap to the bin's mean confidence is
+    hatched red above the bar (over-confident) or orange inside it (under-confident); sparse bins (fewer than
+    ``SPARSE_BIN_DETECTIONS`` detections or under ``SPARSE_BIN_SHARE`` of the panel's) are pale and dotted, and
+    every bar is labelled with its number of detections. ``reliability_figure`` gives the same ``Figure``
+    undrawn.
 
     Args:
         results: one ``detection_ece`` (or ``calibration_error``) result dict, or a list of them to draw side
@@ -71,20 +160,7 @@ def plot_reliability_diagram(results, path, titles: Sequence[str] | None = None)
     Returns:
         ``path`` as a ``Path``.
     """
-    results = [results] if isinstance(results, Mapping) else list(results)
-    if not results:
-        raise ValueError("results is empty: pass at least one detection_ece result")
-    for index, result in enumerate(results):
-        _check_result(result, index)
-    if titles is not None and len(titles) != len(results):
-        raise ValueError(f"{len(titles)} titles for {len(results)} results")
-
-    figure = Figure(figsize=(5 * len(results), 5), dpi=120)
-    FigureCanvasAgg(figure)
-    for index, result in enumerate(results):
-        axes = figure.add_subplot(1, len(results), index + 1)
-        _draw_panel(axes, result, None if titles is None else titles[index])
-    figure.tight_layout()
+    figure = reliability_figure(results, titles)
     path = Path(path)
     figure.savefig(path, format="png")
     return path
