@@ -9,7 +9,7 @@ fold the calibration into its weights, then evaluate it raw and calibrated, in-d
 
 Data: the embedded digits default, a Hub dataset (``--dataset_name``: an ``image`` column and an ``objects`` column
 with ``bbox`` (COCO ``[x, y, width, height]`` in pixels) and ``category`` (ClassLabel ids)), or COCO folders; the
-README's "Your own data" section has the details. Calibration (``--calibrator``, default Platt scaling) is fitted on
+README's "Your own data" section has the details. Calibration (``--calibrator``, default class-wise Platt scaling) is fitted on
 images that are neither training nor evaluation images: fresh scenes for the digits default, a held-out part of the
 training images (``--num_calibration_images``, taken out before training) for COCO folders and Hub datasets without
 ``--calibration_split``. Temperature and Platt scaling are folded into the classification head, so the saved
@@ -71,9 +71,14 @@ logger = logging.getLogger("train")
 def checkpoint_step(path: str) -> int:
     """Optimizer steps completed at a ``step_N`` / ``epoch_N`` checkpoint (read from its ``progress.json``)."""
     progress = Path(path) / "progress.json"
-    if not progress.is_file():
-        raise ValueError(f"{path} is not a checkpoint of this script (no progress.json)")
-    return json.loads(progress.read_text())["completed_steps"]
+    if not Path(path).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+    try:
+        return json.loads(progress.read_text())["completed_steps"]
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"{path} is not a complete checkpoint (no readable progress.json, which is written last): "
+                         "it was interrupted while being written, or is not this script's; resume from an earlier "
+                         "one, or pass --resume_from_checkpoint latest for the newest complete one") from None
 
 
 def save_checkpoint(accelerator, output_dir: str, name: str, completed_steps: int) -> None:
@@ -208,8 +213,9 @@ class CalibrationArguments:
         f"post-hoc calibrator fitted after training, one of {CALIBRATOR_KINDS}; temperature and platt are folded "
         "into the weights, isotonic and histogram saved as calibrator.json, none keeps the raw model "
         ""))
-    calibration_class_wise: bool = field(default=False, metadata=_help(
-        "one calibration map per class (default: one for all classes)"))
+    calibration_class_wise: bool = field(default=True, metadata=_help(
+        "one calibration map per class with at least 50 held-out detections, the shared map for the others; "
+        "false: one map for all classes"))
     calibration_split: str | None = field(default=None, metadata=_help(
         "a Hub dataset split to calibrate on, neither the train nor the validation split (default: fresh scenes for "
         "the digits default, else --num_calibration_images training images held out before training)"))
@@ -407,8 +413,15 @@ def main():
             "held-out training images" if (data_args.dataset_name or data_args.train_annotations)
             else f"fresh digit scenes, generation seed {calibration_args.calibration_seed}"),
             "score_threshold": 0.3}
-        folded = fit_and_fold(model, unwrapped, calibration_loader, image_processor, calibrator, accelerator,
-                              fitted_on=fitted_on, progress=True)
+        try:
+            folded = fit_and_fold(model, unwrapped, calibration_loader, image_processor, calibrator, accelerator,
+                                  fitted_on=fitted_on, progress=True)
+        except ValueError as error:
+            # Too few kept detections to fit on (an undertrained model): the trained model is saved raw rather
+            # than lost, and metrics.json says why it is not calibrated.
+            logger.warning("calibration skipped, the model is saved uncalibrated: %s", error)
+            calibrator, calibration = None, {"skipped": str(error)}
+    if calibrator is not None:
         # A folded model's own scores are calibrated; otherwise the calibrator maps the post-processed scores.
         results = {split: evaluate_model(model, loader, image_processor, accelerator, progress=True,
                                          calibrator=None if folded else calibrator)
@@ -423,7 +436,7 @@ def main():
         summary = summarize(results[split])
         if accelerator.log_with:
             accelerator.log({f"eval/{split}/{k}": v for k, v in summary.items()}, step=completed_steps)
-        if calibration is None:
+        if calibrator is None:
             logger.info("%s: %s", split, {k: round(v, 4) for k, v in summary.items()})
             continue
         before = summarize(raw[split])
@@ -446,11 +459,11 @@ def main():
                     "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1),
                     "num_processes": accelerator.num_processes, "threads_per_process": threads, "arguments": args}
         extra = {"run": run_info, "calibration": calibration}
-        if calibration is not None:
+        if calibrator is not None:
             extra["before_calibration"] = {split: summarize(result) for split, result in raw.items()}
             calibrator.save(output_dir / "calibrator.json")
         metrics = write_metrics(results, output_dir, extra=extra)
-        if calibration is not None:
+        if calibrator is not None:
             panels = [(raw[split], f"raw, {split.replace('_', '-')}") for split in raw] + [
                 (results[split], f"calibrated ({type(calibrator).__name__}), {split.replace('_', '-')}")
                 for split in results]

@@ -10,6 +10,7 @@ from tiny import tiny_deformable_kwargs, tiny_detr_kwargs, tiny_rt_detr_kwargs
 from transformers import AutoModelForObjectDetection, pipeline
 
 from hf_caldetr import CalibrationFoldError, calibrate_pipeline_outputs, fold_calibrator
+from hf_caldetr.folding import unfold_calibration
 from hf_caldetr.calibrators import (
     HistogramBinning,
     IsotonicCalibrator,
@@ -276,3 +277,18 @@ def test_softmax_temperature_by_hand():
     np.testing.assert_allclose(calibrator.transform(logits), scaled[:, :-1].max(axis=1), rtol=1e-12)
     with pytest.raises(ValueError, match="class-agnostic"):
         SoftmaxTemperatureScaling(class_wise=True)
+
+
+def test_unfold_restores_the_raw_scores():
+    model = build("rt_detr")
+    pixel_values = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        raw = model(pixel_values=pixel_values).logits
+    fold_calibrator(model, fitted("temperature"))
+    fold_calibrator(model, fitted("platt", class_wise=True), compose=True)
+    unfold_calibration(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixel_values).logits, raw, rtol=1e-5, atol=1e-5)
+    assert model.config.folded_calibration is None
+    with pytest.raises(CalibrationFoldError, match="holds no folded calibration"):
+        unfold_calibration(model)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--model_preset", "tiny", "--num_train_images", "32", "--num_validation_images", "16",
-            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--report_to", "none"]
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--report_to", "none",
+            "--num_calibration_images", "16"]
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +97,84 @@ def test_other_architectures_train_and_evaluate(tmp_path, model_type):
     assert config["model_type"] == model_type and config["uncertainty_modulation"] == "multiplicative"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["in_domain"]["num_images"] == 16 and "map" in metrics["in_domain"]
+
+
+@pytest.fixture(scope="module")
+def scoring_checkpoint(tmp_path_factory):
+    """A tiny random Deformable DETR for the digits whose scores start near 0.6 (class bias 0.5), so that a
+    2-step fine-tune keeps detections above the protocol's 0.3 and a calibrator can be fitted."""
+    from hf_caldetr.data import build_image_processor
+    from hf_caldetr.training import build_model
+
+    folder = tmp_path_factory.mktemp("scoring")
+    torch.manual_seed(0)
+    model = build_model("baseline", {i: str(i) for i in range(10)}, preset="tiny")
+    with torch.no_grad():
+        for head in model.class_embed:
+            head.bias.fill_(0.5)
+    model.save_pretrained(folder)
+    build_image_processor(96).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("calibrator", ["platt", "isotonic"])
+def test_the_run_ends_calibrated(tmp_path, scoring_checkpoint, calibrator):
+    launch(tmp_path, "--model_name_or_path", str(scoring_checkpoint), "--max_train_steps", "2",
+           "--num_calibration_images", "24", "--calibrator", calibrator, "--calibration_class_wise", "false")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    calibration = metrics["calibration"]
+    assert calibration["fitted_on"]["images"] == 24 and calibration["folded"] is (calibrator == "platt")
+    for split in ("in_domain", "out_of_domain"):
+        raw, calibrated = metrics["before_calibration"][split], metrics[split]
+        assert raw["num_detections"] > 0 and raw["d_ece"] != calibrated["d_ece"]
+        if calibrator == "platt":  # a class-agnostic, increasing map: the ranking and so the AP are unchanged
+            assert calibrated["map"] == raw["map"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (tmp_path / "calibrator.json").is_file()
+    if calibrator == "platt":
+        (record,) = config["folded_calibration"]
+        assert record["kind"] == "PlattScaling" and record["calibrator"]["params"] == calibration["params"]
+    else:
+        assert "folded_calibration" not in config
+    card = (tmp_path / "README.md").read_text()
+    assert "Raw scores, before the post-hoc calibration" in card
+
+
+def test_calibrators_a_softmax_head_cannot_take_are_refused_before_training(tmp_path):
+    failed = launch(tmp_path, "--model_type", "detr", "--calibrator", "platt", "--max_train_steps", "2", check=False)
+    assert failed.returncode != 0 and "cannot be folded into a softmax head" in failed.stderr
+    assert "training (" not in failed.stderr  # refused before the training loop
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path):
+    launch(tmp_path, "--max_train_steps", "1", "--skip_out_of_domain", "true", "--calibrator", "none")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    failed = launch(tmp_path, "--max_train_steps", "2", "--skip_out_of_domain", "true", check=False)
+    assert failed.returncode != 0 and "holds a finished run" in failed.stderr and "--overwrite_output_dir" in failed.stderr
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    launch(tmp_path, "--max_train_steps", "2", "--skip_out_of_domain", "true", "--calibrator", "none",
+           "--overwrite_output_dir", "true")
+    assert json.loads((tmp_path / "metrics.json").read_text())["run"]["train_steps"] == 2
+
+
+def test_resume_latest_skips_a_checkpoint_interrupted_mid_write(tmp_path):
+    """A run killed while writing step_4 (its progress.json, written last, missing) resumes from step_2 with
+    `--resume_from_checkpoint latest` and ends with the uninterrupted run's weights."""
+    common = ["--max_train_steps", "6", "--skip_out_of_domain", "true", "--checkpointing_steps", "2",
+              "--calibrator", "none"]
+    launch(tmp_path / "full", *common)
+    # What a kill while step_4 is written leaves: step_2 complete, step_4 without its progress.json (written last)
+    # and with a truncated weight file, no final model.
+    import shutil
+
+    interrupted = tmp_path / "interrupted"
+    for step in ("step_2", "step_4"):
+        shutil.copytree(tmp_path / "full" / step, interrupted / step)
+    (interrupted / "step_4" / "progress.json").unlink()
+    (interrupted / "step_4" / "model.safetensors").write_bytes(b"")
+    result = launch(interrupted, *common, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {interrupted / 'step_2'} at step 2" in result.stderr
+    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name

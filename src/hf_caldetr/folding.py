@@ -44,7 +44,8 @@ from .calibrators import (
     TemperatureScaling,
 )
 
-__all__ = ["FOLD_RECORD_KEY", "CalibrationFoldError", "affine_logit_map", "fold_calibrator", "is_foldable"]
+__all__ = ["FOLD_RECORD_KEY", "CalibrationFoldError", "affine_logit_map", "fold_calibrator", "is_foldable",
+           "unfold_calibration"]
 
 FOLD_RECORD_KEY = "folded_calibration"
 """The config attribute (and ``config.json`` key) listing the calibrators folded into the weights, in order."""
@@ -199,4 +200,25 @@ def fold_calibrator(model, calibrator, fitted_on: dict | None = None, compose: b
         "fitted_on": fitted_on,
     }
     setattr(config, FOLD_RECORD_KEY, previous + [record])
+    return model
+
+
+@torch.no_grad()
+def unfold_calibration(model):
+    """Undo every fold recorded in ``config.folded_calibration`` (newest first), in place; returns ``model``.
+
+    The inverse of ``fold_calibrator``: ``W = W' / a``, ``bias = (bias' - b) / a``, exact up to float rounding
+    (about 1e-7 relative in float32). The heads stay untied, with the same values as before the fold. Use it to
+    measure a shipped calibrated checkpoint's raw scores, or to fold another calibrator fitted on raw scores.
+    """
+    records = list(getattr(model.config, FOLD_RECORD_KEY, None) or [])
+    if not records:
+        raise CalibrationFoldError("this model holds no folded calibration (config.folded_calibration is empty)")
+    head = _family(model).final_class_head(model)
+    for record in reversed(records):
+        slope = torch.as_tensor(record["logit_slope"], dtype=head.weight.dtype, device=head.weight.device)
+        offset = torch.as_tensor(record["logit_offset"], dtype=head.bias.dtype, device=head.bias.device)
+        head.bias.sub_(offset).div_(slope)
+        head.weight.div_(slope[:, None])
+    setattr(model.config, FOLD_RECORD_KEY, None)
     return model

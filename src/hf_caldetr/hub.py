@@ -350,7 +350,31 @@ def summary(config: dict, architecture: str, dataset: dict) -> str:
             f"transformers: {what}.")
 
 
-def inference_note(config: dict, architecture: str) -> str:
+def _fit_description(fitted_on: dict | None) -> str:
+    if not fitted_on:
+        return "held-out detections"
+    parts = [f"{fitted_on['images']} images" if "images" in fitted_on else None, fitted_on.get("source")]
+    return ", ".join(part for part in parts if part) or "held-out detections"
+
+
+def inference_note(config: dict, architecture: str, metrics: dict | None = None) -> str:
+    """Which scores the stock model (pipeline, Hub widget) returns, and whether the results table shows them."""
+    folded = config.get("folded_calibration")
+    if folded:
+        kinds = " then ".join(f"{'class-wise ' if record.get('class_wise') else ''}{record['kind']}"
+                              for record in folded)
+        return (f"**Calibrated scores, with no custom code.** A post-hoc calibrator ({kinds}, fitted on "
+                f"{_fit_description(folded[-1].get('fitted_on'))}: neither training nor evaluation images) is folded "
+                f"into the final classification head, so the stock {architecture} (the Auto class, "
+                "`pipeline(\"object-detection\")`, the Hub widget and an ONNX export) returns the calibrated scores "
+                "the results below measure; `config.json` records the fold under `folded_calibration`. The raw "
+                "scores, before calibration, are in the second table.")
+    calibration = (metrics or {}).get("calibration") or {}
+    if "type" in calibration and not calibration.get("folded"):
+        return (f"**The Hub widget and the pipeline show the raw scores.** The calibrated results below use the "
+                f"post-hoc calibrator in `{CALIBRATOR_FILE}` ({calibration['type']}), which is not an affine map of "
+                "the logits and so cannot be folded into the weights: apply it to the pipeline's output with "
+                "`hf_caldetr.calibrate_pipeline_outputs` (see below). The raw scores are in the second table.")
     if config.get("modulate_at_inference"):
         return ("**Note:** this model was saved with `modulate_at_inference=True`: the Cal class modulates its "
                 "logits at inference and the metrics below were measured that way, but the stock transformers "
@@ -462,16 +486,19 @@ def render_model_card(model_dir, repo_id: str | None = None, template_path=None,
     settings = protocol()
     fields = {
         "model_name": name, "model_id": repo_id or f"path/to/{name}",
-        "summary": summary(config, architecture, dataset), "inference_note": inference_note(config, architecture),
+        "summary": summary(config, architecture, dataset),
+        "inference_note": inference_note(config, architecture, metrics),
         "architecture": architecture, "architecture_class": config["architectures"][0],
         "architecture_citation": citation, "cal_class": cal_class, "is_cal": is_cal,
         "model_table": model_table(config, model_dir, image_size), "cal_table": cal_table(config),
         "training_table": training_table(run, dataset),
         "results_table": results_table(metrics, settings["score_threshold"]),
+        "raw_results_table": (results_table(metrics["before_calibration"], settings["score_threshold"])
+                              if metrics.get("before_calibration") else None),
         "reliability_diagram": RELIABILITY_DIAGRAM if (model_dir / RELIABILITY_DIAGRAM).is_file() else None,
         "corruption_manifest": CORRUPTION_MANIFEST if (model_dir / CORRUPTION_MANIFEST).is_file() else None,
         "out_of_domain": "out_of_domain" in metrics, "protocol": settings,
-        "calibrator": calibrator_note(model_dir),
+        "calibrator": calibrator_note(model_dir, config),
         "limitations": limitations(metrics, dataset, settings["score_threshold"]), "library_version": __version__,
         "transformers_version": config.get("transformers_version", transformers.__version__),
     }
@@ -484,7 +511,7 @@ def render_model_card(model_dir, repo_id: str | None = None, template_path=None,
 CALIBRATOR_FILE = "calibrator.json"
 
 
-def calibrator_note(model_dir: Path) -> str | None:
+def calibrator_note(model_dir: Path, config: dict | None = None) -> str | None:
     """A card paragraph for a post-hoc calibrator travelling with the checkpoint (``calibrator.json``), or None."""
     path = Path(model_dir) / CALIBRATOR_FILE
     if not path.is_file():
@@ -494,6 +521,16 @@ def calibrator_note(model_dir: Path) -> str | None:
     calibrator = load_calibrator(path)
     kind = type(calibrator).__name__
     scope = "class-wise" if calibrator.class_wise else "class-agnostic"
+    metrics = _read_json(Path(model_dir) / "metrics.json") if (Path(model_dir) / "metrics.json").is_file() else {}
+    calibration = metrics.get("calibration") or {}
+    if (config or {}).get("folded_calibration") and calibration.get("folded"):
+        return (f"`{CALIBRATOR_FILE}` ({kind}, {scope}) is the map folded into the weights, kept as a record of "
+                "what was fitted: the model's scores are already calibrated, do not apply it again.")
+    if "type" in calibration and not calibration.get("folded"):
+        return (f"`{CALIBRATOR_FILE}` ({kind}, {scope}) gives the calibrated scores of the results above. Run the "
+                "pipeline with `threshold=0.0`, then `hf_caldetr.calibrate_pipeline_outputs(detections, "
+                f"hf_caldetr.calibrators.load_calibrator(\"{CALIBRATOR_FILE}\"), detector.model.config.label2id, "
+                "threshold=0.3)`.")
     return (f"This repository also holds a post-hoc calibrator, `{CALIBRATOR_FILE}` ({kind}, {scope}), fitted on "
             "held-out detections. The model's own scores are not changed by it: apply it to the post-processed "
             "scores with `hf_caldetr.calibrators.load_calibrator(path).transform(scores, labels)`, or evaluate with "
