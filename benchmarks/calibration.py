@@ -111,8 +111,9 @@ def train_arguments(arm: str, seed: int, output_dir, train_args, cal_settings: d
     """train.py's arguments for one run; method, seed and folder last, so nothing passed through overrides them."""
     settings = [token for name, value in arm_settings(arm, cal_settings).items()
                 for token in (f"--{name}", f"{value:g}")]
-    return [*train_args, *settings, "--report_to", "none", "--method", arm, "--seed", str(seed),
-            "--output_dir", str(output_dir)]
+    # --calibrator none: each arm is measured as trained; the post-hoc rows fit their calibrators separately.
+    return [*train_args, *settings, "--report_to", "none", "--calibrator", "none", "--method", arm, "--seed",
+            str(seed), "--output_dir", str(output_dir)]
 
 
 def comparable(arguments: list[str]) -> list[str]:

@@ -231,16 +231,22 @@ class CalibrationArguments:
 
 def main():
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments, CalibrationArguments),
-                              description=__doc__.split("\n\n")[0])
+                              description="\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2)))
     model_args, data_args, train_args, calibration_args = parser.parse_args_into_dataclasses()
     args = {**asdict(model_args), **asdict(data_args), **asdict(train_args), **asdict(calibration_args)}
     check_output_dir(train_args)
     for name in ("logging_steps", "gradient_accumulation_steps"):
         if getattr(train_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(train_args, name)}")
+    if train_args.learning_rate is not None and not train_args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be positive, got {train_args.learning_rate}")
+    if train_args.num_warmup_steps < 0:
+        raise ValueError(f"--num_warmup_steps must be >= 0, got {train_args.num_warmup_steps}")
     if train_args.max_train_steps < 0:
         raise ValueError(f"--max_train_steps must be >= 0 (0 trains --num_train_epochs epochs), got "
                          f"{train_args.max_train_steps}")
+    if train_args.resume_from_checkpoint not in (None, "latest"):
+        checkpoint_step(train_args.resume_from_checkpoint)  # a missing or partial checkpoint is refused now
     checkpoint_every = train_args.checkpointing_steps
     if checkpoint_every in (None, "none", "0"):
         checkpoint_every = None
@@ -310,7 +316,9 @@ def main():
         # A backbone trained from scratch needs its batch norms (frozen for pretrained backbones); the saved
         # checkpoint gets them back frozen, with the learned statistics.
         unfreeze_batch_norm(model)
-    learning_rate = train_args.learning_rate or (1e-4 if model_args.model_name_or_path else 1e-3)
+    learning_rate = train_args.learning_rate
+    if learning_rate is None:
+        learning_rate = 1e-4 if model_args.model_name_or_path else 1e-3
     args["learning_rate"] = learning_rate  # the run record (metrics.json, the card) holds the value used
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=train_args.weight_decay)
     updates_per_epoch = math.ceil(len(train_dataloader) / (train_args.gradient_accumulation_steps * accelerator.num_processes))

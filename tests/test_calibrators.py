@@ -301,3 +301,57 @@ def test_reliability_before_after_needs_labels_for_a_class_wise_calibrator(tmp_p
         reliability_before_after(calibrator, scores, matched, tmp_path / "reliability.png")
     results = reliability_before_after(calibrator, scores, matched, tmp_path / "reliability.png", labels=labels)
     assert results["after"]["d_ece"] < results["before"]["d_ece"]
+
+
+def _saved(calibrator_class, class_wise=False, **options):
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.01, 0.99, 400)
+    labels = rng.integers(0, 2, 400)
+    matched = rng.uniform(size=400) < scores ** 2
+    return calibrator_class(class_wise=class_wise, min_class_detections=50, **options).fit(scores, matched, labels).to_dict()
+
+
+def _set(description, path, value):
+    target = description
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return description
+
+
+@pytest.mark.parametrize(("calibrator_class", "class_wise", "path", "value", "message"), [
+    ("TemperatureScaling", False, ("params", "temperature"), -1.0, "temperature must be positive"),
+    ("TemperatureScaling", False, ("params", "temperature"), float("nan"), "must be finite"),
+    ("TemperatureScaling", False, ("params", "temperature"), "2", "must be a number"),
+    ("PlattScaling", False, ("params", "slope"), -0.5, "slope must be >= 0"),
+    ("PlattScaling", False, ("params",), {"slope": 1.0}, "exactly the keys"),
+    ("IsotonicCalibrator", False, ("params", "knots_x"), [0.5, 0.2, 0.9], "sorted and the map non-decreasing"),
+    ("IsotonicCalibrator", False, ("params",), {"knots_x": [0.1, 0.2], "knots_q": [0.3]}, "one length"),
+    ("IsotonicCalibrator", False, ("params",), {"knots_x": [0.1, 0.2], "knots_q": [0.3, 1.5]}, r"in \[0, 1\]"),
+    ("HistogramBinning", False, ("params", "bin_values"), [0.5] * 12, "12 values for num_bins=10"),
+    ("TemperatureScaling", False, ("class_params",), {"0": {"temperature": 2.0}}, "class-agnostic"),
+    ("PlattScaling", True, ("class_params",), {"zero": {"slope": 1.0, "bias": 0.0}}, "not a class id"),
+    ("PlattScaling", True, ("class_params",), {"0": {"slope": -1.0, "bias": 0.0}}, r"class_params\[0\].slope"),
+    ("TemperatureScaling", False, ("format_version",), 7, "format_version 7"),
+])
+def test_calibrator_files_are_validated_on_load(tmp_path, calibrator_class, class_wise, path, value, message):
+    from hf_caldetr import calibrators
+
+    description = _set(_saved(getattr(calibrators, calibrator_class), class_wise), path, value)
+    file = tmp_path / "calibrator.json"
+    file.write_text(json.dumps(description))
+    with pytest.raises(ValueError, match=message):
+        calibrators.load_calibrator(file)
+
+
+def test_saved_calibrators_carry_the_format_version_and_load_back(tmp_path):
+    from hf_caldetr import calibrators
+
+    for name in ("TemperatureScaling", "PlattScaling", "IsotonicCalibrator", "HistogramBinning"):
+        calibrator = getattr(calibrators, name)
+        description = _saved(calibrator, class_wise=True)
+        assert description["format_version"] == calibrators.FORMAT_VERSION
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(description))
+        loaded = calibrators.load_calibrator(path)
+        assert loaded.to_dict() == description

@@ -25,6 +25,8 @@ SCRIPTS = [
     "benchmarks/calibration.py",
     "benchmarks/calibration_diagnostics.py",
     "benchmarks/calibration_sweep.py",
+    "benchmarks/calibrator_choice.py",
+    "benchmarks/deployment.py",
     "benchmarks/metrics.py",
     "benchmarks/train_step.py",
 ]

@@ -178,3 +178,30 @@ def test_resume_latest_skips_a_checkpoint_interrupted_mid_write(tmp_path):
     assert full.keys() == resumed.keys()
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+def _train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--checkpointing_steps", "often"], "--checkpointing_steps must be an integer, 'epoch' or 'none'"),
+    (["--logging_steps", "0"], "--logging_steps must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+    (["--max_train_steps", "-1"], "--max_train_steps must be >= 0"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--num_warmup_steps", "-10"], "--num_warmup_steps must be >= 0"),
+    (["--resume_from_checkpoint", "/nonexistent/step_3"], "no such checkpoint folder"),
+])
+def test_bad_flags_are_refused_before_training(tmp_path, monkeypatch, flags, message):
+    train = _train_module()
+    monkeypatch.setattr(sys, "argv", ["train.py", "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(ValueError, match=message):
+        train.main()
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -64,6 +64,9 @@ MIN_DETECTIONS = 10
 MIN_CLASS_DETECTIONS = 50
 """Default fewest detections a class needs for its own map under ``class_wise=True``; else it falls back."""
 
+FORMAT_VERSION = 1
+"""Version of the saved calibrator format (``calibrator.json``); a file of another version is refused on load."""
+
 LOGIT_EPS = 1e-12
 """Scores are clipped to ``[LOGIT_EPS, 1 - LOGIT_EPS]`` before ``logit``: ``logit(1 - 1e-12)`` is about 27.6."""
 
@@ -300,6 +303,7 @@ class PostHocCalibrator:
         if self.params_ is None:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: nothing to save")
         return {
+            "format_version": FORMAT_VERSION,
             "type": type(self).__name__,
             "config": self._config(),
             "params": self.params_,
@@ -484,13 +488,68 @@ def calibrator_from_dict(description: dict) -> PostHocCalibrator:
     missing = {"type", "config", "params"} - description.keys()
     if missing:
         raise ValueError(f"calibrator description lacks the field(s) {sorted(missing)}")
+    version = description.get("format_version", FORMAT_VERSION)  # files written before versioning: the same format
+    if version != FORMAT_VERSION:
+        raise ValueError(f"calibrator format_version {version!r}; this hf_caldetr reads version {FORMAT_VERSION}")
     calibrator_type = description["type"]
     if calibrator_type not in CALIBRATOR_TYPES:
         raise ValueError(f"unknown calibrator type {calibrator_type!r}; known: {sorted(CALIBRATOR_TYPES)}")
     calibrator = CALIBRATOR_TYPES[calibrator_type](**description["config"])
-    calibrator.params_ = description["params"]
-    calibrator.class_params_ = {int(label): params for label, params in description.get("class_params", {}).items()}
+    class_params = description.get("class_params") or {}
+    if class_params and not calibrator.class_wise:
+        raise ValueError(f"the calibrator is class-agnostic (class_wise false) but holds class_params for classes "
+                         f"{sorted(class_params)}: the file is inconsistent")
+    calibrator.params_ = _validated_params(calibrator, description["params"], "params")
+    calibrator.class_params_ = {}
+    for label, params in class_params.items():
+        if not str(label).lstrip("-").isdigit() or int(label) < 0:
+            raise ValueError(f"class_params key {label!r} is not a class id (a non-negative integer)")
+        calibrator.class_params_[int(label)] = _validated_params(calibrator, params, f"class_params[{label}]")
     return calibrator
+
+
+def _finite_numbers(values, where: str) -> np.ndarray:
+    array = np.asarray(values, dtype=object)
+    if array.ndim > 1 or not all(isinstance(value, (int, float)) and not isinstance(value, bool)
+                                 for value in np.atleast_1d(array)):
+        raise ValueError(f"{where} must be a number or a list of numbers, got {values!r}")
+    array = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{where} must be finite, got {values!r}")
+    return array
+
+
+def _validated_params(calibrator, params, where: str) -> dict:
+    """A saved map's parameters, checked: the right keys, finite numbers, and a map that keeps the ranking
+    (positive temperature, non-negative Platt slope, non-decreasing isotonic knots), sizes that match."""
+    expected = {TemperatureScaling: {"temperature"}, SoftmaxTemperatureScaling: {"temperature"},
+                PlattScaling: {"slope", "bias"}, IsotonicCalibrator: {"knots_x", "knots_q"},
+                HistogramBinning: {"bin_values"}}[type(calibrator)]
+    if not isinstance(params, dict) or set(params) != expected:
+        raise ValueError(f"{where} of a {type(calibrator).__name__} must have exactly the keys {sorted(expected)}, "
+                         f"got {params!r}")
+    values = {key: _finite_numbers(params[key], f"{where}.{key}") for key in expected}
+    if "temperature" in values and not values["temperature"] > 0:
+        raise ValueError(f"{where}.temperature must be positive (a negative one reverses the ranking), "
+                         f"got {params['temperature']}")
+    if "slope" in values and values["slope"] < 0:
+        raise ValueError(f"{where}.slope must be >= 0 (a negative slope reverses the ranking), got {params['slope']}")
+    if "knots_x" in values:
+        knots_x, knots_q = values["knots_x"], values["knots_q"]
+        if knots_x.ndim != 1 or knots_x.shape != knots_q.shape or knots_x.size == 0:
+            raise ValueError(f"{where}: knots_x and knots_q must be non-empty lists of one length, got "
+                             f"{knots_x.size} and {knots_q.size}")
+        if np.any(np.diff(knots_x) < 0) or np.any(np.diff(knots_q) < 0):
+            raise ValueError(f"{where}: isotonic knots must be sorted and the map non-decreasing")
+        if knots_q.min() < 0 or knots_q.max() > 1:
+            raise ValueError(f"{where}: knots_q must lie in [0, 1]")
+    if "bin_values" in values:
+        bins = values["bin_values"]
+        if bins.ndim != 1 or bins.size != calibrator.num_bins:
+            raise ValueError(f"{where}.bin_values has {bins.size} values for num_bins={calibrator.num_bins}")
+        if bins.min() < 0 or bins.max() > 1:
+            raise ValueError(f"{where}.bin_values must lie in [0, 1]")
+    return params
 
 
 def load_calibrator(path) -> PostHocCalibrator:

@@ -100,6 +100,9 @@ def copy_checkpoint_files(model_dir, destination) -> None:
             shutil.copyfile(source, destination / name)
 
 
+DYNAMIC_QUANTIZED_OPS = ["MatMul", "Gemm"]
+
+
 class _ImageReader:
     """onnxruntime's calibration-data reader protocol (``get_next``) over processed image batches."""
 
@@ -117,7 +120,9 @@ class _ImageReader:
 def quantize_onnx(fp32_path, int8_path, mode: str = "dynamic", calibration_batches: list[dict] | None = None) -> Path:
     """An int8 copy of an exported model, by ``onnxruntime.quantization``.
 
-    ``mode="dynamic"``: int8 weights, activations quantized on the fly (no data needed). ``mode="static"``:
+    ``mode="dynamic"``: int8 weights of the matrix multiplications (the transformer's linear layers), activations
+    quantized on the fly (no data needed); convolutions stay fp32, because onnxruntime's integer convolution
+    (``ConvInteger``) ran slower than the fp32 one on CPU (benchmarks/results/deployment.md). ``mode="static"``:
     int8 weights and activations (QDQ format), activation ranges measured on ``calibration_batches`` (dicts of
     numpy inputs named as the graph's inputs, e.g. a few training batches); per-channel weights.
     """
@@ -126,7 +131,8 @@ def quantize_onnx(fp32_path, int8_path, mode: str = "dynamic", calibration_batch
 
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     if mode == "dynamic":
-        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=DYNAMIC_QUANTIZED_OPS)
         return int8_path
     if mode != "static":
         raise ValueError(f"quantization mode must be 'dynamic' or 'static', got {mode!r}")
