@@ -70,7 +70,7 @@ from hf_caldetr.evaluation import (
 )
 from hf_caldetr.folding import fold_calibrator, is_foldable
 from hf_caldetr.metrics import plot_reliability_diagram
-from hf_caldetr.training import MODEL_FAMILIES
+from hf_caldetr.training import MODEL_FAMILIES, check_checkpoint
 
 logger = logging.getLogger("evaluate")
 
@@ -80,32 +80,12 @@ CALIBRATORS = {
     "isotonic": IsotonicCalibrator,
     "histogram": HistogramBinning,
 }
-assert set(CALIBRATORS) == set(CALIBRATOR_KINDS) - {"none"}
+assert set(CALIBRATORS) == set(CALIBRATOR_KINDS) - {"none", "auto"}
 COMPARED_METRICS = (("map", "AP"), ("map_50", "AP50"), ("d_ece", "D-ECE"), ("laece", "LaECE"))
 SPLIT_TITLES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def check_checkpoint(name_or_path: str) -> None:
-    """Fail early, naming the problem, on a checkpoint that is neither a model folder nor a possible Hub id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{name_or_path} is a folder without config.json: not a model checkpoint "
-                             "(save_pretrained writes one)")
-        return
-    if path.is_file() and path.suffix == ".onnx":
-        return
-    if path.exists():
-        raise ValueError(f"{name_or_path} is a file; pass a checkpoint folder, an .onnx file or a Hub model id")
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        raise ValueError(f"checkpoint folder {name_or_path} does not exist (and it is not a Hub model id)") from None
 
 
 def load_detector(name_or_path: str):
@@ -165,15 +145,17 @@ def load_image_processor(name_or_path: str, model_type: str, image_size: int):
 
 
 def check_labels(model, dataset, name_or_path: str) -> None:
-    """The model must predict the dataset's classes: same count, and (warned otherwise) the same names."""
+    """The model must predict the dataset's classes: the same names in the same id order."""
     names = id2label(dataset)
     model_names = {int(index): name for index, name in model.config.id2label.items()}
     if len(model_names) != len(names):
         raise ValueError(f"{name_or_path} predicts {len(model_names)} classes but the evaluation data has "
                          f"{len(names)} ({list(names.values())})")
     if model_names != names:
-        logger.warning("%s names its classes %s, the data %s: matched by index", name_or_path,
-                       list(model_names.values()), list(names.values()))
+        # Matched by index, a reordered label map would score a perfect detector 0 without a word.
+        raise ValueError(f"{name_or_path} names its classes {list(model_names.values())} (in id order), the "
+                         f"evaluation data {list(names.values())}: evaluate on data with the model's classes in the "
+                         "same order")
 
 
 def read_calibrator(path: str):
@@ -238,9 +220,9 @@ class CalibrationArguments:
 
 def check_arguments(eval_args: EvaluationArguments, calibration_args: CalibrationArguments) -> None:
     """Every flag problem that needs no data, before anything is loaded."""
-    check_checkpoint(eval_args.model_name_or_path)
+    check_checkpoint(eval_args.model_name_or_path, allow_onnx=True)
     if eval_args.compare_with:
-        check_checkpoint(eval_args.compare_with)
+        check_checkpoint(eval_args.compare_with, allow_onnx=True)
         if eval_args.compare_with == eval_args.model_name_or_path:
             raise ValueError("--compare_with names the evaluated model itself; give another checkpoint")
     checkpoint = Path(eval_args.model_name_or_path).expanduser()

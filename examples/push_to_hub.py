@@ -19,6 +19,7 @@ from huggingface_hub.errors import LocalTokenNotFoundError
 from hf_caldetr.hub import HubExportError, classify_entries, push_folder
 
 SKIPPED_BECAUSE = {"checkpoint": "checkpoint folder (--include_checkpoints)",
+                   "partial checkpoint": "checkpoint cut short while being written (no progress.json): never uploaded",
                    "logs": "tracker logs (--include_logs)", "hidden": "hidden", "other folder": "not a model file"}
 
 

@@ -9,7 +9,7 @@ fold the calibration into its weights, then evaluate it raw and calibrated, in-d
 
 Data: the embedded digits default, a Hub dataset (``--dataset_name``: an ``image`` column and an ``objects`` column
 with ``bbox`` (COCO ``[x, y, width, height]`` in pixels) and ``category`` (ClassLabel ids)), or COCO folders; the
-README's "Your own data" section has the details. Calibration (``--calibrator``, default class-wise Platt scaling) is fitted on
+README's "Your own data" section has the details. Calibration (``--calibrator``, default class-wise Platt scaling; DETR: a temperature) is fitted on
 images that are neither training nor evaluation images: fresh scenes for the digits default, a held-out part of the
 training images (``--num_calibration_images``, taken out before training) for COCO folders and Hub datasets without
 ``--calibration_split``. Temperature and Platt scaling are folded into the classification head, so the saved
@@ -57,6 +57,7 @@ from hf_caldetr.training import (
     checkpoint_model_type,
     model_family,
     build_model,
+    check_checkpoint,
     freeze_batch_norm,
     parse_config_overrides,
     unfreeze_batch_norm,
@@ -81,14 +82,33 @@ def checkpoint_step(path: str) -> int:
                          "one, or pass --resume_from_checkpoint latest for the newest complete one") from None
 
 
-def save_checkpoint(accelerator, output_dir: str, name: str, completed_steps: int) -> None:
+# Arguments that define the model and its training: a run resumes only with the same ones.
+RESUME_DEFINING = ("method", "model_name_or_path", "model_type", "model_preset", "config_overrides",
+                   *CAL_FIELDS, "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def save_checkpoint(accelerator, output_dir: str, name: str, completed_steps: int, arguments: dict) -> None:
     """``accelerator.save_state`` into ``output_dir/name``; ``progress.json`` is written last, so a checkpoint
-    without it was interrupted mid-write and is never resumed from."""
+    without it was interrupted mid-write and is never resumed from (nor uploaded)."""
     path = os.path.join(output_dir, name)
     accelerator.save_state(path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        Path(path, "progress.json").write_text(json.dumps({"completed_steps": completed_steps}))
+        Path(path, "progress.json").write_text(json.dumps({
+            "completed_steps": completed_steps, "arguments": {key: arguments[key] for key in RESUME_DEFINING}}))
+
+
+def check_resume_arguments(path: str, arguments: dict) -> None:
+    """Refuse to resume a checkpoint made with another method, model or batch: its state would load into (or
+    silently continue as) a different run."""
+    saved = json.loads(Path(path, "progress.json").read_text()).get("arguments")
+    if saved is None:  # checkpoints written before the arguments were recorded
+        return
+    differing = {key: (saved.get(key), arguments[key]) for key in RESUME_DEFINING if saved.get(key) != arguments[key]}
+    if differing:
+        listed = ", ".join(f"--{key} {old!r} there, {new!r} now" for key, (old, new) in differing.items())
+        raise ValueError(f"{path} was saved by a run with other settings ({listed}): resume with the same "
+                         "arguments, or start a new run in another --output_dir")
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -112,6 +132,22 @@ def check_output_dir(train_args) -> None:
                          "--output_dir, pass --overwrite_output_dir to replace it, or --resume_from_checkpoint")
 
 
+def check_push_target(hub_model_id: str | None) -> None:
+    """Everything an upload at the end needs, checked before training rather than after it."""
+    from huggingface_hub import constants, get_token
+
+    from hf_caldetr.hub import check_repo_id
+
+    if not hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. me/cal-detr-digits)")
+    check_repo_id(hub_model_id)
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub with HF_HUB_OFFLINE=1: the upload at the end would fail; unset HF_HUB_OFFLINE "
+                         "or drop --push_to_hub and upload later with examples/push_to_hub.py")
+    if get_token() is None:
+        raise ValueError("--push_to_hub: no Hugging Face token found (run `hf auth login` or set HF_TOKEN)")
+
+
 def use_every_core(accelerator) -> int:
     """On a CPU, give each process its share of the cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 when it
     starts a single CPU process, which leaves all but one core idle. Returns the thread count."""
@@ -122,19 +158,25 @@ def use_every_core(accelerator) -> int:
     return torch.get_num_threads()
 
 
+DEFAULT_CALIBRATION_IMAGES = 500
+
+
 def calibration_images(data_args, calibration_args, train_dataset):
     """``(train_dataset, calibration_dataset)``: the images a calibrator is fitted on are neither training nor
     evaluation images. Digits default: fresh scenes (generation seed ``--calibration_seed``). A named Hub split
     (``--calibration_split``): a subset of it. Otherwise (COCO folders, Hub datasets): ``--num_calibration_images``
-    training images, held out before training."""
+    training images (by default a tenth of them, at most 500), held out before training."""
     count = calibration_args.num_calibration_images
     if calibration_args.calibration_split or not (data_args.dataset_name or data_args.train_annotations):
         split = calibration_args.calibration_split
         if split and split == data_args.train_split:
             raise ValueError(f"--calibration_split {split!r} is the training split: name a split used neither for "
                              "training nor for evaluation, or leave it unset to hold out training images")
+        count = DEFAULT_CALIBRATION_IMAGES if count is None else count
         return train_dataset, load_calibration_split(data_args, split, count, calibration_args.calibration_seed)
-    if not 0 < count < len(train_dataset) // 2:
+    if count is None:
+        count = min(DEFAULT_CALIBRATION_IMAGES, len(train_dataset) // 10)
+    if not 0 < count <= len(train_dataset) // 2:
         raise ValueError(f"--num_calibration_images {count}: holding out that many of the {len(train_dataset)} "
                          "training images leaves too few to train on (at most half), or none to calibrate on")
     held_out = random_subset(train_dataset, count, calibration_args.calibration_seed)
@@ -209,18 +251,19 @@ class TrainArguments:
 
 @dataclass
 class CalibrationArguments:
-    calibrator: str = field(default="platt", metadata=_help(
+    calibrator: str = field(default="auto", metadata=_help(
         f"post-hoc calibrator fitted after training, one of {CALIBRATOR_KINDS}; temperature and platt are folded "
-        "into the weights, isotonic and histogram saved as calibrator.json, none keeps the raw model "
-        ""))
-    calibration_class_wise: bool = field(default=True, metadata=_help(
-        "one calibration map per class with at least 50 held-out detections, the shared map for the others; "
-        "false: one map for all classes"))
+        "into the weights, isotonic and histogram saved as calibrator.json, none keeps the raw model; auto: "
+        "class-wise Platt scaling (sigmoid heads), one temperature over all columns (DETR's softmax head)"))
+    calibration_class_wise: bool | None = field(default=None, metadata=_help(
+        "true: one calibration map per class with at least 50 held-out detections, the shared map for the others; "
+        "false: one map for all classes; unset: class-wise where the head allows it (not DETR's softmax)"))
     calibration_split: str | None = field(default=None, metadata=_help(
         "a Hub dataset split to calibrate on, neither the train nor the validation split (default: fresh scenes for "
         "the digits default, else --num_calibration_images training images held out before training)"))
-    num_calibration_images: int = field(default=500, metadata=_help(
-        "images the calibrator is fitted on"))
+    num_calibration_images: int | None = field(default=None, metadata=_help(
+        "images the calibrator is fitted on; 0 takes a whole --calibration_split (default: 500 fresh scenes for the "
+        "digits default, 500 of a named split, or min(500, a tenth of the training images) held out)"))
     calibration_seed: int = field(default=1, metadata=_help(
         "seed of the calibration images: the digits default's generation seed (must differ from --data_seed), "
         "else the held-out draw"))
@@ -247,6 +290,11 @@ def main():
                          f"{train_args.max_train_steps}")
     if train_args.resume_from_checkpoint not in (None, "latest"):
         checkpoint_step(train_args.resume_from_checkpoint)  # a missing or partial checkpoint is refused now
+        check_resume_arguments(train_args.resume_from_checkpoint, args)
+    if model_args.model_name_or_path:
+        check_checkpoint(model_args.model_name_or_path)
+    if train_args.push_to_hub:
+        check_push_target(train_args.hub_model_id)
     checkpoint_every = train_args.checkpointing_steps
     if checkpoint_every in (None, "none", "0"):
         checkpoint_every = None
@@ -273,14 +321,6 @@ def main():
     threads = use_every_core(accelerator)
     logger.info("running %d process(es) on %s, %d thread(s) each", accelerator.num_processes, accelerator.device,
                 threads)
-    if train_args.push_to_hub:
-        from huggingface_hub import get_token
-
-        # Fail before training, not after it.
-        if not train_args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id")
-        if get_token() is None:
-            raise ValueError("--push_to_hub: no Hugging Face token found (run `huggingface-cli login` or set HF_TOKEN)")
     started = time.time()
 
     # Phase 2: data.
@@ -295,6 +335,11 @@ def main():
         if calibrator is not None:
             train_dataset, calibration_dataset = calibration_images(data_args, calibration_args, train_dataset)
     labels = id2label(train_dataset)
+    if id2label(eval_dataset) != labels:
+        # Matched by index, a reversed or extended label map scores a perfect detector 0 without a word.
+        raise ValueError(f"the validation data's classes {list(id2label(eval_dataset).values())} differ from the "
+                         f"training data's {list(labels.values())} (names in id order): evaluate on data with the "
+                         "same classes, in the same order")
     image_processor = build_image_processor(data_args.image_size or None, model_family(model_type).image_processor_class)
     loader_options = dict(num_workers=train_args.dataloader_num_workers)
     train_collator = make_collate_fn(image_processor, augment=train_args.augment, seed=train_args.seed)
@@ -344,6 +389,7 @@ def main():
                         train_args.output_dir)
     if resume_from:
         completed_steps = checkpoint_step(resume_from)
+        check_resume_arguments(resume_from, args)
         accelerator.load_state(resume_from)
         logger.info("resumed from %s at step %d", resume_from, completed_steps)
     start_epoch, resume_batches = divmod(completed_steps * train_args.gradient_accumulation_steps, len(train_dataloader))
@@ -384,11 +430,11 @@ def main():
                     accelerator.log(scalars, step=completed_steps)
                 window.clear()
             if checkpoint_every and checkpoint_every != "epoch" and completed_steps % int(checkpoint_every) == 0:
-                save_checkpoint(accelerator, train_args.output_dir, f"step_{completed_steps}", completed_steps)
+                save_checkpoint(accelerator, train_args.output_dir, f"step_{completed_steps}", completed_steps, args)
             if completed_steps >= max_train_steps:
                 break
         if checkpoint_every == "epoch":
-            save_checkpoint(accelerator, train_args.output_dir, f"epoch_{epoch}", completed_steps)
+            save_checkpoint(accelerator, train_args.output_dir, f"epoch_{epoch}", completed_steps, args)
         if train_args.eval_every_epoch and completed_steps < max_train_steps:
             epoch_result = summarize(evaluate_model(model, eval_dataloader, image_processor, accelerator))
             logger.info("epoch %d in-domain: %s", epoch, {k: round(v, 4) for k, v in epoch_result.items()})
@@ -459,6 +505,12 @@ def main():
 
         output_dir = Path(train_args.output_dir)
         freeze_batch_norm(unwrapped)
+        if data_args.train_annotations:
+            # The label set travels with the model: class k is COCO category id coco_category_ids[k].
+            from hf_caldetr.data.loading import coco_categories, read_coco_json
+
+            unwrapped.config.coco_category_ids = coco_categories(read_coco_json(data_args.train_annotations),
+                                                                 data_args.train_annotations)[1]
         unwrapped.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
         if not data_args.skip_out_of_domain:

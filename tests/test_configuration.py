@@ -23,6 +23,10 @@ def test_defaults_are_the_papers():
         ({"logit_mixing_alpha": 1.5}, "logit_mixing_alpha"),
         ({"logit_mixing_loss_coefficient": -0.1}, "logit_mixing_loss_coefficient"),
         ({"decoder_layers": 1}, "decoder_layers"),
+        ({"use_logit_mixing": "false"}, "use_logit_mixing must be True or False"),
+        ({"modulate_at_inference": "no"}, "modulate_at_inference must be True or False"),
+        ({"logit_mixing_alpha": float("nan")}, "logit_mixing_alpha must be a finite number"),
+        ({"logit_mixing_loss_coefficient": float("inf")}, "logit_mixing_loss_coefficient must be a finite number"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, field):
@@ -41,3 +45,11 @@ def test_stock_architecture_names():
     assert stock_architecture_name("CalDeformableDetrForObjectDetection") == "DeformableDetrForObjectDetection"
     assert stock_architecture_name("DeformableDetrForObjectDetection") == "DeformableDetrForObjectDetection"
     assert stock_architecture_name("CalSomethingUnknown") == "CalSomethingUnknown"
+
+
+def test_from_pretrained_refuses_a_string_boolean(tmp_path):
+    from hf_caldetr import CalDeformableDetrForObjectDetection
+
+    CalDeformableDetrForObjectDetection(CalDeformableDetrConfig(**tiny_deformable_kwargs())).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="use_logit_mixing must be True or False"):
+        CalDeformableDetrForObjectDetection.from_pretrained(tmp_path, use_logit_mixing="false")

@@ -84,10 +84,19 @@ def test_malformed_json_names_the_file(tmp_path):
         load_coco_folder(str(path), str(tmp_path))
 
 
-def test_layout_without_images_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ({"categories": CATEGORIES}, r"odd\.json: no 'images' list"),
+        ({"images": {}, "categories": CATEGORIES}, r"odd\.json: 'images' must be a list"),
+        ({"images": IMAGES, "annotations": []}, r"odd\.json: no 'categories' list"),
+        ({"images": IMAGES, "categories": []}, r"odd\.json: 'categories' is empty; list every class"),
+    ],
+)
+def test_coco_layout_without_images_or_categories_is_refused(tmp_path, content, expected):
     path = tmp_path / "odd.json"
-    path.write_text(json.dumps({"categories": []}))
-    with pytest.raises(ValueError, match=r"odd\.json: 'images' must be a list"):
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=expected):
         load_coco_folder(str(path), str(tmp_path))
 
 
@@ -307,3 +316,147 @@ def test_image_folder_loads_through_load_dataset(tmp_path):
     data = load_hub_dataset(str(tmp_path / "imagefolder"), split="train")
     assert category_names(data.dataset) == ["one", "zero"]
     assert data.dataset[1]["objects"]["category"] == [0] and data.dataset[0]["objects"]["area"] == [30.0]
+
+
+# ------------------------------------------------------------------- images decoded as stored, in 8-bit RGB
+
+
+def write_image_source(folder, kind, file_name, save):
+    """A one-image dataset of the file ``save(path)`` writes: a COCO folder, an in-memory Hub-style dataset of
+    the file's bytes, or a ``save_to_disk`` folder of it; returns the loaded dataset."""
+    path = folder / file_name
+    save(path)
+    if kind == "coco":
+        images = [{"id": 1, "file_name": file_name}]
+        annotations_json = folder / "annotations.json"
+        annotations_json.write_text(json.dumps({"images": images, "annotations": [], "categories": CATEGORIES}))
+        return load_coco_folder(str(annotations_json), str(folder)).dataset
+    rows = {
+        "image": [{"bytes": path.read_bytes(), "path": None}],
+        "image_id": [1],
+        "objects": [{"bbox": [], "category": [], "area": [], "id": []}],
+    }
+    dataset = Dataset.from_dict(rows, features=hub_features())
+    if kind == "hub":
+        return prepare_detection_dataset(dataset).dataset
+    DatasetDict(train=dataset).save_to_disk(str(folder / "saved"))
+    return load_hub_dataset(str(folder / "saved"), split="train").dataset
+
+
+SOURCES = ["coco", "hub", "saved"]
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path, kind):
+    """PIL's convert("RGB") clips 16-bit grey at 255: the image came out all white."""
+    grey = (np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) * 340).astype(np.uint16)  # 0 .. 64940
+    dataset = write_image_source(tmp_path, kind, "deep.png", lambda path: PILImage.fromarray(grey).save(path))
+    assert PILImage.open(tmp_path / "deep.png").mode == "I;16"
+    image = dataset[0]["image"]
+    assert image.mode == "RGB" and image.size == (16, 12)
+    pixels = np.asarray(image)
+    expected = np.rint(grey / 257).astype(np.uint8)
+    assert np.array_equal(pixels, np.repeat(expected[..., None], 3, axis=2))
+    assert pixels.min() == 0 and pixels.max() == 253
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_exif_rotated_jpeg_keeps_its_stored_pixels_and_boxes_frame(tmp_path, kind, orientation):
+    """Boxes refer to the image as stored (COCO's convention); ``datasets`` EXIF-transposed the pixels."""
+    stored = np.zeros((30, 40, 3), dtype=np.uint8)
+    stored[2:12, 3:15] = 250  # a bright patch at the top left of the stored image
+
+    def save(path):
+        exif = PILImage.Exif()
+        exif[0x0112] = orientation
+        PILImage.fromarray(stored).save(path, exif=exif, quality=95)
+
+    dataset = write_image_source(tmp_path, kind, "turned.jpg", save)
+    with PILImage.open(tmp_path / "turned.jpg") as raw:
+        assert raw.getexif()[0x0112] == orientation
+        decoded_as_stored = np.asarray(raw.convert("RGB"))
+    pixels = np.asarray(dataset[0]["image"])
+    assert pixels.shape == (30, 40, 3) and np.array_equal(pixels, decoded_as_stored)
+    assert pixels[2:12, 3:15].mean() > 240 and pixels[18:, 25:].mean() < 15
+
+
+def test_box_of_exif_rotated_image_is_checked_against_the_stored_size(tmp_path):
+    """A 40x30 image tagged "rotate 90": a box 35 px wide fits it as stored, not as displayed (30x40)."""
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    PILImage.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)).save(tmp_path / "turned.jpg", exif=exif)
+    images = [{"id": 1, "file_name": "turned.jpg"}]
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 35, 20]}]
+    content = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    (tmp_path / "annotations.json").write_text(json.dumps(content))
+    data = load_coco_folder(str(tmp_path / "annotations.json"), str(tmp_path))
+    assert data.dataset[0]["image"].size == (40, 30) and data.dataset[0]["objects"]["bbox"] == [[2, 2, 35, 20]]
+
+
+@pytest.mark.parametrize("mode, pixels", [("I", np.int32), ("F", np.float32)])
+def test_images_without_an_8_bit_scaling_are_refused_and_counted(tmp_path, mode, pixels):
+    PILImage.fromarray(np.ones((8, 8), dtype=pixels) * 3).save(tmp_path / "deep.tif")
+    assert PILImage.open(tmp_path / "deep.tif").mode == mode
+    content = {"images": [{"id": 1, "file_name": "deep.tif"}], "annotations": [], "categories": CATEGORIES}
+    (tmp_path / "annotations.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=rf"image id 1 \(.*deep\.tif\): image mode '{mode}' .* convert it"):
+        load_coco_folder(str(tmp_path / "annotations.json"), str(tmp_path))
+    data = load_coco_folder(str(tmp_path / "annotations.json"), str(tmp_path), skip_invalid=True)
+    assert data.skipped == {"unsupported_image": 1} and len(data.dataset) == 0
+
+
+# -------------------------------------------------------------------------- class names across Hub splits
+
+
+def one_row_per_category(categories, names):
+    rows = in_memory_rows()
+    rows["objects"] = [
+        {"bbox": [[1.0, 2.0, 10.0, 12.0]], "category": [category], "area": [120.0], "id": [5]}
+        for category in categories
+    ]
+    rows["image"], rows["image_id"] = rows["image"][:1] * len(categories), list(range(len(categories)))
+    return Dataset.from_dict(rows, features=hub_features(names))
+
+
+def test_splits_with_class_names_in_another_order_are_remapped_by_name():
+    """Cast to the train split's names without remapping, the validation "cat" became "dog"."""
+    dataset = DatasetDict(
+        train=one_row_per_category([0, 1], ["cat", "dog"]),  # cat, dog
+        validation=one_row_per_category([0, 1, 1], ["dog", "cat"]),  # dog, cat, cat
+    )
+    loaded = prepare_detection_dataset(dataset).dataset
+    assert category_names(loaded) == ["cat", "dog"]
+    for split, expected in (("train", ["cat", "dog"]), ("validation", ["dog", "cat", "cat"])):
+        feature = loaded[split].features["objects"]["category"].feature
+        assert feature.names == ["cat", "dog"]
+        assert [feature.int2str(row["category"][0]) for row in loaded[split]["objects"]] == expected
+    # the train split sets the order even when it is not the first
+    reordered = prepare_detection_dataset(DatasetDict(validation=dataset["validation"], train=dataset["train"]))
+    assert category_names(reordered.dataset["validation"]) == ["cat", "dog"]
+    assert reordered.dataset["validation"]["objects"] == loaded["validation"]["objects"]
+
+
+@pytest.mark.parametrize(
+    "validation_names, expected",
+    [
+        (["dog", "bird"], r"split 'validation' has class\(es\) \['bird'\] that split 'train' lacks and lacks "
+                          r"class\(es\) \['cat'\]"),
+        (["dog"], r"split 'validation' lacks class\(es\) \['cat'\] of split 'train'"),
+        (["cat", "dog", "bird"], r"split 'validation' has class\(es\) \['bird'\] that split 'train' lacks;"),
+    ],
+)
+def test_splits_naming_different_classes_are_refused(validation_names, expected):
+    dataset = DatasetDict(
+        train=one_row_per_category([0, 1], ["cat", "dog"]),
+        validation=one_row_per_category([0], validation_names),
+    )
+    with pytest.raises(ValueError, match=expected):
+        prepare_detection_dataset(dataset, source="pets")
+
+
+def test_no_class_at_all_is_refused():
+    rows = in_memory_rows()
+    rows["objects"] = [{"bbox": [], "category": [], "area": [], "id": []}] * 2
+    with pytest.raises(ValueError, match="no class names.*at least one class"):
+        prepare_detection_dataset(Dataset.from_dict(rows, features=hub_features(names=())))

@@ -3,7 +3,8 @@
 import dataclasses
 
 import pytest
-from test_data_loading import write_coco
+from datasets import Image
+from test_data_loading import IMAGES, write_coco
 
 from hf_caldetr.data import load_digits_detection
 from hf_caldetr.data.splits import (
@@ -85,3 +86,50 @@ def test_random_subset_is_seeded_and_keeps_row_order():
     assert subset["image_id"] == sorted(subset["image_id"]) and len(set(subset["image_id"])) == 3
     assert subset["image_id"] == random_subset(train, 3, seed=7)["image_id"]
     assert random_subset(train, 10, seed=7) is train
+
+
+def empty_source(tmp_path, kind):
+    """``DataArguments`` whose train split has no images, in the way ``kind`` names."""
+    if kind.startswith("coco"):
+        if kind == "coco_no_images":
+            annotations, images = write_coco(tmp_path, images=[], annotations=[])
+        else:  # every image file missing, skipped by --skip_invalid
+            annotations, images = write_coco(tmp_path, skip_files=[image["file_name"] for image in IMAGES])
+        return DataArguments(train_annotations=annotations, train_images=images, skip_invalid=True)
+    if kind == "digits_zero":
+        return DataArguments(**{**SMALL, "num_train_images": 0})
+    digits = load_digits_detection(num_train=3, num_validation=2, image_size=64)
+    if kind == "hub_saved_empty":
+        digits["train"] = digits["train"].select([])
+    else:  # every train image unreadable, skipped by --skip_invalid
+        features = digits["train"].features.copy()
+        features["image"] = Image(decode=False)
+        digits["train"] = digits["train"].cast(features).map(
+            lambda image: {"image": {"bytes": b"not an image", "path": None}}, input_columns="image",
+            features=features)
+    digits.save_to_disk(str(tmp_path / "saved"))
+    return DataArguments(dataset_name=str(tmp_path / "saved"), skip_invalid=True)
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("coco_no_images", r"the train split \(.*annotations\.json\) has no images: its 'images' list is empty"),
+        ("coco_all_skipped", r"the train split \(.*annotations\.json\) has no images: none left after skipping "
+                             r"3 invalid record\(s\) \(\{'missing_image': 3\}\): rerun without --skip_invalid"),
+        ("hub_all_skipped", r"the train split \(.*saved \[train\]\) has no images: none left after skipping 3 "
+                            r"invalid record\(s\) \(\{'unreadable_image': 3\}\): rerun without --skip_invalid"),
+        ("hub_saved_empty", r"saved: split\(s\) \['train'\] saved with no images, which datasets cannot load"),
+        ("digits_zero", r"the train split \(digits default\) has no images: --num_train_images is 0"),
+    ],
+)
+def test_a_split_without_images_is_refused_with_split_and_source(tmp_path, kind, expected):
+    """Torch's sampler said only "num_samples should be a positive integer value" for an empty train split
+    (and ``load_from_disk`` a bare ``IndexError`` for a split saved empty)."""
+    args = empty_source(tmp_path, kind)
+    with pytest.raises(ValueError, match=expected):
+        load_splits(args, ("train",))
+    if kind == "hub_all_skipped":
+        with pytest.raises(ValueError, match=r"the calibration split \(.*saved \[train\]\) has no images"):
+            load_calibration_split(args)
+        assert len(load_splits(args, ("validation",))[0]) == 2

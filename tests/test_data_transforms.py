@@ -199,3 +199,31 @@ def test_seeded_augmentation_depends_only_on_seed_epoch_and_image():
     assert torch.equal(first["pixel_values"], again["pixel_values"].flip(0))
     collate.set_epoch(1)
     assert not torch.equal(first["pixel_values"], collate(rows)["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        # PIL's convert("RGB") clipped these at 255: all white
+        (Image.fromarray(np.array([[0, 257, 32896], [65535, 514, 1000]], dtype=np.uint16)),
+         [[0, 1, 128], [255, 2, 4]]),
+        (Image.fromarray(np.array([[0, 257, 32896], [65535, 514, 1000]], dtype=">u2")),
+         [[0, 1, 128], [255, 2, 4]]),
+        (Image.fromarray(np.array([[0, 1, 128], [255, 2, 4]], dtype=np.uint8)), [[0, 1, 128], [255, 2, 4]]),
+    ],
+    ids=["I;16", "I;16B", "L"],
+)
+def test_grey_images_reach_the_model_as_8_bit_rgb(image, expected):
+    processor = build_image_processor(None, do_normalize=False)
+    row = {"image": image, "image_id": 0, "objects": {"bbox": [], "category": [], "area": [], "id": []}}
+    pixels = prepare_batch([row], processor)["pixel_values"][0] * 255
+    assert pixels.shape == (3, 2, 3)
+    torch.testing.assert_close(pixels, torch.tensor(expected, dtype=torch.float32).expand(3, 2, 3), atol=1e-3,
+                               rtol=0)
+
+
+def test_images_without_an_8_bit_scaling_are_refused_by_the_collator():
+    row = make_row()
+    row["image"] = Image.fromarray(np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"image mode 'F' .* has no known 8-bit scaling; convert"):
+        prepare_batch([row], build_image_processor(None))

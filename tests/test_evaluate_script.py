@@ -97,7 +97,8 @@ def folders(tmp_path_factory):
              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "train.py"),
              "--output_dir", str(trained), "--max_train_steps", "5", "--model_preset", "tiny",
              "--num_train_images", "32", "--num_validation_images", str(NUM_IMAGES),
-             "--per_device_train_batch_size", "4", "--report_to", "none", "--skip_out_of_domain", "true"]
+             "--per_device_train_batch_size", "4", "--report_to", "none", "--skip_out_of_domain", "true",
+             "--calibrator", "none"]
     result = subprocess.run(train, check=False, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -177,7 +178,7 @@ def test_saved_calibrator_applies_on_the_train_py_evaluation(folders, compared):
                                                      calibrator=load_calibrator(calibrator_path)))
     assert metrics["in_domain"]["d_ece"] != trained_metrics["in_domain"]["d_ece"]
     assert metrics["evaluation"]["calibrator"] == {"type": "TemperatureScaling", "path": str(calibrator_path),
-                                                   "fitted_on": None}
+                                                   "folded": False, "fitted_on": None}
     assert "out_of_domain" not in metrics and "compare_with" not in metrics
     assert not (output / "reliability_comparison.png").exists()
     assert (output / "reliability_before_after.png").is_file()

@@ -98,8 +98,14 @@ def test_export_script_int8_and_evaluate_script(tmp_path):
     assert written["max_difference"]["logits"] < 1e-4
     static_int8 = Path(written["int8"])
     dynamic = quantize_onnx(tmp_path / "onnx" / "model.onnx", tmp_path / "onnx" / "model.dynamic.onnx", "dynamic")
-    assert static_int8.stat().st_size < (tmp_path / "onnx" / "model.onnx").stat().st_size
-    assert dynamic.stat().st_size < (tmp_path / "onnx" / "model.onnx").stat().st_size
+    import onnx
+
+    def op_types(path):
+        return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= op_types(dynamic)  # int8 matrix multiplications
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(static_int8)  # int8 activations (QDQ)
+    assert not {"QuantizeLinear", "MatMulInteger"} & op_types(tmp_path / "onnx" / "model.onnx")
 
     evaluate = load_script("evaluate")
     metrics = evaluate.main(["--model_name_or_path", str(static_int8), "--output_dir", str(tmp_path / "eval"),

@@ -27,6 +27,7 @@ SCRIPTS = [
     "benchmarks/calibration_sweep.py",
     "benchmarks/calibrator_choice.py",
     "benchmarks/deployment.py",
+    "benchmarks/matching_scale.py",
     "benchmarks/metrics.py",
     "benchmarks/train_step.py",
 ]

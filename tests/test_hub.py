@@ -23,6 +23,7 @@ from hf_caldetr.hub import (
     CAL_FIELDS,
     TEMPLATE_PATH,
     HubExportError,
+    classify_entries,
     hub_files,
     push_folder,
     render_model_card,
@@ -45,7 +46,7 @@ def trained_folder(tmp_path_factory) -> Path:
                "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "train.py"),
                "--output_dir", str(output_dir), "--max_train_steps", "5", "--model_preset", "tiny",
                "--num_train_images", "32", "--num_validation_images", "16", "--per_device_train_batch_size", "4",
-               "--checkpointing_steps", "5", "--report_to", "tensorboard"]
+               "--checkpointing_steps", "5", "--report_to", "tensorboard", "--calibrator", "none"]
     completed = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return output_dir
@@ -175,6 +176,15 @@ def test_hub_files_leave_checkpoints_and_logs_out_unless_asked(trained_folder):
     with_extras = [path for _, path in hub_files(trained_folder, include_checkpoints=True, include_logs=True)]
     assert "step_5/progress.json" in with_extras and "step_5/model.safetensors" in with_extras
     assert any(path.startswith("hf_caldetr/") and "tfevents" in path for path in with_extras)
+
+
+def test_a_checkpoint_cut_short_is_never_uploaded(folder):
+    shutil.copytree(folder / "step_5", folder / "step_10")
+    (folder / "step_10" / "progress.json").unlink()  # written last: a kill mid-write leaves none
+    kinds = dict((path.name, kind) for path, kind in classify_entries(folder))
+    assert kinds["step_5"] == "checkpoint" and kinds["step_10"] == "partial checkpoint"
+    uploaded = [path for _, path in hub_files(folder, include_checkpoints=True)]
+    assert "step_5/model.safetensors" in uploaded and not any(path.startswith("step_10/") for path in uploaded)
 
 
 def test_dry_run_script_lists_every_file_and_uploads_nothing(trained_folder, tmp_path):

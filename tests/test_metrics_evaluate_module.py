@@ -59,3 +59,51 @@ def test_card_example(module):
         predictions=[{"boxes": [[0, 0, 10, 10], [0, 0, 10, 10]], "scores": [0.9, 0.6], "labels": [1, 1]}],
         references=[{"boxes": [[0, 0, 10, 10]], "labels": [1]}])
     assert result["d_ece"] == pytest.approx(0.35)
+
+
+SQUARE = [0, 0, 10, 10]
+
+
+def test_float_labels_are_refused_like_detection_ece(module):
+    # The module's int64 feature would truncate 2.7 to class 2 and call it a true positive.
+    predictions = [{"boxes": [SQUARE], "scores": [0.8], "labels": [2.7]}]
+    references = [{"boxes": [SQUARE], "labels": [2]}]
+    with pytest.raises(ValueError) as core:
+        detection_ece(predictions, references)
+    with pytest.raises(ValueError) as wrapped:
+        module.compute(predictions=predictions, references=references)
+    assert str(wrapped.value) == str(core.value) == "predictions[0]['labels'] must be integer class ids"
+    with pytest.raises(ValueError, match=r"references\[0\]\['labels'\] must be integer class ids"):
+        module.compute(predictions=[{"boxes": [SQUARE], "scores": [0.8], "labels": [2]}],
+                       references=[{"boxes": [SQUARE], "labels": [2.5]}])
+
+
+def test_float_labels_are_refused_by_add_and_add_batch(module):
+    with pytest.raises(ValueError, match=r"predictions\[1\]\['labels'\] must be integer class ids"):
+        module.add_batch(predictions=[{"boxes": [SQUARE], "scores": [0.8], "labels": [1]},
+                                      {"boxes": [SQUARE], "scores": [0.8], "labels": torch.tensor([1.5])}],
+                         references=[{"boxes": [SQUARE], "labels": [1]}] * 2)
+    with pytest.raises(ValueError, match=r"must be integer class ids"):
+        module.add(prediction={"boxes": [SQUARE], "scores": [0.8], "labels": [0.5]},
+                   reference={"boxes": [SQUARE], "labels": [0]})
+    # Nothing was stored by the refused calls: a fresh compute sees only its own inputs.
+    result = module.compute(predictions=[{"boxes": [SQUARE], "scores": [0.8], "labels": [2.0]}],
+                            references=[{"boxes": [SQUARE], "labels": [2]}])
+    assert result["num_detections"] == 1 and result["precision"] == 1.0  # integral floats are fine, as in the core
+
+
+@pytest.mark.parametrize("side, extra", [("predictions", "uncertainties"), ("references", "iscrowd")])
+def test_unexpected_key_is_named_with_the_expected_keys(module, side, extra):
+    inputs = {"predictions": [{"boxes": [SQUARE], "scores": [0.8], "labels": [1]}],
+              "references": [{"boxes": [SQUARE], "labels": [1]}]}
+    inputs[side][0][extra] = [0]
+    expected = "'boxes', 'scores', 'labels'" if side == "predictions" else "'boxes', 'labels'"
+    message = rf"{side}\[0\] has unexpected key\(s\) '{extra}': .* takes exactly the keys {expected}; remove"
+    with pytest.raises(ValueError, match=message):
+        module.compute(**inputs)
+
+
+def test_missing_key_gets_the_core_message(module):
+    with pytest.raises(ValueError, match=r"predictions\[0\] is missing 'labels'"):
+        module.compute(predictions=[{"boxes": [SQUARE], "scores": [0.8]}],
+                       references=[{"boxes": [SQUARE], "labels": [1]}])

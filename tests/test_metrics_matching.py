@@ -230,3 +230,150 @@ def test_error_names_the_offending_image():
 def test_thresholds_outside_unit_interval(keyword):
     with pytest.raises(ValueError, match=keyword):
         match_detections([image([SQUARE], [0.5], [1])], [truth([SQUARE], [1])], **{keyword: 1.5})
+
+
+# ---------------------------------------------------------------- crowded images, every code path, against the loop
+
+def crowded_images(rng, num_images=3, max_detections=150, max_boxes=12):
+    """Images where many detections pile on few boxes, with many ties: half the images on an integer grid
+    (equal IoUs, duplicate and zero-size boxes), scores often drawn from four values (equal scores)."""
+    predictions, references = [], []
+    for _ in range(num_images):
+        num_dets, num_boxes = int(rng.integers(0, max_detections)), int(rng.integers(0, max_boxes))
+        num_classes, on_grid = int(rng.integers(1, 3)), bool(rng.random() < 0.5)
+
+        def boxes(count):
+            if on_grid:
+                corner = rng.integers(0, 6, (count, 2))
+                return np.concatenate([corner, corner + rng.integers(0, 4, (count, 2))], axis=1).astype(float)
+            corner = rng.uniform(0, 20, (count, 2))
+            return np.concatenate([corner, corner + rng.uniform(0, 8, (count, 2))], axis=1)
+
+        gt_boxes, det_boxes = boxes(num_boxes), boxes(num_dets)
+        if num_boxes:  # most detections copy a box, exactly on the grid, jittered elsewhere
+            copies = rng.random(num_dets) < 0.7
+            source = gt_boxes[rng.integers(0, num_boxes, int(copies.sum()))]
+            det_boxes[copies] = source if on_grid else source + rng.normal(0, 0.5, source.shape)
+            det_boxes[:, 2:] = np.maximum(det_boxes[:, 2:], det_boxes[:, :2])
+        tied = rng.random() < 0.5
+        scores = rng.choice([0.3, 0.5, 0.7, 0.9], num_dets) if tied else rng.uniform(0, 1, num_dets)
+        predictions.append(image(det_boxes, scores, rng.integers(0, num_classes, num_dets)))
+        references.append(truth(gt_boxes, rng.integers(0, num_classes, num_boxes)))
+    return predictions, references
+
+
+# Each setting forces a code path on these small cases: the centre sweep for every group, with tiny blocks,
+# candidate overflow (chunks against unclaimed boxes) and one-pair settle windows; every round handing over to
+# the sequential scan; rounds only.
+PATHS = {
+    "defaults": {},
+    "sweep": {"_LARGE_GROUP_PAIRS": 1},
+    "sweep_tiny_chunks": {"_LARGE_GROUP_PAIRS": 1, "_MAX_PAIRS_PER_CHUNK": 5, "_BLOCK_DETECTIONS": 3,
+                          "_BLOCK_BOXES": 2, "_SETTLE_WINDOW": 4},
+    "sequential_scan": {"_MAX_PAIRS_PER_CHUNK": 7, "_SETTLE_WINDOW": 1, "_MIN_ROUND_PROGRESS": 1.0},
+    "rounds_only": {"_LARGE_GROUP_PAIRS": 1, "_MIN_ROUND_PROGRESS": 0.0, "_SETTLE_WINDOW": 10 ** 9},
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("seed", range(6))
+def test_crowded_random_images_match_the_loop_oracle_on_every_path(monkeypatch, path, seed):
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(matching, name, value)
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(8):
+        predictions, references = crowded_images(rng)
+        iou_threshold = float(rng.choice([0.0, 1e-3, 0.1, 0.5, 0.75, 1.0]))
+        include = bool(rng.random() < 0.3)
+        expected = loop_match(predictions, references, 0.3, iou_threshold, include)
+        actual = match_detections(predictions, references, 0.3, iou_threshold, include)
+        assert_same_rows(as_rows(actual), expected)
+
+
+def test_large_group_uses_the_sweep_and_matches_the_loop(monkeypatch):
+    # 3,000 detections x 100 boxes of one class is over _LARGE_GROUP_PAIRS: the default path is the sweep.
+    rng = np.random.default_rng(11)
+    corner = rng.uniform(0, 500, (100, 2))
+    gt_boxes = np.concatenate([corner, corner + rng.uniform(10, 120, (100, 2))], axis=1)
+    source = gt_boxes[rng.integers(0, 100, 3000)]
+    det_boxes = source + rng.normal(0, 6, source.shape)
+    det_boxes[:, 2:] = np.maximum(det_boxes[:, 2:], det_boxes[:, :2])
+    scores = np.round(rng.uniform(0, 1, 3000), 2)  # many ties
+    predictions, references = [image(det_boxes, scores, np.zeros(3000, int))], [truth(gt_boxes, np.zeros(100, int))]
+    calls = []
+    sweep = matching._spatial_candidates
+    monkeypatch.setattr(matching, "_spatial_candidates", lambda *args: calls.append(1) or sweep(*args))
+    for threshold in (0.3, 0.5, 0.9):
+        actual = match_detections(predictions, references, score_threshold=0.0, iou_threshold=threshold)
+        assert_same_rows(as_rows(actual), loop_match(predictions, references, 0.0, threshold))
+    assert calls
+
+
+def test_pile_up_on_few_boxes_stays_within_the_pair_budget(monkeypatch):
+    # 400 detections on 30 mutually overlapping boxes: 12,000 candidate pairs, with room for 500 at a time.
+    # The group is settled in priority-order chunks against the unclaimed boxes, exactly.
+    rng = np.random.default_rng(5)
+    gt_boxes = np.array([10.0, 10.0, 50.0, 50.0]) + rng.normal(0, 1.5, (30, 4))
+    det_boxes = np.array([10.0, 10.0, 50.0, 50.0]) + rng.normal(0, 2.0, (400, 4))
+    predictions = [image(det_boxes, rng.uniform(0, 1, 400), np.zeros(400, int))]
+    references = [truth(gt_boxes, np.zeros(30, int))]
+    monkeypatch.setattr(matching, "_LARGE_GROUP_PAIRS", 1)
+    monkeypatch.setattr(matching, "_MAX_PAIRS_PER_CHUNK", 500)
+    held = []
+    sweep = matching._spatial_candidates
+
+    def recording_sweep(*args):
+        pairs = sweep(*args)
+        held.append(0 if pairs is None else len(pairs[0]))
+        return pairs
+
+    monkeypatch.setattr(matching, "_spatial_candidates", recording_sweep)
+    actual = match_detections(predictions, references, score_threshold=0.0)
+    assert_same_rows(as_rows(actual), loop_match(predictions, references, 0.0))
+    assert actual.matched.sum() == 30 and 0 < max(held) <= 500
+
+
+def test_chain_of_contested_boxes_hands_over_to_the_sequential_scan(monkeypatch):
+    # Identical detections over boxes of strictly decreasing IoU: detection k gets box k, one per round.
+    gt_boxes = [[0.0, 0.0, 10.0, 10.0 + 0.1 * k] for k in range(40)]
+    predictions = [image([SQUARE] * 60, np.linspace(0.9, 0.5, 60), [0] * 60)]
+    references = [truth(gt_boxes, [0] * 40)]
+    calls = []
+    scan = matching._settle_sequentially
+    monkeypatch.setattr(matching, "_settle_sequentially", lambda *args: calls.append(1) or scan(*args))
+    actual = match_detections(predictions, references)
+    assert_same_rows(as_rows(actual), loop_match(predictions, references))
+    assert actual.matched_reference.tolist() == list(range(40)) + [-1] * 20
+    assert calls
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_sweep_keeps_pairs_exactly_at_the_threshold(monkeypatch, offset):
+    # IoU exactly 0.5 (half of the box), exactly 1 (the same box): kept, on the sweep path, far from the origin
+    # as well (the sweep's slack scales with the coordinates).
+    monkeypatch.setattr(matching, "_LARGE_GROUP_PAIRS", 1)
+    half, box = [offset, 0.0, offset + 5.0, 10.0], [offset, 0.0, offset + 10.0, 10.0]
+    predictions = [image([half, box], [0.9, 0.8], [1, 1])]
+    references = [truth([box, box], [1, 1])]
+    assert match_detections(predictions, references).matched.tolist() == [True, True]
+    assert match_detections(predictions, references, iou_threshold=1.0).matched.tolist() == [False, True]
+
+
+def test_centre_bound_holds_for_every_pair_over_the_threshold():
+    # The sweep's pruning: IoU >= t implies |cx_a - cx_b| <= f(t) min(w_a, w_b), and the same in y.
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0, 10, (200_000, 2))
+    boxes_a = np.concatenate([a, a + rng.uniform(0, 10, (200_000, 2))], axis=1)
+    boxes_b = boxes_a + rng.normal(0, 1, boxes_a.shape) * rng.uniform(0, 3, (200_000, 1))
+    boxes_b[:, 2:] = np.maximum(boxes_b[:, 2:], boxes_b[:, :2])
+    ious = matching.pairwise_box_iou(boxes_a, boxes_b)
+    for threshold in (0.05, 0.3, 0.5, 0.7, 0.95):
+        over = ious >= threshold
+        assert over.sum() > 1000
+        factor = matching._radius_factor(threshold)
+        for axis in (0, 1):
+            centre_gap = np.abs((boxes_a[over, axis] + boxes_a[over, axis + 2]) / 2
+                                - (boxes_b[over, axis] + boxes_b[over, axis + 2]) / 2)
+            sides = np.minimum(boxes_a[over, axis + 2] - boxes_a[over, axis],
+                               boxes_b[over, axis + 2] - boxes_b[over, axis])
+            assert (centre_gap <= factor * sides + 1e-12).all()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--model_preset", "tiny", "--num_train_images", "32", "--num_validation_images", "16",
             "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--report_to", "none",
-            "--num_calibration_images", "16"]
+            "--calibrator", "none"]  # the calibrated end of a run: test_the_run_ends_calibrated
 
 pytestmark = pytest.mark.slow
 
@@ -101,9 +101,15 @@ def test_other_architectures_train_and_evaluate(tmp_path, model_type):
 
 @pytest.fixture(scope="module")
 def scoring_checkpoint(tmp_path_factory):
-    """A tiny random Deformable DETR for the digits whose scores start near 0.6 (class bias 0.5), so that a
-    2-step fine-tune keeps detections above the protocol's 0.3 and a calibrator can be fitted."""
+    """A tiny random Deformable DETR for the digits whose scores start near 0.6 (class bias 0.5), and a saved
+    dataset (train, validation, calibration splits) labelled with its own top detections: a fine-tune of 2 steps
+    at a tiny learning rate keeps detections above the protocol's 0.3 that are partly right, so a calibrator has
+    both outcomes to fit on."""
+    from datasets import DatasetDict
+    from test_evaluate_script import self_labelled
+
     from hf_caldetr.data import build_image_processor
+    from hf_caldetr.data.splits import DataArguments, load_splits
     from hf_caldetr.training import build_model
 
     folder = tmp_path_factory.mktemp("scoring")
@@ -112,18 +118,25 @@ def scoring_checkpoint(tmp_path_factory):
     with torch.no_grad():
         for head in model.class_embed:
             head.bias.fill_(0.5)
-    model.save_pretrained(folder)
-    build_image_processor(96).save_pretrained(folder)
+    model.save_pretrained(folder / "model")
+    build_image_processor(96).save_pretrained(folder / "model")
+    train, validation = load_splits(DataArguments(num_train_images=32, num_validation_images=48))
+    DatasetDict({"train": self_labelled(folder / "model", train),
+                 "validation": self_labelled(folder / "model", validation.select(range(16))),
+                 "calibration": self_labelled(folder / "model", validation.select(range(16, 48)))}
+                ).save_to_disk(str(folder / "data"))
     return folder
 
 
 @pytest.mark.parametrize("calibrator", ["platt", "isotonic"])
 def test_the_run_ends_calibrated(tmp_path, scoring_checkpoint, calibrator):
-    launch(tmp_path, "--model_name_or_path", str(scoring_checkpoint), "--max_train_steps", "2",
-           "--num_calibration_images", "24", "--calibrator", calibrator, "--calibration_class_wise", "false")
+    launch(tmp_path, "--model_name_or_path", str(scoring_checkpoint / "model"), "--max_train_steps", "2",
+           "--learning_rate", "1e-7", "--dataset_name", str(scoring_checkpoint / "data"),
+           "--calibration_split", "calibration", "--num_calibration_images", "0", "--calibrator", calibrator,
+           "--calibration_class_wise", "false")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     calibration = metrics["calibration"]
-    assert calibration["fitted_on"]["images"] == 24 and calibration["folded"] is (calibrator == "platt")
+    assert calibration["fitted_on"]["images"] == 32 and calibration["folded"] is (calibrator == "platt")
     for split in ("in_domain", "out_of_domain"):
         raw, calibrated = metrics["before_calibration"][split], metrics[split]
         assert raw["num_detections"] > 0 and raw["d_ece"] != calibrated["d_ece"]
@@ -157,27 +170,51 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["run"]["train_steps"] == 2
 
 
-def test_resume_latest_skips_a_checkpoint_interrupted_mid_write(tmp_path):
-    """A run killed while writing step_4 (its progress.json, written last, missing) resumes from step_2 with
-    `--resume_from_checkpoint latest` and ends with the uninterrupted run's weights."""
-    common = ["--max_train_steps", "6", "--skip_out_of_domain", "true", "--checkpointing_steps", "2",
-              "--calibrator", "none"]
-    launch(tmp_path / "full", *common)
-    # What a kill while step_4 is written leaves: step_2 complete, step_4 without its progress.json (written last)
-    # and with a truncated weight file, no final model.
-    import shutil
+KILLED_MID_CHECKPOINT = """
+import os, runpy, sys
+from pathlib import Path
+import accelerate
 
+save_state = accelerate.Accelerator.save_state
+
+def killed_while_saving(self, output_dir=None, **kwargs):
+    if output_dir and Path(output_dir).name == "step_4":
+        save_state(self, output_dir, **kwargs)
+        optimizer = Path(output_dir, "optimizer.bin")
+        optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])  # cut short mid-write
+        os._exit(137)  # SIGKILL's exit status: no cleanup, no progress.json
+    return save_state(self, output_dir, **kwargs)
+
+accelerate.Accelerator.save_state = killed_while_saving
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The process dies while step_4 is being written (its optimizer file half written, no progress.json): the
+    same command with `--resume_from_checkpoint latest` resumes from step_2 and ends with the weights of a run
+    that was never interrupted."""
+    common = ["--max_train_steps", "6", "--skip_out_of_domain", "true", "--checkpointing_steps", "2"]
+    launch(tmp_path / "full", *common)
+    runner = tmp_path / "killed_mid_checkpoint.py"
+    runner.write_text(KILLED_MID_CHECKPOINT)
     interrupted = tmp_path / "interrupted"
-    for step in ("step_2", "step_4"):
-        shutil.copytree(tmp_path / "full" / step, interrupted / step)
-    (interrupted / "step_4" / "progress.json").unlink()
-    (interrupted / "step_4" / "model.safetensors").write_bytes(b"")
+    command = [sys.executable, str(runner), str(ROOT / "examples" / "train.py"), "--output_dir", str(interrupted),
+               *TINY_RUN, *common]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert (interrupted / "step_4" / "model.safetensors").is_file()
+    assert not (interrupted / "step_4" / "progress.json").exists() and not (interrupted / "model.safetensors").exists()
     result = launch(interrupted, *common, "--resume_from_checkpoint", "latest")
     assert f"resumed from {interrupted / 'step_2'} at step 2" in result.stderr
     full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(interrupted / "model.safetensors")
     assert full.keys() == resumed.keys()
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+    # The half-written step_4 was replaced by a complete one when the resumed run passed step 4.
+    assert (interrupted / "step_4" / "progress.json").is_file()
 
 
 def _train_module():
@@ -198,10 +235,80 @@ def _train_module():
     (["--learning_rate", "0"], "--learning_rate must be positive"),
     (["--num_warmup_steps", "-10"], "--num_warmup_steps must be >= 0"),
     (["--resume_from_checkpoint", "/nonexistent/step_3"], "no such checkpoint folder"),
+    (["--resume_from_checkpoint", "EMPTY_PROGRESS"], "not a complete checkpoint .no readable progress.json"),
 ])
 def test_bad_flags_are_refused_before_training(tmp_path, monkeypatch, flags, message):
     train = _train_module()
+    if "EMPTY_PROGRESS" in flags:  # a checkpoint whose progress.json was cut short
+        checkpoint = tmp_path.parent / f"{tmp_path.name}_checkpoint" / "step_3"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "progress.json").write_text("")
+        flags = [str(checkpoint) if flag == "EMPTY_PROGRESS" else flag for flag in flags]
     monkeypatch.setattr(sys, "argv", ["train.py", "--output_dir", str(tmp_path), *flags])
     with pytest.raises(ValueError, match=message):
         train.main()
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--model_name_or_path", "/no/such/checkpoint"], "checkpoint folder /no/such/checkpoint does not exist"),
+    (["--push_to_hub", "true"], "--push_to_hub needs --hub_model_id"),
+    (["--push_to_hub", "true", "--hub_model_id", "not a repo id!"], "invalid Hub repo id"),
+    (["--push_to_hub", "true", "--hub_model_id", "me/model"], "HF_HUB_OFFLINE=1"),
+])
+def test_checks_that_would_fail_after_training_fail_before_it(tmp_path, monkeypatch, flags, message):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    train = _train_module()
+    monkeypatch.setattr(sys, "argv", ["train.py", "--output_dir", str(tmp_path), *flags])
+    with pytest.raises(ValueError, match=message):
+        train.main()
+    assert not any(tmp_path.iterdir())
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    common = ["--max_train_steps", "2", "--skip_out_of_domain", "true", "--checkpointing_steps", "2",
+              "--calibrator", "none"]
+    launch(tmp_path / "run", *common)
+    checkpoint = str(tmp_path / "run" / "step_2")
+    for flags, named in ((["--method", "baseline"], "--method 'cal-detr' there, 'baseline' now"),
+                         (["--model_preset", "small"], "--model_preset 'tiny' there, 'small' now")):
+        failed = launch(tmp_path / "other", *common, *flags, "--resume_from_checkpoint", checkpoint, check=False)
+        assert failed.returncode != 0 and named in failed.stderr
+
+
+def _coco_folder(folder: Path, categories: list[dict], num_images: int = 8) -> tuple[str, str]:
+    """A COCO folder of random 64x64 images, each with one box of the first category."""
+    import numpy as np
+    from PIL import Image
+
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for index in range(num_images):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images_dir / f"{index}.png")
+        images.append({"id": index, "file_name": f"{index}.png", "width": 64, "height": 64})
+        annotations.append({"id": index, "image_id": index, "category_id": categories[0]["id"],
+                            "bbox": [8, 8, 20, 24], "area": 480, "iscrowd": 0})
+    path = folder / "annotations.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return str(path), str(images_dir)
+
+
+def test_label_sets_travel_and_are_checked_by_name(tmp_path):
+    cats = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
+    train_json, train_images = _coco_folder(tmp_path / "train", cats)
+    reversed_json, reversed_images = _coco_folder(tmp_path / "reversed", [{"id": 3, "name": "dog"},
+                                                                         {"id": 7, "name": "cat"}])
+    coco = ["--train_annotations", train_json, "--train_images", train_images, "--image_size", "64",
+            "--max_train_steps", "1", "--skip_out_of_domain", "true"]
+    failed = launch(tmp_path / "bad", *coco, "--validation_annotations", reversed_json,
+                    "--validation_images", reversed_images, check=False)
+    assert failed.returncode != 0 and "differ from the training data's ['cat', 'dog']" in failed.stderr
+    assert "training (" not in failed.stderr
+    val_json, val_images = _coco_folder(tmp_path / "val", cats)
+    launch(tmp_path / "good", *coco, "--validation_annotations", val_json, "--validation_images", val_images)
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog"} and config["coco_category_ids"] == [3, 7]

@@ -53,3 +53,26 @@ def test_trainable_batch_norm_round_trip_keeps_inference():
     assert torch.allclose(trained, frozen, atol=1e-5)
     running_means = [m.running_mean for m in model.modules() if type(m).__name__.endswith("FrozenBatchNorm2d")]
     assert any(not torch.equal(mean, torch.zeros_like(mean)) for mean in running_means)
+
+
+@pytest.mark.parametrize(("method", "overrides", "message"), [
+    ("cal-detr", {"logit_mixing_alfa": 0.7}, r"\['logit_mixing_alfa'\] are not fields of DeformableDetrConfig"),
+    ("baseline", {"logit_mixing_alpha": 0.7}, "takes no Cal settings"),
+])
+def test_config_overrides_are_checked(method, overrides, message):
+    from hf_caldetr.training import build_model
+
+    with pytest.raises(ValueError, match=message):
+        build_model(method, {0: "a", 1: "b"}, preset="tiny", config_overrides=overrides)
+
+
+def test_a_cal_field_in_config_overrides_is_applied():
+    """Before, the method's own settings silently replaced it."""
+    from hf_caldetr.training import build_model
+
+    model = build_model("cal-detr", {0: "a", 1: "b"}, preset="tiny",
+                        config_overrides={"logit_mixing_alpha": 0.7, "d_model": 64})
+    assert model.config.logit_mixing_alpha == 0.7 and model.config.d_model == 64
+    with pytest.raises(ValueError, match="given twice"):
+        build_model("cal-detr", {0: "a", 1: "b"}, preset="tiny", config_overrides={"logit_mixing_alpha": 0.7},
+                    logit_mixing_alpha=0.8)

@@ -8,6 +8,7 @@ ride along in ``config.json`` as extra keys, which stock configs keep and ignore
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import transformers
@@ -60,6 +61,14 @@ class CalibrationConfigMixin:
 
     def validate_calibration_settings(self) -> None:
         """Raise ``ValueError`` naming the field when a Cal setting cannot work."""
+        for name in ("modulate_at_inference", "use_logit_mixing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r} (a string such as "
+                                 "'false' would count as true)")
+        for name in ("logit_mixing_alpha", "logit_mixing_loss_coefficient"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.uncertainty_modulation not in MODULATION_MODES:
             raise ValueError(
                 f"uncertainty_modulation must be one of {MODULATION_MODES}, got {self.uncertainty_modulation!r}"

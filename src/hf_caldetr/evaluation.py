@@ -250,13 +250,20 @@ def write_metrics(results: dict[str, dict], output_dir, extra: dict | None = Non
     return metrics
 
 
-CALIBRATOR_KINDS = ("none", "temperature", "platt", "isotonic", "histogram")
-"""Post-hoc calibrators the example scripts fit; temperature and Platt scaling are folded into the weights."""
+CALIBRATOR_KINDS = ("auto", "none", "temperature", "platt", "isotonic", "histogram")
+"""Post-hoc calibrators the example scripts fit; temperature and Platt scaling are folded into the weights.
+``auto``: the best foldable one measured on the main job (benchmarks/results/calibrator_choice.md), class-wise Platt
+scaling, for sigmoid heads; the one foldable one, a temperature over all columns, for softmax heads (DETR)."""
 
 
-def make_calibrator(kind: str, class_wise: bool = False, softmax_head: bool = False):
+def make_calibrator(kind: str, class_wise: bool | None = False, softmax_head: bool = False):
     """An unfitted calibrator of ``kind`` (``CALIBRATOR_KINDS``) for a sigmoid or softmax (DETR) head; None for
-    ``"none"``. Refuses, before any training, the combinations that cannot be folded into a softmax head."""
+    ``"none"``. ``class_wise=None`` means class-wise where the head allows it (sigmoid heads). Refuses, before any
+    training, the combinations that cannot be folded into a softmax head."""
+    if kind == "auto":
+        kind = "temperature" if softmax_head else "platt"
+    if class_wise is None:
+        class_wise = not softmax_head
     from .calibrators import (
         HistogramBinning,
         IsotonicCalibrator,

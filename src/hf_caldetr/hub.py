@@ -578,8 +578,8 @@ def _is_tracker_log(path: Path) -> bool:
 
 
 def classify_entries(model_dir) -> list[tuple[Path, str]]:
-    """Every top-level entry of ``model_dir`` with its kind: ``file``, ``checkpoint``, ``logs``, ``hidden`` or
-    ``other folder``."""
+    """Every top-level entry of ``model_dir`` with its kind: ``file``, ``checkpoint``, ``partial checkpoint`` (no
+    ``progress.json``: interrupted while being written, never uploaded), ``logs``, ``hidden`` or ``other folder``."""
     entries = []
     for path in sorted(Path(model_dir).iterdir()):
         if path.name.startswith("."):
@@ -587,7 +587,8 @@ def classify_entries(model_dir) -> list[tuple[Path, str]]:
         elif path.is_file():
             kind = "file"
         elif _is_checkpoint(path):
-            kind = "checkpoint"
+            # progress.json is written last: without it the checkpoint was cut short and is never uploaded.
+            kind = "checkpoint" if (path / "progress.json").is_file() else "partial checkpoint"
         elif _is_tracker_log(path):
             kind = "logs"
         else:

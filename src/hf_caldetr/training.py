@@ -6,6 +6,8 @@ A method is a set of Cal settings on one architecture, so every arm of a compari
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -166,6 +168,30 @@ def method_settings(method: str, **cal_overrides) -> dict | None:
     return {**settings, **overrides}
 
 
+def check_checkpoint(name_or_path: str, allow_onnx: bool = False) -> None:
+    """Fail early, naming the problem, on a checkpoint that is neither a model folder nor a possible Hub id
+    (transformers' own message for a missing folder is about the form of a Hub repo id)."""
+    from pathlib import Path
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{name_or_path} is a folder without config.json: not a model checkpoint "
+                             "(save_pretrained writes one)")
+        return
+    if allow_onnx and path.is_file() and path.suffix == ".onnx":
+        return
+    if path.exists():
+        kinds = "a checkpoint folder, an .onnx file" if allow_onnx else "a checkpoint folder"
+        raise ValueError(f"{name_or_path} is a file; pass {kinds} or a Hub model id")
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ValueError(f"checkpoint folder {name_or_path} does not exist (and it is not a Hub model id)") from None
+
+
 def checkpoint_model_type(model_name_or_path: str) -> str:
     """The ``model_type`` of a checkpoint (Hub id or folder)."""
     return transformers.AutoConfig.from_pretrained(model_name_or_path).model_type
@@ -185,14 +211,27 @@ def build_model(method: str, id2label: dict[int, str], model_name_or_path: str |
     ``model_type`` defaults to the checkpoint's own, or ``deformable_detr`` for a fresh model. A checkpoint with
     another label set gets a new classification head (``ignore_mismatched_sizes``).
     """
+    config_overrides = dict(config_overrides or {})
+    # A Cal field given as a config override is a Cal setting: it goes through the same checks (refused for the
+    # stock baseline), and is not overwritten by the method's own settings.
+    for name in [key for key in config_overrides if key in CAL_FIELDS]:
+        if cal_overrides.get(name) is not None:
+            raise ValueError(f"{name} is given twice (as --{name} and in --config_overrides): give it once")
+        cal_overrides[name] = config_overrides.pop(name)
     settings = method_settings(method, **cal_overrides)
     if model_type is None:
         model_type = checkpoint_model_type(model_name_or_path) if model_name_or_path else "deformable_detr"
     family = model_family(model_type)
+    known = {field.name for field in dataclasses.fields(family.config_class)} | set(
+        inspect.signature(family.config_class.__init__).parameters)
+    unknown = sorted(set(config_overrides) - known)
+    if unknown:
+        raise ValueError(f"--config_overrides: {unknown} are not fields of {family.config_class.__name__} (a config "
+                         "keeps unknown keys unused); check the spelling")
     model_class = family.model_class if settings is None else family.cal_model_class
     labels = {"num_labels": len(id2label), "id2label": dict(id2label),
               "label2id": {name: index for index, name in id2label.items()}}
-    extra = {**(config_overrides or {}), **(settings or {})}
+    extra = {**config_overrides, **(settings or {})}
     if model_name_or_path:
         return model_class.from_pretrained(model_name_or_path, ignore_mismatched_sizes=True, **labels, **extra)
     if preset not in family.presets:

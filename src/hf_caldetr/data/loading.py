@@ -2,6 +2,11 @@
 
 Each loader brings its data to the detection schema (``schema.py``) and runs the shared bad-data checks
 (``validation.py``), so the training and evaluation code has one code path whatever the data came from.
+
+Boxes are taken in the frame of the image as stored, COCO's convention: an EXIF orientation tag is not applied
+to the pixels (``datasets`` would apply it on decode; ``validation.py`` keeps such images as stored), so pixels
+and boxes agree whatever the tag says. Splits of a Hub dataset share the training split's class ids: a split
+whose ``ClassLabel`` lists the same names in another order has its ids remapped by name.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def read_coco_json(path: str) -> dict:
     """The parsed COCO file, checked for the top-level layout.
 
     Raises:
-        ValueError: malformed JSON (with line and column), or no ``images`` / ``categories`` lists.
+        ValueError: malformed JSON (with line and column), no ``images`` list, or no (or an empty)
+            ``categories`` list.
     """
     with open(path, encoding="utf-8") as file:
         text = file.read()
@@ -51,8 +57,16 @@ def read_coco_json(path: str) -> dict:
             f"{path}: expected a JSON object with 'images' and 'categories', got {type(coco).__name__}"
         )
     for key in ("images", "categories"):
-        if not isinstance(coco.get(key), list):
+        if key not in coco:
+            raise ValueError(f"{path}: no '{key}' list; a COCO detection file needs one (found: {sorted(coco)})")
+        if not isinstance(coco[key], list):
             raise ValueError(f"{path}: '{key}' must be a list (COCO detection format)")
+    # A detector needs at least one class; test-set files (no annotations) list them too.
+    if not coco["categories"]:
+        raise ValueError(
+            f"{path}: 'categories' is empty; list every class as {{\"id\": <int>, \"name\": <str>}} "
+            "(the ids the annotations' category_id refer to)"
+        )
     # Test-set files have no annotations: their images are valid, just unlabelled.
     if not isinstance(coco.setdefault("annotations", []), list):
         raise ValueError(f"{path}: 'annotations' must be a list (COCO detection format)")
@@ -201,41 +215,92 @@ def load_coco_folder(annotations_json: str, images_dir: str, skip_invalid: bool 
 # ----------------------------------------------------------------------------------- Hub and saved datasets
 
 
-def _resolve_class_names(splits: list, class_names: list[str] | None, source: str) -> list[str]:
-    """The class names for ``objects.category`` across all splits: a ClassLabel's names, the given
-    ``class_names`` (needed for plain integers), or, for string categories, the sorted names found.
+def _reference_split(splits: dict) -> Any:
+    """The split whose class order the others follow: ``train`` when there is one, else the first."""
+    return "train" if "train" in splits else next(iter(splits))
+
+
+def _common_class_label_names(splits: dict, source: str) -> list[str]:
+    """The reference split's ClassLabel names, after checking that every split names the same classes.
+
+    Splits built separately may list the same names in another order; their ids are remapped by name
+    (``to_detection_schema``). A class that some split lacks cannot be matched, so it is refused.
+    """
+    from datasets import ClassLabel
+
+    reference = _reference_split(splits)
+    names = list(category_feature(splits[reference].features).names)
+    for split, part in splits.items():
+        feature = category_feature(part.features)
+        if not isinstance(feature, ClassLabel):
+            continue  # strings or integers: encoded (or range-checked) against ``names``
+        extra, lacking = sorted(set(feature.names) - set(names)), sorted(set(names) - set(feature.names))
+        if extra or lacking:
+            found = (f" has class(es) {extra} that split {reference!r} lacks" if extra else "") + (
+                f"{' and' if extra else ''} lacks class(es) {lacking} of split {reference!r}" if lacking else ""
+            )
+            raise ValueError(
+                f"{source}: split {split!r}{found}; every split's 'objects.category' ClassLabel must name the "
+                "same classes (in any order): relabel or drop the odd objects, or cast the splits to one "
+                "ClassLabel"
+            )
+    return names
+
+
+def _resolve_class_names(splits: dict, class_names: list[str] | None, source: str) -> list[str]:
+    """The class names for ``objects.category`` across all splits: the reference split's ClassLabel names
+    (``_reference_split``), the given ``class_names`` (needed for plain integers), or, for string categories,
+    the sorted names found.
+
+    Raises:
+        ValueError: ClassLabels naming different classes in different splits, ``class_names`` that differ
+            from a ClassLabel's, categories of another type, or no class at all.
     """
     from datasets import ClassLabel, Value
 
-    feature = category_feature(splits[0].features)  # raises when objects has no category
+    feature = category_feature(splits[_reference_split(splits)].features)  # raises when there is no category
     if isinstance(feature, ClassLabel):
-        if class_names is not None and list(class_names) != list(feature.names):
-            raise ValueError(f"{source}: class_names {class_names} differ from the dataset's {feature.names}")
-        return list(feature.names)
-    if class_names is not None and isinstance(feature, Value) and feature.dtype.startswith(("int", "string")):
-        return list(class_names)
-    if isinstance(feature, Value) and feature.dtype == "string":
-        found = {
-            name
-            for split in splits
-            for row in split["objects"]
-            for name in objects_as_columns(row)["category"]
-        }
-        return sorted(found)
-    raise ValueError(
-        f"{source}: 'objects.category' is {feature!r}; it must be a ClassLabel, strings, or integers with "
-        "class_names given"
-    )
+        names = _common_class_label_names(splits, source)
+        if class_names is not None and list(class_names) != names:
+            raise ValueError(f"{source}: class_names {class_names} differ from the dataset's {names}")
+    elif class_names is not None and isinstance(feature, Value) and feature.dtype.startswith(("int", "string")):
+        names = list(class_names)
+    elif isinstance(feature, Value) and feature.dtype == "string":
+        names = sorted(
+            {
+                name
+                for split in splits.values()
+                for row in split["objects"]
+                for name in objects_as_columns(row)["category"]
+            }
+        )
+    else:
+        raise ValueError(
+            f"{source}: 'objects.category' is {feature!r}; it must be a ClassLabel, strings, or integers with "
+            "class_names given"
+        )
+    if not names:
+        raise ValueError(
+            f"{source}: no class names (an empty ClassLabel, or string categories without a single object); "
+            "a detector needs at least one class: pass class_names, or give 'objects.category' a ClassLabel"
+        )
+    return names
 
 
 def _complete_objects(
-    objects: Any, label_of_name: dict[str, int], first_id: int, where: str
+    objects: Any, label_of_name: dict[str, int], first_id: int, where: str, own_names: list[str] | None = None
 ) -> dict[str, list]:
-    """One row's objects as a dict of lists with all schema keys: names encoded, missing area/id filled."""
+    """One row's objects as a dict of lists with all schema keys: names encoded, missing area/id filled.
+
+    ``own_names``: the split's own ClassLabel names when their order differs from ``label_of_name``'s; its
+    ids are remapped by name.
+    """
     columns = objects_as_columns(objects)
     boxes = columns.get("bbox") or []
     categories = []
     for value in columns["category"]:
+        if own_names is not None and isinstance(value, int) and 0 <= value < len(own_names):
+            value = own_names[value]
         if isinstance(value, str) and value not in label_of_name:
             raise ValueError(
                 f"{where}: category {value!r} is not one of the class names {list(label_of_name)}"
@@ -267,7 +332,8 @@ def _require_image_and_objects(dataset, source: str) -> list[str]:
 def to_detection_schema(dataset, class_names: list[str], source: str = "dataset"):
     """Bring a ``datasets.Dataset`` to the schema's layout: ``objects`` as a dict of lists with every key
     (missing ``area`` = w*h, missing ``id`` numbered), category names encoded as ids of ``class_names``,
-    ``image_id`` added when absent, images decoded as RGB. Boxes must already be COCO xywh in pixels.
+    ``image_id`` added when absent, images decoded as RGB. Boxes must already be COCO xywh in pixels. A
+    ClassLabel with the names of ``class_names`` in another order has its ids remapped by name.
 
     Categories that were not a ClassLabel come out as plain integers: ``validate_detection_dataset`` checks
     their range, reporting each bad record, before making them a ClassLabel.
@@ -281,12 +347,15 @@ def to_detection_schema(dataset, class_names: list[str], source: str = "dataset"
     objects_feature = dataset.features["objects"]
     if "image_id" not in dataset.column_names:
         dataset = dataset.add_column("image_id", list(range(len(dataset))))
-    has_class_label = isinstance(category_feature(dataset.features), ClassLabel)
+    feature = category_feature(dataset.features)
+    has_class_label = isinstance(feature, ClassLabel)
+    # A ClassLabel naming the classes in another order: casting would keep the ids and rename the classes.
+    own_names = list(feature.names) if has_class_label and list(feature.names) != list(class_names) else None
     features = dataset.features.copy()
     features.update(detection_features(class_names))
     if not has_class_label:
         features["objects"]["category"] = List(Value("int64"))
-    if isinstance(objects_feature, dict) and set(keys) == set(OBJECT_KEYS) and has_class_label:
+    if isinstance(objects_feature, dict) and set(keys) == set(OBJECT_KEYS) and has_class_label and not own_names:
         return dataset.cast(features)
     label_of_name = {name: label for label, name in enumerate(class_names)}
     counts = [len(objects_as_columns(row).get("bbox") or []) for row in dataset["objects"]]
@@ -295,7 +364,7 @@ def to_detection_schema(dataset, class_names: list[str], source: str = "dataset"
     return dataset.map(
         lambda objects, index: {
             "objects": _complete_objects(
-                objects, label_of_name, first_ids[index], record_name(source, image_ids[index], None)
+                objects, label_of_name, first_ids[index], record_name(source, image_ids[index], None), own_names
             )
         },
         input_columns=["objects"],
@@ -313,13 +382,16 @@ def prepare_detection_dataset(
     Args:
         class_names: needed when categories are plain integers; for string categories, fixes their order
             (default: sorted names found in all splits); must match an existing ClassLabel.
+
+    Splits whose ClassLabels name the same classes in another order are remapped by name to the order of the
+    ``train`` split (else the first); ClassLabels naming different classes are refused.
     """
     from datasets import DatasetDict
 
     splits = dict(dataset) if isinstance(dataset, DatasetDict) else {None: dataset}
     for split, part in splits.items():
         _require_image_and_objects(part, source if split is None else f"{source} [{split}]")
-    names = _resolve_class_names(list(splits.values()), class_names, source)
+    names = _resolve_class_names(splits, class_names, source)
     converted = {
         split: to_detection_schema(part, names, source if split is None else f"{source} [{split}]")
         for split, part in splits.items()
@@ -335,6 +407,24 @@ def _is_saved_dataset(path: str) -> bool:
     )
 
 
+def _empty_saved_splits(path: str) -> list[str]:
+    """The splits of a ``save_to_disk`` folder saved with no rows: ``load_from_disk`` fails on them with a
+    bare ``IndexError`` (no data file to read back)."""
+    folders = {"": path}
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as file:
+            folders = {split: os.path.join(path, split) for split in json.load(file).get("splits", [])}
+    empty = []
+    for split, folder in folders.items():
+        try:
+            with open(os.path.join(folder, "state.json"), encoding="utf-8") as file:
+                if json.load(file).get("_data_files") == []:
+                    empty.append(split)
+        except (OSError, ValueError):
+            continue  # not ours to judge: load_from_disk reports it
+    return empty
+
+
 def load_hub_dataset(
     name_or_path: str,
     split: str | None = None,
@@ -348,12 +438,19 @@ def load_hub_dataset(
     Works offline on local folders. ``load_kwargs`` go to ``load_dataset`` (``revision``, ``data_dir`` ...).
 
     Raises:
-        ValueError: an unknown split, a schema that cannot be brought to the detection schema, or (unless
-            ``skip_invalid``) invalid records, named by dataset, split and record.
+        ValueError: an unknown split, a saved split with no rows, a schema that cannot be brought to the
+            detection schema, or (unless ``skip_invalid``) invalid records, named by dataset, split and record.
     """
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if _is_saved_dataset(name_or_path):
+        empty = _empty_saved_splits(name_or_path)
+        if empty:
+            named = f"split(s) {empty}" if empty != [""] else "dataset"
+            raise ValueError(
+                f"{name_or_path}: {named} saved with no images, which datasets cannot load back; save the "
+                "dataset again without the empty split(s), or with its images"
+            )
         dataset = load_from_disk(name_or_path)
     else:
         dataset = load_dataset(name_or_path, **load_kwargs)

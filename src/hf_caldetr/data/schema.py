@@ -22,6 +22,11 @@ from typing import Any
 import numpy as np
 
 OBJECT_KEYS = ("bbox", "category", "area", "id")
+# PIL's 16-bit single-channel modes. ``convert("RGB")`` clips their values at 255 (a 16-bit image turns all
+# white), so they are scaled by their full range instead.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Modes with no known 8-bit scaling: 32-bit integers and floats (a depth map, an HDR image ...).
+UNSCALABLE_MODES = ("I", "F")
 
 
 def detection_features(class_names: list[str]):
@@ -102,6 +107,29 @@ def objects_as_columns(objects: Any) -> dict[str, list]:
 def columns_as_rows(columns: dict[str, list]) -> list[dict]:
     """The inverse of ``objects_as_columns``: a dict of lists as a list of dicts."""
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def as_rgb8(image):
+    """A PIL image as 8-bit RGB, the model's input: 16-bit grey scaled to 0-255 (``/ 257``, full range).
+
+    ``image.convert("RGB")`` alone clips 16-bit values at 255, which turns a 16-bit PNG all white. The values
+    are taken as full-range 16-bit (PIL reads no significant-bit count): 12-bit data stored in 16 bits comes
+    out dark, so scale such images to 8 bits before loading them.
+
+    Raises:
+        ValueError: for a 32-bit integer or float image (``I``, ``F``), whose range is unknown.
+    """
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.rint(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    if image.mode in UNSCALABLE_MODES:
+        raise ValueError(
+            f"image mode {image.mode!r} (32-bit integer or float pixels) has no known 8-bit scaling; "
+            "convert the image to 8-bit (or 16-bit) RGB or greyscale before loading it"
+        )
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -77,6 +77,21 @@ def _hub_split(data, name: str, source: str):
     return data[name]
 
 
+def _require_images(dataset, role: str, source: str, skipped=None, fix: str = ""):
+    """``dataset``, or a ``ValueError`` naming the split and the source when it has no images (torch's
+    sampler would only say "num_samples should be a positive integer" for a train split, and an evaluation on
+    no images has nothing to measure)."""
+    if len(dataset) > 0:
+        return dataset
+    if skipped:
+        why = (f"none left after skipping {sum(skipped.values())} invalid record(s) "
+               f"({dict(sorted(skipped.items()))}): rerun without --skip_invalid to see each problem, then fix "
+               "the records or the images")
+    else:
+        why = fix or "the source lists no images"
+    raise ValueError(f"the {role} split ({source}) has no images: {why}")
+
+
 def _uses_coco_folders(args) -> bool:
     return any(getattr(args, f"{role}_{kind}") for role in ROLES for kind in ("annotations", "images"))
 
@@ -89,22 +104,35 @@ def load_splits(args, roles: tuple[str, ...] = ROLES) -> tuple:
     annotations and images of each role asked for (a run given only some of them stops rather than falling
     back to the default). The digits default generates only the roles asked for, the same scenes as
     ``load_digits_detection``.
+
+    Raises:
+        ValueError: a split with no images (an empty source, or every image skipped by ``--skip_invalid``),
+            naming the split and the source.
     """
     unknown = [role for role in roles if role not in ROLES]
     if unknown:
         raise ValueError(f"unknown split role(s) {unknown}; expected some of {ROLES}")
     if args.dataset_name:
-        data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid).dataset
-        return tuple(_hub_split(data, getattr(args, f"{role}_split"), args.dataset_name) for role in roles)
+        data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid)
+        return tuple(
+            _require_images(_hub_split(data.dataset, getattr(args, f"{role}_split"), args.dataset_name), role,
+                            f"{args.dataset_name} [{getattr(args, f'{role}_split')}]", data.skipped,
+                            f"the split is empty; name another with --{role}_split")
+            for role in roles)
     if _uses_coco_folders(args):
         missing = [f"{role}_{kind}" for role in roles for kind in ("annotations", "images")
                    if not getattr(args, f"{role}_{kind}")]
         if missing:
             raise ValueError(f"COCO folders need the annotations and images of {list(roles)}; missing {missing}")
-        return tuple(load_coco_folder(getattr(args, f"{role}_annotations"), getattr(args, f"{role}_images"),
-                                      skip_invalid=args.skip_invalid).dataset for role in roles)
+        loaded = [load_coco_folder(getattr(args, f"{role}_annotations"), getattr(args, f"{role}_images"),
+                                   skip_invalid=args.skip_invalid) for role in roles]
+        return tuple(_require_images(data.dataset, role, getattr(args, f"{role}_annotations"), data.skipped,
+                                     f"its 'images' list is empty; list the images of --{role}_images in it")
+                     for role, data in zip(roles, loaded))
     counts = {"train": args.num_train_images, "validation": args.num_validation_images}
-    return tuple(scenes_to_dataset(generate_digit_scenes(counts[role], role, args.image_size, args.data_seed))
+    return tuple(_require_images(scenes_to_dataset(generate_digit_scenes(counts[role], role, args.image_size,
+                                                                         args.data_seed)),
+                                 role, "digits default", fix=f"--num_{role}_images is 0; give at least 1")
                  for role in roles)
 
 
@@ -140,8 +168,11 @@ def load_calibration_split(args, split: str | None = None, num_images: int = 500
         if name == args.validation_split:
             raise ValueError(f"the calibration split {name!r} is the evaluation split: a calibrator fitted on the "
                              "images it is evaluated on flatters itself; name another split")
-        data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid).dataset
-        return random_subset(_hub_split(data, name, args.dataset_name), num_images, seed)
+        data = load_hub_dataset(args.dataset_name, skip_invalid=args.skip_invalid)
+        calibration = _require_images(_hub_split(data.dataset, name, args.dataset_name), "calibration",
+                                      f"{args.dataset_name} [{name}]", data.skipped,
+                                      "the split is empty; name another with --calibration_split")
+        return random_subset(calibration, num_images, seed)
     if split not in (None, "train"):
         raise ValueError(f"--calibration_split {split!r} names a Hub dataset split; COCO folders and the digits "
                          "default calibrate on their train split only")

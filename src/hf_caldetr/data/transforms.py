@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .schema import objects_as_columns
+from .schema import as_rgb8, objects_as_columns
 
 # Jitter ranges of the training augmentation, and the smallest box it keeps (pixels, after clipping).
 SCALE_JITTER = 0.15
@@ -158,7 +158,8 @@ def prepare_batch(
     """
     images, targets = [], []
     for example in examples:
-        image, objects = example["image"].convert("RGB"), example["objects"]
+        # Not image.convert("RGB"): that clips a 16-bit image white (rows that did not come through the loaders).
+        image, objects = as_rgb8(example["image"]), example["objects"]
         if augment:
             generator = None if seed is None else augmentation_generator(seed, epoch, example["image_id"])
             image, objects = _augmented(image, objects, generator)

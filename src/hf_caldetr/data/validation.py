@@ -4,6 +4,13 @@
 pixels (image headers only), and either raises one ``ValueError`` listing the problems, each with the source
 file and the record (image id, file name, annotation id), or, with ``skip_invalid=True``, drops the bad images
 and boxes, counts them by reason and logs a summary. Images with no boxes are valid.
+
+Pixels stay in the frame the boxes were drawn in. COCO and Hub annotations refer to the image as stored, not as
+its EXIF orientation would display it, so images are never EXIF-transposed. ``datasets``' ``Image`` feature
+transposes on decode (``ImageOps.exif_transpose``); an image with an EXIF orientation other than 1 is therefore
+held re-encoded as a PNG of its stored pixels (no EXIF), which ``datasets`` decodes as stored. 16-bit grey
+images are held the same way, scaled to 8-bit (``schema.as_rgb8``): ``datasets``' conversion to RGB clips them
+all white. Other images pass through untouched, read lazily from their files.
 """
 
 from __future__ import annotations
@@ -16,7 +23,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schema import OBJECT_KEYS, category_feature, columns_as_rows, objects_as_columns
+import numpy as np
+
+from .schema import (
+    OBJECT_KEYS,
+    SIXTEEN_BIT_MODES,
+    UNSCALABLE_MODES,
+    as_rgb8,
+    category_feature,
+    columns_as_rows,
+    objects_as_columns,
+    png_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +47,13 @@ NON_POSITIVE_BOX = "non_positive_box"
 BOX_OUTSIDE_IMAGE = "box_outside_image"
 UNKNOWN_CATEGORY = "unknown_category"
 UNKNOWN_IMAGE = "unknown_image"
+UNSUPPORTED_IMAGE = "unsupported_image"
 
 # COCO's own boxes overshoot the image edge by fractions of a pixel (polygon rounding): such boxes are
 # clipped, only boxes further out are rejected.
 BOX_EDGE_TOLERANCE_PX = 1.0
 # A failed check lists this many problems in its error message, then a count of the rest.
 MAX_LISTED_PROBLEMS = 5
-# EXIF orientations that rotate by 90 degrees: ``datasets`` decodes such images transposed.
-_TRANSPOSING_EXIF_ORIENTATIONS = {5, 6, 7, 8}
 
 
 @dataclass
@@ -95,10 +112,23 @@ def raise_or_skip(problems: list[Problem], skip_invalid: bool, source: str) -> C
     return counts
 
 
-def image_size(image: dict) -> tuple[int, int]:
-    """``(width, height)`` of an undecoded ``datasets.Image`` value ``{"bytes", "path"}``, as decoded.
+def _open_image(image: dict):
+    """A PIL image (header read, pixels not decoded) of an undecoded ``datasets.Image`` value."""
+    from PIL import Image
 
-    Reads the header and runs PIL's ``verify`` (structure checks, no pixel decoding).
+    if image.get("bytes") is not None:
+        return Image.open(io.BytesIO(image["bytes"]))
+    if image.get("path") is not None and os.path.isfile(image["path"]):
+        return Image.open(image["path"])
+    raise FileNotFoundError(image.get("path"))
+
+
+def image_header(image: dict) -> tuple[int, int, str, int | None]:
+    """``(width, height, mode, EXIF orientation or None)`` of an undecoded ``datasets.Image`` value
+    ``{"bytes", "path"}``, as stored (not EXIF-transposed).
+
+    Reads the header and runs PIL's ``verify`` (structure checks, no pixel decoding). The orientation is the
+    one ``ImageOps.exif_transpose`` would act on (EXIF, or XMP ``tiff:Orientation``), read from the header.
 
     Raises:
         FileNotFoundError: the path does not exist (and there are no bytes).
@@ -106,22 +136,28 @@ def image_size(image: dict) -> tuple[int, int]:
     """
     from PIL import Image
 
-    if image.get("bytes") is not None:
-        opened = Image.open(io.BytesIO(image["bytes"]))
-    elif image.get("path") is not None and os.path.isfile(image["path"]):
-        opened = Image.open(image["path"])
-    else:
-        raise FileNotFoundError(image.get("path"))
-    with opened:
-        width, height = opened.size
-        raw_exif = opened.info.get("exif")  # read from the header; getexif() would break verify()
+    with _open_image(image) as opened:
+        width, height, mode = opened.width, opened.height, opened.mode
+        # The base class's getexif reads the header only (PNG's own would decode the pixels to look for an
+        # eXIf chunk after them); it moves the file position, so verify() gets a file of its own.
+        orientation = Image.Image.getexif(opened).get(Image.ExifTags.Base.Orientation)
+    with _open_image(image) as opened:
         opened.verify()
-    if raw_exif:
-        exif = Image.Exif()
-        exif.load(raw_exif)
-        if exif.get(Image.ExifTags.Base.Orientation) in _TRANSPOSING_EXIF_ORIENTATIONS:
-            width, height = height, width
-    return width, height
+    return width, height, mode, orientation
+
+
+def needs_reencoding(mode: str, orientation: int | None) -> bool:
+    """Whether ``datasets`` would decode an image wrongly: EXIF-transposed, or 16-bit clipped white."""
+    return orientation not in (None, 1) or mode in SIXTEEN_BIT_MODES
+
+
+def stored_rgb8(image: dict) -> dict:
+    """An undecoded ``datasets.Image`` value re-encoded as a PNG of its stored pixels in 8-bit RGB, without
+    EXIF (so ``datasets`` decodes it as stored); the path is kept to name the image in messages."""
+    with _open_image(image) as opened:
+        opened.load()
+        pixels = np.asarray(as_rgb8(opened))
+    return {"bytes": png_bytes(pixels), "path": image.get("path")}
 
 
 def check_box(box: Any, width: int, height: int) -> tuple[str, str] | None:
@@ -151,8 +187,11 @@ def clip_box(box: list[float], width: int, height: int) -> list[float]:
     return [left, top, right - left, bottom - top]
 
 
-def _check_row(row: dict, num_classes: int, source: str) -> tuple[Problem | None, list[Problem], dict | None]:
-    """Check one row: (an image-level problem, box-level problems, the cleaned ``objects`` or None).
+def _check_row(
+    row: dict, num_classes: int, source: str
+) -> tuple[Problem | None, list[Problem], dict | None, bool]:
+    """Check one row: (an image-level problem, box-level problems, the cleaned ``objects`` or None, whether
+    the image must be re-encoded, see ``needs_reencoding``).
 
     The cleaned objects keep the valid boxes (clipped to the image); None means nothing changed.
     """
@@ -160,11 +199,18 @@ def _check_row(row: dict, num_classes: int, source: str) -> tuple[Problem | None
     file_name = image.get("path") if isinstance(image, dict) else None
     where = record_name(source, image_id, file_name)
     try:
-        width, height = image_size(image)
+        width, height, mode, orientation = image_header(image)
     except FileNotFoundError:
-        return Problem(MISSING_IMAGE, f"{where}: image file is missing"), [], None
+        return Problem(MISSING_IMAGE, f"{where}: image file is missing"), [], None, False
     except Exception as error:  # PIL raises several types (OSError, SyntaxError, ValueError...) for bad files
-        return Problem(UNREADABLE_IMAGE, f"{where}: image cannot be read ({error})"), [], None
+        return Problem(UNREADABLE_IMAGE, f"{where}: image cannot be read ({error})"), [], None, False
+    if mode in UNSCALABLE_MODES:
+        detail = (
+            f"image mode {mode!r} (32-bit integer or float pixels) has no known 8-bit scaling; convert it to "
+            "8-bit (or 16-bit) RGB or greyscale"
+        )
+        return Problem(UNSUPPORTED_IMAGE, f"{where}: {detail}"), [], None, False
+    reencode = needs_reencoding(mode, orientation)
 
     objects = objects_as_columns(row["objects"])
     boxes, categories = objects.get("bbox") or [], objects.get("category") or []
@@ -174,7 +220,7 @@ def _check_row(row: dict, num_classes: int, source: str) -> tuple[Problem | None
         detail = (
             f"objects lists differ in length ({ {key: len(objects.get(key) or []) for key in OBJECT_KEYS} })"
         )
-        return Problem(MALFORMED_RECORD, f"{where}: {detail}"), [], None
+        return Problem(MALFORMED_RECORD, f"{where}: {detail}"), [], None, False
 
     problems, kept, changed = [], {key: [] for key in OBJECT_KEYS}, False
     for box, category, annotation_id, area in zip(boxes, categories, ids, areas):
@@ -192,7 +238,7 @@ def _check_row(row: dict, num_classes: int, source: str) -> tuple[Problem | None
         kept["id"].append(annotation_id)
         kept["area"].append(kept["bbox"][-1][2] * kept["bbox"][-1][3] if overshoots or area is None else area)
         changed |= overshoots or area is None
-    return None, problems, (kept if changed else None)
+    return None, problems, (kept if changed else None), reencode
 
 
 def _validate_split(dataset, skip_invalid: bool, source: str, num_classes: int) -> tuple[Any, list[Problem]]:
@@ -200,21 +246,42 @@ def _validate_split(dataset, skip_invalid: bool, source: str, num_classes: int) 
     from datasets import Image
 
     raw = dataset.select_columns(["image", "image_id", "objects"]).cast_column("image", Image(decode=False))
-    bad_rows, new_objects, problems = set(), {}, []
+    bad_rows, new_objects, reencoded, problems = set(), {}, set(), []
     for index, row in enumerate(raw):
-        image_problem, box_problems, cleaned = _check_row(row, num_classes, source)
+        image_problem, box_problems, cleaned, reencode = _check_row(row, num_classes, source)
         if image_problem is not None:
             bad_rows.add(index)
             problems.append(image_problem)
         problems.extend(box_problems)
         if cleaned is not None:
             new_objects[index] = cleaned
+        if reencode:
+            reencoded.add(index)
     if problems and not skip_invalid:
         return dataset, problems
+    if reencoded:
+        image_feature = dataset.features["image"]
+        logger.info(
+            "%s: %d image(s) with an EXIF orientation or 16 bits per pixel held as 8-bit PNGs of their stored "
+            "pixels", source, len(reencoded),
+        )
+        undecoded = dataset.cast_column("image", Image(decode=False))
+        dataset = undecoded.map(
+            lambda images, indices: {
+                "image": [
+                    stored_rgb8(image) if index in reencoded else image for image, index in zip(images, indices)
+                ]
+            },
+            input_columns=["image"],
+            with_indices=True,
+            batched=True,
+            features=undecoded.features,
+            desc="re-encoding EXIF-rotated and 16-bit images",
+        ).cast_column("image", image_feature)
     if new_objects:
         if not isinstance(dataset.features["objects"], dict):  # stored as a list of structs: keep that layout
             new_objects = {index: columns_as_rows(columns) for index, columns in new_objects.items()}
-        # Only the objects column is rewritten; images are passed through untouched.
+        # Only the objects column is rewritten; images are passed through undecoded.
         dataset = dataset.map(
             lambda objects, index: {"objects": new_objects.get(index, objects)},
             input_columns=["objects"],
@@ -263,8 +330,9 @@ def validate_detection_dataset(
 ) -> DetectionData:
     """Check every image and box of a ``Dataset`` or ``DatasetDict`` in the detection schema.
 
-    Checks: the image exists and can be read; each box is 4 finite numbers with positive width and height
-    inside the image (within ``BOX_EDGE_TOLERANCE_PX``, clipped); each category is a ClassLabel id.
+    Checks: the image exists and can be read, with pixels that scale to 8 bits; each box is 4 finite numbers
+    with positive width and height inside the image as stored (within ``BOX_EDGE_TOLERANCE_PX``, clipped);
+    each category is a ClassLabel id. EXIF-rotated and 16-bit images come out re-encoded (module docstring).
 
     Args:
         dataset: a ``datasets.Dataset`` or ``DatasetDict``.

@@ -95,6 +95,25 @@ def _check_entry(entry, keys: list[str], where: str) -> None:
             raise ValueError(f"{where} is missing '{key}'{hint}")
 
 
+def check_exact_keys(entries, name: str, keys: Sequence[str], context: str) -> None:
+    """Raise ``ValueError`` unless every per-image dict in ``entries`` has exactly ``keys``.
+
+    For consumers with a fixed schema (the ``evaluate`` module), where an extra key is an error rather than
+    ignored. A missing key gets ``flatten_boxes``' message; an unexpected one is named with the expected keys.
+    ``context`` says who takes exactly these keys, for the message.
+    """
+    _check_per_image_list(entries, name)
+    expected = ", ".join(f"'{key}'" for key in keys)
+    for index, entry in enumerate(entries):
+        where = f"{name}[{index}]"
+        _check_entry(entry, list(keys), where)
+        unexpected = [key for key in entry if key not in keys]
+        if unexpected:
+            found = ", ".join(repr(key) for key in unexpected)
+            raise ValueError(f"{where} has unexpected key(s) {found}: {context} takes exactly the keys {expected}; "
+                             f"remove the others before passing {name}")
+
+
 def _first_bad_image(bad: np.ndarray, image_index: np.ndarray) -> int:
     return int(image_index[np.flatnonzero(bad)[0]])
 

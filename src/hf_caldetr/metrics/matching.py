@@ -8,23 +8,48 @@ nothing and cannot block a later one.
 Ties, fixed so results never depend on the sort algorithm: detections with equal scores are visited in the
 order the image lists them (stable sort); ground-truth boxes with equal IoU go to the one listed first.
 
-The sequential rule is computed without a Python loop over detections: candidate (detection, box) pairs are
-the same-image, same-class pairs with IoU over the threshold, and rounds of vectorised "proposals" settle them
-(see ``_resolve_greedy``). The rounds reproduce the sequential result exactly.
+How it is computed, without a Python loop over detections and in bounded memory:
+
+1. Candidate pairs: the same-image, same-class (detection, box) pairs with IoU over the threshold; a detection
+   without one is a false positive whatever happens (most detections, in practice) and is never looked at
+   again. Small (image, class) groups pair every detection with every box, all groups at once, in chunks of
+   ``_MAX_PAIRS_PER_CHUNK`` pairs. Large groups (``_LARGE_GROUP_PAIRS`` pairs or more, e.g. one image with a
+   million detections) use a sweep over box centres instead (``_spatial_candidates``): ``IoU >= t`` implies
+   ``|cx_a - cx_b| <= f(t) min(w_a, w_b)`` and the same in y, so each block of detections, sorted by centre,
+   is compared only with the boxes whose centres lie in its window, and the exact IoU is computed only for
+   the pairs that pass both centre tests. Work is roughly proportional to detections x nearby boxes; when the
+   threshold is 0 (every pair is a candidate) it falls back to all pairs.
+2. Settling (``_settle``): detections are visited in priority order in windows of ``_SETTLE_WINDOW`` pairs,
+   with every box claimed so far removed. Within a window, rounds of vectorised "proposals" settle the
+   uncontested detections; when a round makes little progress (a long chain of detections wanting the same
+   boxes) the rest of the window is settled by a plain sequential scan of its pairs. Both reproduce the
+   sequential rule exactly, ties included.
+
+Memory stays bounded by the chunk sizes: a large group whose candidates exceed ``_MAX_PAIRS_PER_CHUNK`` is
+settled in priority-order chunks of detections, each against the boxes still unclaimed.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .inputs import FlatBoxes, flatten_pair
 
-# Candidate pairs are built in chunks of at most this many so that one image with hundreds of same-class
-# detections and boxes cannot allocate unbounded memory.
+# Pairs built at once (all-pairs chunks of small groups) and candidate pairs held at once (large groups).
 _MAX_PAIRS_PER_CHUNK = 4_000_000
+# (image, class) groups with at least this many detection x box pairs use the centre sweep.
+_LARGE_GROUP_PAIRS = 1 << 18
+# Block shape of the centre sweep: detections x boxes compared at once (about 8 MB per float64 temporary).
+_BLOCK_DETECTIONS = 256
+_BLOCK_BOXES = 4096
+# Candidate pairs settled together; claimed boxes are dropped between windows.
+_SETTLE_WINDOW = 1 << 16
+# A round of proposals that removes less than this fraction of the live pairs hands over to the sequential scan.
+_MIN_ROUND_PROGRESS = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -76,62 +101,268 @@ def pairwise_box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
-def _candidate_pairs(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
-    """Same-key (image, class) pairs with ``IoU >= iou_threshold``.
+def _radius_factor(iou_threshold: float) -> float:
+    """``f(t)`` such that ``IoU(a, b) >= t > 0`` implies ``|cx_a - cx_b| <= f(t) min(w_a, w_b)`` (and in y).
 
-    Returns ``(pair_det, pair_gt, pair_iou)``, sorted by detection, then IoU descending, then box index, so a
-    detection's first pair is its preferred box.
+    With ``iw`` the overlap in x: ``iw <= (w_a + w_b) / 2 - |cx_a - cx_b|``, and ``IoU >= t`` needs
+    ``iw >= t max(w_a, w_b)`` (the union is at least the larger area, the overlap in y at most either height)
+    and ``t w_a <= w_b <= w_a / t``. So ``|cx_a - cx_b| <= (w_a + w_b) / 2 - t max(w_a, w_b)``, at most
+    ``max(1 - t, (1/t - 1) / 2) min(w_a, w_b)``. ``t`` is lowered by a relative 1e-9 so that rounding in the
+    computed IoU can never make the bound exclude a pair the IoU would keep. ``inf`` for ``t <= 0``.
+    """
+    if iou_threshold <= 0:
+        return math.inf
+    relaxed = iou_threshold * (1 - 1e-9)
+    return max(1 - relaxed, (1 / relaxed - 1) / 2)
+
+
+def _centres_and_radii(boxes: np.ndarray, factor: float, slack: float):
+    """``(cx, cy, rx, ry)``: box centres and the half-widths of their candidate windows."""
+    cx = (boxes[:, 0] + boxes[:, 2]) * 0.5
+    cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
+    if math.isinf(factor):
+        return cx, cy, np.full(len(boxes), np.inf), np.full(len(boxes), np.inf)
+    return cx, cy, factor * (boxes[:, 2] - boxes[:, 0]) + slack, factor * (boxes[:, 3] - boxes[:, 1]) + slack
+
+
+def _spatial_candidates(det_boxes: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float, budget: float):
+    """Candidate pairs of one (image, class) group by a sweep over box centres.
+
+    Detections are sorted by the size of their window (powers of two), then by centre x, and taken in blocks of
+    ``_BLOCK_DETECTIONS``; each block is compared, in column blocks of ``_BLOCK_BOXES``, with the boxes whose
+    centre x lies in the union of its windows (boxes sorted by centre x). A pair survives when both centre
+    tests of ``_radius_factor`` pass (an absolute slack of 1e-9 of the coordinates' magnitude covers rounding);
+    its exact IoU (``pairwise_box_iou``, the same arithmetic as the all-pairs path) decides.
+
+    Returns:
+        ``(det, gt, iou)`` in group-local indices, unsorted; ``None`` as soon as there are more than ``budget``
+        (the sweep stops there, so memory stays bounded and little work is wasted).
+    """
+    num_dets = len(det_boxes)
+    factor = _radius_factor(iou_threshold)
+    scale = max(float(np.abs(det_boxes).max(initial=0.0)), float(np.abs(gt_boxes).max(initial=0.0)))
+    slack = 1e-9 * scale * (1 + factor) if math.isfinite(factor) else math.inf
+    dcx, dcy, drx, dry = _centres_and_radii(det_boxes, factor, slack)
+    gcx, gcy, grx, gry = _centres_and_radii(gt_boxes, factor, slack)
+
+    gt_order = np.argsort(gcx, kind="stable")
+    gcx, gcy, grx, gry = gcx[gt_order], gcy[gt_order], grx[gt_order], gry[gt_order]
+    det_order = np.lexsort((dcx, np.frexp(drx)[1]))
+    dcx, dcy, drx, dry = dcx[det_order], dcy[det_order], drx[det_order], dry[det_order]
+    if math.isfinite(factor):
+        lows = np.searchsorted(gcx, dcx - drx - slack, side="left")
+        highs = np.searchsorted(gcx, dcx + drx + slack, side="right")
+    else:
+        lows, highs = np.zeros(num_dets, dtype=np.int64), np.full(num_dets, len(gcx), dtype=np.int64)
+
+    parts, stored = [], 0
+    size = _BLOCK_DETECTIONS * _BLOCK_BOXES
+    distance, limit = np.empty(size), np.empty(size)
+    close_x, close_y = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
+    for start in range(0, num_dets, _BLOCK_DETECTIONS):
+        stop = min(start + _BLOCK_DETECTIONS, num_dets)
+        rows = stop - start
+        low, high = int(lows[start:stop].min()), int(highs[start:stop].max())
+        for column in range(low, high, _BLOCK_BOXES):
+            columns = slice(column, min(column + _BLOCK_BOXES, high))
+            shape = (rows, columns.stop - column)
+            cells = shape[0] * shape[1]
+            d, r = distance[:cells].reshape(shape), limit[:cells].reshape(shape)
+            near_x, near_y = close_x[:cells].reshape(shape), close_y[:cells].reshape(shape)
+            np.subtract(dcx[start:stop, None], gcx[None, columns], out=d)
+            np.abs(d, out=d)
+            np.minimum(drx[start:stop, None], grx[None, columns], out=r)
+            np.less_equal(d, r, out=near_x)
+            np.subtract(dcy[start:stop, None], gcy[None, columns], out=d)
+            np.abs(d, out=d)
+            np.minimum(dry[start:stop, None], gry[None, columns], out=r)
+            np.less_equal(d, r, out=near_y)
+            np.logical_and(near_x, near_y, out=near_x)
+            row, col = np.nonzero(near_x)
+            if not len(row):
+                continue
+            pair_det, pair_gt = det_order[start + row], gt_order[column + col]
+            pair_iou = pairwise_box_iou(det_boxes[pair_det], gt_boxes[pair_gt])
+            keep = pair_iou >= iou_threshold
+            if not keep.any():
+                continue
+            stored += int(keep.sum())
+            if stored > budget:
+                return None
+            parts.append((pair_det[keep], pair_gt[keep], pair_iou[keep]))
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    return tuple(np.concatenate(column) for column in zip(*parts))
+
+
+def _all_pairs_candidates(dets, det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
+    """Yield the candidate pairs of detections ``dets`` (ascending) with every same-key box, in chunks.
+
+    Each chunk covers a contiguous run of ``dets`` with about ``_MAX_PAIRS_PER_CHUNK`` pairs before the IoU test
+    and is ``(pair_det, pair_gt, pair_iou)`` in global indices, pairs with ``IoU >= iou_threshold`` only.
     """
     gt_order = np.argsort(gt_keys, kind="stable")
     sorted_gt_keys = gt_keys[gt_order]
-    first_gt = np.searchsorted(sorted_gt_keys, det_keys, side="left")
-    pairs_per_det = np.searchsorted(sorted_gt_keys, det_keys, side="right") - first_gt
+    keys = det_keys[dets]
+    first_gt = np.searchsorted(sorted_gt_keys, keys, side="left")
+    pairs_per_det = np.searchsorted(sorted_gt_keys, keys, side="right") - first_gt
 
-    # Split the detections into chunks of about _MAX_PAIRS_PER_CHUNK pairs to cap memory.
     chunk_of_det = (np.cumsum(pairs_per_det) - pairs_per_det) // _MAX_PAIRS_PER_CHUNK
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(chunk_of_det)) + 1, [len(det_keys)]])
-    parts = []
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(chunk_of_det)) + 1, [len(dets)]])
     for start, stop in itertools.pairwise(bounds):
         counts = pairs_per_det[start:stop]
+        total = int(counts.sum())
+        if total == 0:
+            continue
         block_starts = np.cumsum(counts) - counts
-        pair_det = np.repeat(np.arange(start, stop), counts)
-        offset_in_block = np.arange(counts.sum()) - np.repeat(block_starts, counts)
+        pair_det = np.repeat(dets[start:stop], counts)
+        offset_in_block = np.arange(total) - np.repeat(block_starts, counts)
         pair_gt = gt_order[np.repeat(first_gt[start:stop], counts) + offset_in_block]
         pair_iou = pairwise_box_iou(det_boxes[pair_det], gt_boxes[pair_gt])
         keep = pair_iou >= iou_threshold
-        parts.append((pair_det[keep], pair_gt[keep], pair_iou[keep]))
-    pair_det, pair_gt, pair_iou = (np.concatenate(column) for column in zip(*parts))
-    order = np.lexsort((pair_gt, -pair_iou, pair_det))
-    return pair_det[order], pair_gt[order], pair_iou[order]
+        yield pair_det[keep], pair_gt[keep], pair_iou[keep]
 
 
-def _resolve_greedy(pair_det, pair_gt, pair_iou, num_dets, num_gts):
-    """Settle candidate pairs exactly as the sequential greedy rule would.
+def _settle(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken) -> None:
+    """Settle candidate pairs exactly as the sequential greedy rule would, updating the outputs in place.
 
-    Detections are numbered in priority order (image, then descending score); pairs come sorted as
-    ``_candidate_pairs`` returns them. Each round, every unsettled detection proposes its best live box, and a
-    proposal ``(d, g)`` is accepted when ``d`` is the highest-priority detection still holding a live pair with
-    ``g``. Then nobody ahead of ``d`` can take ``g`` and every box ``d`` prefers is already taken by someone
-    ahead of it, which is what the sequential rule would give ``d``. In every image the highest-priority detection
-    with live pairs always wins, so each round settles at least one per image; in practice a few rounds suffice.
-
-    Returns ``(matched_gt [num_dets] int64, -1 when unmatched; matched_iou [num_dets] float64)``.
+    Detection indices are priority ranks (image, then descending score). Every detection that could have
+    claimed one of these pairs' boxes and was settled before ranks ahead of every detection here, so boxes in
+    ``gt_taken`` are simply gone for them (calls go group by group, each in priority order). Pairs are sorted
+    by detection, then IoU descending, then box index (the preference order, ties to the box listed first),
+    and settled in windows of about ``_SETTLE_WINDOW`` pairs in priority order.
     """
-    matched_gt = np.full(num_dets, -1, dtype=np.int64)
-    matched_iou = np.zeros(num_dets, dtype=np.float64)
-    gt_taken = np.zeros(num_gts, dtype=bool)
+    order = np.lexsort((pair_gt, -pair_iou, pair_det))
+    pair_det, pair_gt, pair_iou = pair_det[order], pair_gt[order], pair_iou[order]
+    live = ~gt_taken[pair_gt]
+    pair_det, pair_gt, pair_iou = pair_det[live], pair_gt[live], pair_iou[live]
+    if not len(pair_det):
+        return
+    det_starts = np.flatnonzero(np.r_[True, pair_det[1:] != pair_det[:-1]])
+    # Windows end on detection boundaries: each window holds whole detections, at least one.
+    window_of_det = det_starts // _SETTLE_WINDOW
+    bounds = np.r_[det_starts[np.r_[True, window_of_det[1:] != window_of_det[:-1]]], len(pair_det)]
+    for start, stop in itertools.pairwise(bounds.tolist()):
+        window = slice(start, stop)
+        live = ~gt_taken[pair_gt[window]]
+        _settle_window(pair_det[window][live], pair_gt[window][live], pair_iou[window][live],
+                       matched_gt, matched_iou, gt_taken)
+
+
+def _settle_window(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken) -> None:
+    """Settle sorted pairs on unclaimed boxes: rounds of proposals, then a sequential scan if they stall.
+
+    Each round, every unsettled detection proposes its best live box, and a proposal ``(d, g)`` is accepted
+    when ``d`` is the highest-priority detection still holding a live pair with ``g``. Then nobody ahead of ``d``
+    can take ``g`` and every box ``d`` prefers is already taken by someone ahead of it, which is what the
+    sequential rule would give ``d``. The highest-priority detection with live pairs always wins, so each round
+    settles at least one; usually a few rounds settle everything. When many detections want the same few boxes
+    one after another (a chain), a round settles only the head of the chain: once a round removes less than
+    ``_MIN_ROUND_PROGRESS`` of the live pairs, the rest is settled by a sequential scan (the rule itself,
+    visiting the remaining pairs once), so the work stays proportional to the pairs.
+    """
+    if not len(pair_det):
+        return
+    boxes, local_gt = np.unique(pair_gt, return_inverse=True)
+    num_dets_bound = int(pair_det[-1]) + 1
     while len(pair_det):
         is_proposal = np.empty(len(pair_det), dtype=bool)
         is_proposal[0] = True
         is_proposal[1:] = pair_det[1:] != pair_det[:-1]
-        first_claimant = np.full(num_gts, num_dets, dtype=np.int64)
-        np.minimum.at(first_claimant, pair_gt, pair_det)
-        accepted = is_proposal & (first_claimant[pair_gt] == pair_det)
+        first_claimant = np.full(len(boxes), num_dets_bound, dtype=np.int64)
+        np.minimum.at(first_claimant, local_gt, pair_det)
+        accepted = is_proposal & (first_claimant[local_gt] == pair_det)
         matched_gt[pair_det[accepted]] = pair_gt[accepted]
         matched_iou[pair_det[accepted]] = pair_iou[accepted]
         gt_taken[pair_gt[accepted]] = True
         live = ~gt_taken[pair_gt] & (matched_gt[pair_det] < 0)
-        pair_det, pair_gt, pair_iou = pair_det[live], pair_gt[live], pair_iou[live]
+        remaining = int(live.sum())
+        stalled = len(pair_det) - remaining < _MIN_ROUND_PROGRESS * len(pair_det)
+        pair_det, pair_gt, pair_iou, local_gt = pair_det[live], pair_gt[live], pair_iou[live], local_gt[live]
+        if stalled and remaining:
+            _settle_sequentially(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken)
+            return
+
+
+def _settle_sequentially(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken) -> None:
+    """The rule itself on sorted live pairs: each detection in turn takes its first pair whose box is free."""
+    starts = np.flatnonzero(np.r_[True, pair_det[1:] != pair_det[:-1]]).tolist()
+    ends = starts[1:] + [len(pair_det)]
+    boxes = pair_gt.tolist()
+    taken = set()
+    chosen = []
+    for start, stop in zip(starts, ends):
+        for index in range(start, stop):
+            if boxes[index] not in taken:
+                taken.add(boxes[index])
+                chosen.append(index)
+                break
+    chosen = np.asarray(chosen, dtype=np.int64)
+    matched_gt[pair_det[chosen]] = pair_gt[chosen]
+    matched_iou[pair_det[chosen]] = pair_iou[chosen]
+    gt_taken[pair_gt[chosen]] = True
+
+
+def _match_large_group(dets, gts, det_boxes, gt_boxes, iou_threshold, matched_gt, matched_iou, gt_taken) -> None:
+    """Match one large (image, class) group: detections ``dets`` (ascending priority) to boxes ``gts`` (listed
+    order), by the centre sweep.
+
+    Usually one sweep over all the detections finds every candidate. When there are more than
+    ``_MAX_PAIRS_PER_CHUNK`` (many detections piled on many boxes), the detections are taken in priority-order
+    chunks, each swept against the boxes still unclaimed: a chunk whose sweep overflows is cut to a quarter and
+    retried, a chunk that fits lets the next one double. Once every box is claimed the rest are false positives.
+    """
+    group_det_boxes, group_gt_boxes = det_boxes[dets], gt_boxes[gts]
+    position, chunk_size = 0, len(dets)
+    while position < len(dets):
+        unclaimed = np.flatnonzero(~gt_taken[gts])
+        if not len(unclaimed):
+            return
+        chunk = slice(position, position + chunk_size)
+        budget = _MAX_PAIRS_PER_CHUNK if chunk_size > 1 else math.inf  # one detection's pairs always fit
+        pairs = _spatial_candidates(group_det_boxes[chunk], group_gt_boxes[unclaimed], iou_threshold, budget)
+        if pairs is None:
+            chunk_size = max(1, chunk_size // 4)
+            continue
+        pair_det, pair_gt, pair_iou = pairs
+        _settle(dets[position + pair_det], gts[unclaimed[pair_gt]], pair_iou, matched_gt, matched_iou, gt_taken)
+        position += chunk_size
+        chunk_size *= 2
+
+
+def _match_all(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
+    """Greedy matching of detections (in priority order) to same-key boxes.
+
+    Returns ``(matched_gt [num_dets] int64, -1 when unmatched; matched_iou [num_dets] float64)``.
+    """
+    num_dets = len(det_keys)
+    matched_gt = np.full(num_dets, -1, dtype=np.int64)
+    matched_iou = np.zeros(num_dets, dtype=np.float64)
+    gt_taken = np.zeros(len(gt_keys), dtype=bool)
+    if not num_dets or not len(gt_keys):
+        return matched_gt, matched_iou
+
+    sorted_gt_keys = np.sort(gt_keys)
+    boxes_per_det = (np.searchsorted(sorted_gt_keys, det_keys, side="right")
+                     - np.searchsorted(sorted_gt_keys, det_keys, side="left"))
+    _, det_group, dets_per_group = np.unique(det_keys, return_inverse=True, return_counts=True)
+    is_large = dets_per_group[det_group] * boxes_per_det >= _LARGE_GROUP_PAIRS
+
+    small = np.flatnonzero(~is_large & (boxes_per_det > 0))
+    for pairs in _all_pairs_candidates(small, det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
+        _settle(*pairs, matched_gt, matched_iou, gt_taken)
+
+    large = np.flatnonzero(is_large)
+    if len(large):
+        large = large[np.argsort(det_keys[large], kind="stable")]  # by group, each in priority order
+        gt_order = np.argsort(gt_keys, kind="stable")  # by group, each in listed order
+        group_starts = np.flatnonzero(np.r_[True, det_keys[large][1:] != det_keys[large][:-1]])
+        for start, stop in itertools.pairwise(np.r_[group_starts, len(large)].tolist()):
+            key = det_keys[large[start]]
+            first, last = np.searchsorted(sorted_gt_keys, key, "left"), np.searchsorted(sorted_gt_keys, key, "right")
+            _match_large_group(large[start:stop], gt_order[first:last], det_boxes, gt_boxes, iou_threshold,
+                               matched_gt, matched_iou, gt_taken)
     return matched_gt, matched_iou
 
 
@@ -161,8 +392,7 @@ def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: fl
     det_image, det_labels, det_boxes = (detections.image_index[kept], detections.labels[kept],
                                         detections.boxes[kept])
     det_keys, gt_keys = _group_keys(det_labels, det_image, references.labels, references.image_index)
-    pairs = _candidate_pairs(det_keys, det_boxes, gt_keys, references.boxes, iou_threshold)
-    matched_gt, matched_iou = _resolve_greedy(*pairs, num_dets=len(kept), num_gts=len(references.labels))
+    matched_gt, matched_iou = _match_all(det_keys, det_boxes, gt_keys, references.boxes, iou_threshold)
 
     matched = matched_gt >= 0
     matched_reference = np.full(len(kept), -1, dtype=np.int64)

@@ -3,12 +3,18 @@
 A thin wrapper: the metric lives in ``hf_caldetr.metrics.detection_ece``, which this module calls unchanged
 (``evaluate`` is in maintenance mode upstream, so nothing lives only here). Load it offline with
 ``evaluate.load(hf_caldetr.metrics.D_ECE_MODULE)``.
+
+Inputs are checked with the core functions' own checks before ``evaluate`` encodes them: its int64 ``labels``
+feature would otherwise truncate 2.7 to class 2, and a missing or extra dict key would surface as a bare
+``KeyError``. Here non-integer labels get ``detection_ece``'s message, and the dicts must hold exactly the
+feature keys (an extra key is named, with the expected ones).
 """
 
 import datasets
 import evaluate
 
 from hf_caldetr.metrics.d_ece import detection_ece
+from hf_caldetr.metrics.inputs import check_exact_keys, flatten_boxes, flatten_pair
 
 _CITATION = """\
 @inproceedings{munir2023caldetr,
@@ -38,6 +44,8 @@ Args:
     predictions: one dict per image with `boxes` (absolute xyxy, [n, 4]), `scores` ([n], in [0, 1]) and
         `labels` ([n]), as `post_process_object_detection` returns them.
     references: one dict per image with `boxes` (absolute xyxy, [m, 4]) and `labels` ([m]).
+        The dicts hold exactly these keys, and labels are integer class ids (integral floats such as 2.0 are
+        accepted); anything else raises ValueError naming the image and the problem, as detection_ece does.
     num_bins (int, default 10): equal-width confidence bins.
     score_threshold (float, default 0.3): detections with a lower score are ignored.
     iou_threshold (float, default 0.5): a detection is a true positive when IoU >= this.
@@ -54,6 +62,26 @@ Example:
     >>> round(result["d_ece"], 6)
     0.2
 """
+
+_PREDICTION_KEYS = ("boxes", "scores", "labels")
+_REFERENCE_KEYS = ("boxes", "labels")
+_CONTEXT = "the D-ECE evaluate module"
+
+
+def check_inputs(predictions, references) -> None:
+    """``ValueError`` with the core functions' messages for anything ``detection_ece`` would refuse, and for
+    dict keys other than the features' (``evaluate`` would raise a bare ``KeyError`` or drop them)."""
+    if predictions is not None:
+        check_exact_keys(predictions, "predictions", _PREDICTION_KEYS, _CONTEXT)
+    if references is not None:
+        check_exact_keys(references, "references", _REFERENCE_KEYS, _CONTEXT)
+    if predictions is not None and references is not None:
+        flatten_pair(predictions, references)
+    elif predictions is not None:
+        flatten_boxes(predictions, "predictions", with_scores=True)
+    elif references is not None:
+        flatten_boxes(references, "references", with_scores=False)
+
 
 _BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
 _LABELS = datasets.Sequence(datasets.Value("int64"))
@@ -76,6 +104,16 @@ class DetectionECE(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/2311.03570",
                             "https://github.com/EFS-OpenSource/calibration-framework"],
         )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Check the batch as ``detection_ece`` would, then add it (``compute(predictions=...)`` comes here)."""
+        check_inputs(predictions, references)
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Check one image's prediction and reference as ``detection_ece`` would, then add them."""
+        check_inputs(None if prediction is None else [prediction], None if reference is None else [reference])
+        return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def _compute(self, predictions, references, num_bins=10, score_threshold=0.3, iou_threshold=0.5,
                  include_images_without_gt=False):
