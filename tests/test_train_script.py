@@ -308,7 +308,21 @@ def test_label_sets_travel_and_are_checked_by_name(tmp_path):
                     "--validation_images", reversed_images, check=False)
     assert failed.returncode != 0 and "differ from the training data's ['cat', 'dog']" in failed.stderr
     assert "training (" not in failed.stderr
+    extra_json, extra_images = _coco_folder(tmp_path / "extra", [*cats, {"id": 9, "name": "bird"}])
+    failed = launch(tmp_path / "bad_extra", *coco, "--validation_annotations", extra_json,
+                    "--validation_images", extra_images, check=False)
+    assert failed.returncode != 0 and "['cat', 'dog', 'bird'] differ from" in failed.stderr
     val_json, val_images = _coco_folder(tmp_path / "val", cats)
     launch(tmp_path / "good", *coco, "--validation_annotations", val_json, "--validation_images", val_images)
     config = json.loads((tmp_path / "good" / "config.json").read_text())
     assert config["id2label"] == {"0": "cat", "1": "dog"} and config["coco_category_ids"] == [3, 7]
+
+
+def test_zero_steps_train_the_epochs_and_zero_checkpointing_saves_none(tmp_path):
+    """Documented: --max_train_steps 0 trains --num_train_epochs epochs; --checkpointing_steps 0 (or none) saves
+    no step checkpoints."""
+    launch(tmp_path, "--max_train_steps", "0", "--num_train_epochs", "1", "--checkpointing_steps", "0",
+           "--skip_out_of_domain", "true")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["run"]["train_steps"] == 8  # 32 images / batch 4, one epoch
+    assert not list(tmp_path.glob("step_*")) and not list(tmp_path.glob("epoch_*"))

@@ -58,6 +58,9 @@ def test_trainable_batch_norm_round_trip_keeps_inference():
 @pytest.mark.parametrize(("method", "overrides", "message"), [
     ("cal-detr", {"logit_mixing_alfa": 0.7}, r"\['logit_mixing_alfa'\] are not fields of DeformableDetrConfig"),
     ("baseline", {"logit_mixing_alpha": 0.7}, "takes no Cal settings"),
+    # --config_overrides modulate_at_inference=no: parsed as the string "no", which counted as true before
+    ("cal-detr", parse_config_overrides("modulate_at_inference=no"), "modulate_at_inference must be True or False"),
+    ("cal-detr", parse_config_overrides("logit_mixing_loss_coefficient=nan"), "must be a finite number"),
 ])
 def test_config_overrides_are_checked(method, overrides, message):
     from hf_caldetr.training import build_model
