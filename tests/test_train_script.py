@@ -326,3 +326,18 @@ def test_zero_steps_train_the_epochs_and_zero_checkpointing_saves_none(tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["run"]["train_steps"] == 8  # 32 images / batch 4, one epoch
     assert not list(tmp_path.glob("step_*")) and not list(tmp_path.glob("epoch_*"))
+
+
+def test_coco_folders_hold_out_a_tenth_of_the_training_images_for_calibration(tmp_path):
+    """Neither training nor evaluation images: 2 of 20 training images are held out before training, and the
+    calibrator is fitted on them."""
+    cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    train_json, train_images = _coco_folder(tmp_path / "train", cats, num_images=20)
+    val_json, val_images = _coco_folder(tmp_path / "val", cats)
+    result = launch(tmp_path / "run", "--train_annotations", train_json, "--train_images", train_images,
+                    "--validation_annotations", val_json, "--validation_images", val_images, "--image_size", "64",
+                    "--max_train_steps", "1", "--skip_out_of_domain", "true", "--calibrator", "platt")
+    assert "data: 18 train / 8 validation images, 2 classes" in result.stderr
+    calibration = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
+    assert calibration["fitted_on"]["images"] == 2 and calibration["fitted_on"]["source"] == "held-out training images"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["folded_calibration"][0]["kind"] == "PlattScaling"
