@@ -96,7 +96,12 @@ def affine_logit_map(calibrator: PostHocCalibrator, num_labels: int) -> tuple[np
 def untie_weights(model: nn.Module) -> int:
     """Give every module and parameter that appears more than once in ``model`` its own copy, and switch off
     ``config.tie_word_embeddings`` so that transformers neither re-ties them on load nor drops copies on save.
-    The values are unchanged. Returns the number of copies made."""
+    The values are unchanged. Returns the number of copies made.
+
+    Where the architecture itself places one module at two paths (transformers 5.20's two-stage Deformable DETR
+    hands its ``class_embed`` list to the decoder), its ``__init__`` rebuilds that sharing on load: the copies must
+    then keep equal values, which ``fold_calibrator`` ensures by folding every path the head was reachable at.
+    """
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
     copies, seen_modules, seen_parameters = 0, set(), set()
@@ -119,6 +124,11 @@ def untie_weights(model: nn.Module) -> int:
             else:
                 seen_parameters.add(id(parameter))
     return copies
+
+
+def head_paths(model, head: nn.Module) -> list[str]:
+    """Every path at which the module object ``head`` is reachable in ``model``."""
+    return [name for name, module in model.named_modules(remove_duplicate=False) if module is head]
 
 
 def _family(model):
@@ -186,11 +196,14 @@ def fold_calibrator(model, calibrator, fitted_on: dict | None = None, compose: b
             raise CalibrationFoldError("SoftmaxTemperatureScaling is for softmax heads (DETR); this model's head "
                                        "is a per-class sigmoid: fit TemperatureScaling or PlattScaling")
         slope, offset = affine_logit_map(calibrator, config.num_labels)
+    paths = head_paths(model, family.final_class_head(model))
+    if not family.softmax_head:
         untie_weights(model)
-    head = family.final_class_head(model)
-    weight_slope = torch.as_tensor(slope, dtype=head.weight.dtype, device=head.weight.device)
-    head.weight.mul_(weight_slope[:, None])
-    head.bias.mul_(weight_slope).add_(torch.as_tensor(offset, dtype=head.bias.dtype, device=head.bias.device))
+    for path in paths:
+        head = model.get_submodule(path)
+        weight_slope = torch.as_tensor(slope, dtype=head.weight.dtype, device=head.weight.device)
+        head.weight.mul_(weight_slope[:, None])
+        head.bias.mul_(weight_slope).add_(torch.as_tensor(offset, dtype=head.bias.dtype, device=head.bias.device))
     record = {
         "kind": type(calibrator).__name__,
         "class_wise": bool(getattr(calibrator, "class_wise", False)),
@@ -198,6 +211,7 @@ def fold_calibrator(model, calibrator, fitted_on: dict | None = None, compose: b
         "logit_slope": slope.tolist(),
         "logit_offset": offset.tolist(),
         "fitted_on": fitted_on,
+        "head_paths": paths,
     }
     setattr(config, FOLD_RECORD_KEY, previous + [record])
     return model
@@ -214,11 +228,14 @@ def unfold_calibration(model):
     records = list(getattr(model.config, FOLD_RECORD_KEY, None) or [])
     if not records:
         raise CalibrationFoldError("this model holds no folded calibration (config.folded_calibration is empty)")
-    head = _family(model).final_class_head(model)
+    family = _family(model)
     for record in reversed(records):
-        slope = torch.as_tensor(record["logit_slope"], dtype=head.weight.dtype, device=head.weight.device)
-        offset = torch.as_tensor(record["logit_offset"], dtype=head.bias.dtype, device=head.bias.device)
-        head.bias.sub_(offset).div_(slope)
-        head.weight.div_(slope[:, None])
+        # Modules at distinct paths may be one object again after loading (see untie_weights): undo each once.
+        heads = {id(module): module for module in (model.get_submodule(path) for path in record.get("head_paths") or [])}
+        for head in heads.values() or [family.final_class_head(model)]:
+            slope = torch.as_tensor(record["logit_slope"], dtype=head.weight.dtype, device=head.weight.device)
+            offset = torch.as_tensor(record["logit_offset"], dtype=head.bias.dtype, device=head.bias.device)
+            head.bias.sub_(offset).div_(slope)
+            head.weight.div_(slope[:, None])
     setattr(model.config, FOLD_RECORD_KEY, None)
     return model
