@@ -48,6 +48,7 @@ from hf_caldetr.calibrators import (
     HistogramBinning,
     IsotonicCalibrator,
     PlattScaling,
+    SoftmaxTemperatureScaling,
     TemperatureScaling,
     load_calibrator,
 )
@@ -68,7 +69,7 @@ from hf_caldetr.evaluation import (
     summarize,
     write_metrics,
 )
-from hf_caldetr.folding import fold_calibrator, is_foldable
+from hf_caldetr.folding import fold_calibrator, is_foldable, unfold_calibration
 from hf_caldetr.metrics import plot_reliability_diagram
 from hf_caldetr.training import MODEL_FAMILIES, check_checkpoint
 
@@ -88,27 +89,38 @@ SPLIT_TITLES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def load_detector(name_or_path: str):
+def load_detector(name_or_path: str, raw: bool = False):
     """The checkpoint's stock transformers model; its Cal class when it was saved with ``modulate_at_inference``.
 
     Cal checkpoints are stock ones, and the stock model returns the raw logits. A model saved with
     ``modulate_at_inference=True`` was measured by train.py with modulated logits, which only its Cal class
-    computes, so that one is loaded instead.
+    computes, so that one is loaded instead. ``raw=True``: a calibration folded into the checkpoint
+    (``config.folded_calibration``) is undone, so the model returns its raw scores.
     """
     from transformers import AutoConfig, AutoModelForObjectDetection
 
     if is_onnx(name_or_path):
         from hf_caldetr.export import OnnxDetector
 
-        return OnnxDetector(name_or_path)
+        detector = OnnxDetector(name_or_path)
+        if raw and getattr(detector.config, "folded_calibration", None):
+            raise ValueError(f"{name_or_path} holds a folded calibration (config.folded_calibration), which cannot be "
+                             "undone in an ONNX graph: export the raw checkpoint (hf_caldetr.folding."
+                             "unfold_calibration, then examples/export.py) to fit a new calibrator")
+        return detector
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as error:
         raise ValueError(f"{name_or_path}: not a local checkpoint folder, and loading it from the Hub failed: "
                          f"{error}") from error
     if getattr(config, "modulate_at_inference", False) and config.model_type in MODEL_FAMILIES:
-        return MODEL_FAMILIES[config.model_type].cal_model_class.from_pretrained(name_or_path)
-    return AutoModelForObjectDetection.from_pretrained(name_or_path)
+        model = MODEL_FAMILIES[config.model_type].cal_model_class.from_pretrained(name_or_path)
+    else:
+        model = AutoModelForObjectDetection.from_pretrained(name_or_path)
+    if raw and getattr(model.config, "folded_calibration", None):
+        logger.info("%s holds a folded calibration: undone, to fit the new calibrator on the raw scores", name_or_path)
+        unfold_calibration(model)
+    return model
 
 
 def is_onnx(name_or_path: str) -> bool:
@@ -163,9 +175,13 @@ def read_calibrator(path: str):
     if not Path(path).is_file():
         raise ValueError(f"--calibrator {path}: no such file (a calibrator.json written by --fit_calibrator)")
     try:
-        return load_calibrator(path)
+        calibrator = load_calibrator(path)
     except (ValueError, TypeError) as error:
         raise ValueError(f"--calibrator {path} is not a saved calibrator: {error}") from error
+    if isinstance(calibrator, SoftmaxTemperatureScaling):
+        raise ValueError(f"--calibrator {path} is a SoftmaxTemperatureScaling, which maps logits, not scores: fold it "
+                         "into the model (hf_caldetr.fold_calibrator), or refit with --fit_calibrator temperature")
+    return calibrator
 
 
 def display_name(name_or_path: str) -> str:
@@ -234,6 +250,11 @@ def check_arguments(eval_args: EvaluationArguments, calibration_args: Calibratio
     if calibration_args.fit_calibrator and calibration_args.fit_calibrator not in CALIBRATORS:
         raise ValueError(f"--fit_calibrator must be one of {sorted(CALIBRATORS)}, got "
                          f"{calibration_args.fit_calibrator!r}")
+    saved_to = calibration_args.save_calibrated_model
+    checkpoint_folder = checkpoint if checkpoint.is_dir() else checkpoint.parent  # an .onnx file's folder
+    if saved_to and Path(saved_to).expanduser().resolve() == checkpoint_folder.resolve():
+        raise ValueError("--save_calibrated_model is the checkpoint's own folder: its raw weights would be replaced; "
+                         "pick another folder")
     if calibration_args.save_calibrated_model and calibration_args.fit_calibrator not in ("temperature", "platt"):
         raise ValueError("--save_calibrated_model needs --fit_calibrator temperature or platt (the affine maps that "
                          "fold into a model); isotonic and histogram stay a calibrator.json")
@@ -242,17 +263,17 @@ def check_arguments(eval_args: EvaluationArguments, calibration_args: Calibratio
         raise ValueError("--save_calibrator_with_checkpoint needs --fit_calibrator and a checkpoint folder")
 
 
-def fold_model(name: str, model, calibrator, fitted_on: dict, accelerator, save_to: str | None):
+def fold_model(name: str, model, calibrator, fitted_on: dict, accelerator, save_to: str | None, output_dir: str):
     """``model`` with ``calibrator`` folded in: into the weights of a PyTorch model (saved as a checkpoint when
-    ``save_to``), or as a Mul + Add at an ONNX graph's logits output (written to ``save_to`` or a temporary
-    folder, and loaded from there)."""
+    ``save_to``), or as a Mul + Add at an ONNX graph's logits output (written by the main process to ``save_to``,
+    else to ``output_dir/calibrated_onnx``, and loaded from there)."""
     if is_onnx(name):
-        import tempfile
-
         from hf_caldetr.export import OnnxDetector, fold_into_onnx
 
-        folder = Path(save_to) if save_to else Path(tempfile.mkdtemp(prefix="calibrated-onnx-"))
-        path = fold_into_onnx(name, calibrator, folder / "model.onnx", fitted_on=fitted_on)
+        path = (Path(save_to) if save_to else Path(output_dir) / "calibrated_onnx") / "model.onnx"
+        if accelerator.is_main_process:
+            fold_into_onnx(name, calibrator, path, fitted_on=fitted_on)
+        accelerator.wait_for_everyone()
         return OnnxDetector(path)
     unwrapped = accelerator.unwrap_model(model)
     fold_calibrator(unwrapped, calibrator, fitted_on=fitted_on)
@@ -291,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     names = [eval_args.model_name_or_path] + ([eval_args.compare_with] if eval_args.compare_with else [])
     models, processors, raw_models = {}, {}, {}
     for name in names:
-        model = load_detector(name)
+        # A calibrator is fitted on the raw scores: a checkpoint that holds a folded one is unfolded first.
+        model = load_detector(name, raw=bool(calibration_args.fit_calibrator) and name == names[0])
         check_labels(model, eval_dataset, name)
         models[name] = model if is_onnx(name) else accelerator.prepare_model(model, evaluation_mode=True)
         processors[name] = load_image_processor(name, model.config.model_type, data_args.image_size)
@@ -310,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                          calibration_args.num_calibration_images,
                                                          calibration_args.calibration_seed)
         softmax_head = models[main_name].config.model_type == "detr"
-        calibrator = make_calibrator(calibration_args.fit_calibrator, calibration_args.class_wise, softmax_head)
+        calibrator = make_calibrator(calibration_args.fit_calibrator, calibration_args.class_wise, softmax_head,
+                                     fold_required=False)
         fit_calibrator(models[main_name], dataloader(calibration_dataset, main_name), processors[main_name],
                        calibrator, accelerator, score_threshold=calibration_args.calibration_score_threshold,
                        progress=True, **metric_options)
@@ -319,9 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
                               "score_threshold": calibration_args.calibration_score_threshold}
         logger.info("fitted %r on %d images: %s", calibrator, len(calibration_dataset), calibrator.params_)
         if is_foldable(calibrator, softmax_head):
-            raw_models[main_name] = load_detector(main_name)
+            raw = load_detector(main_name, raw=True)
+            raw_models[main_name] = raw if is_onnx(main_name) else accelerator.prepare_model(raw, evaluation_mode=True)
             models[main_name] = fold_model(main_name, models[main_name], calibrator, calibration_record, accelerator,
-                                           calibration_args.save_calibrated_model)
+                                           calibration_args.save_calibrated_model, eval_args.output_dir)
             folded = True
 
     # Phase 5: evaluate. A model runs once per split; raw and calibrated scores are measured on its detections

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from hf_caldetr.evaluation import (
     summarize,
     write_metrics,
 )
+from hf_caldetr.folding import is_foldable, unfold_calibration
 from hf_caldetr.metrics import plot_reliability_diagram
 from hf_caldetr.training import (
     CAL_FIELDS,
@@ -84,13 +86,20 @@ def checkpoint_step(path: str) -> int:
 
 # Arguments that define the model and its training: a run resumes only with the same ones.
 RESUME_DEFINING = ("method", "model_name_or_path", "model_type", "model_preset", "config_overrides",
-                   *CAL_FIELDS, "per_device_train_batch_size", "gradient_accumulation_steps")
+                   *CAL_FIELDS, "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "augment",
+                   # the training images: their source, and those held out for calibration
+                   "dataset_name", "train_split", "train_annotations", "train_images", "num_train_images",
+                   "image_size", "data_seed", "calibrator", "calibration_split", "num_calibration_images",
+                   "calibration_seed")
 
 
 def save_checkpoint(accelerator, output_dir: str, name: str, completed_steps: int, arguments: dict) -> None:
     """``accelerator.save_state`` into ``output_dir/name``; ``progress.json`` is written last, so a checkpoint
     without it was interrupted mid-write and is never resumed from (nor uploaded)."""
     path = os.path.join(output_dir, name)
+    if accelerator.is_main_process:  # an older checkpoint of this name must not look complete while rewritten
+        Path(path, "progress.json").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -125,11 +134,18 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def check_output_dir(train_args) -> None:
-    """Never overwrite a finished run: its weights, metrics and checkpoints would mix with the new run's."""
-    finished = [name for name in ("model.safetensors", "metrics.json") if Path(train_args.output_dir, name).exists()]
-    if finished and not (train_args.overwrite_output_dir or train_args.resume_from_checkpoint):
+    """Never overwrite a finished run: its weights, metrics and checkpoints would mix with the new run's. With
+    ``--overwrite_output_dir`` the old run's checkpoints are removed, so none can be resumed into the new run."""
+    output_dir = Path(train_args.output_dir)
+    finished = [name for name in ("model.safetensors", "metrics.json") if (output_dir / name).exists()]
+    resuming = train_args.resume_from_checkpoint not in (None, "latest") or (
+        train_args.resume_from_checkpoint == "latest" and latest_checkpoint(train_args.output_dir) is not None)
+    if finished and not (train_args.overwrite_output_dir or resuming):
         raise ValueError(f"{train_args.output_dir} holds a finished run ({', '.join(finished)}): pick another "
                          "--output_dir, pass --overwrite_output_dir to replace it, or --resume_from_checkpoint")
+    if train_args.overwrite_output_dir and not resuming:
+        for old in [*output_dir.glob("step_*"), *output_dir.glob("epoch_*")]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_push_target(hub_model_id: str | None) -> None:
@@ -357,6 +373,16 @@ def main():
     cal_overrides = {name: args[name] for name in CAL_FIELDS}
     model = build_model(model_args.method, labels, model_args.model_name_or_path, model_args.model_preset,
                         parse_config_overrides(model_args.config_overrides), model_type, **cal_overrides)
+    if getattr(model.config, "folded_calibration", None):
+        # A shipped calibrated checkpoint: training starts from its raw head, and the record of a calibration that
+        # no longer holds after training is dropped (a new one is fitted at the end).
+        logger.info("%s holds a folded calibration: undone before training", model_args.model_name_or_path)
+        unfold_calibration(model)
+    if calibrator is not None and getattr(model.config, "modulate_at_inference", False) and is_foldable(
+            calibrator, model_family(model_type).softmax_head):
+        raise ValueError("modulate_at_inference=True: the stock model cannot reproduce the modulation, so a "
+                         f"{type(calibrator).__name__} cannot be folded into this checkpoint; use --calibrator isotonic "
+                         "or histogram (kept as calibrator.json), --calibrator none, or modulate_at_inference=false")
     if model_args.model_name_or_path is None:
         # A backbone trained from scratch needs its batch norms (frozen for pretrained backbones); the saved
         # checkpoint gets them back frozen, with the learned statistics.
@@ -399,7 +425,8 @@ def main():
                     desc=f"training ({model_args.method})")
     window: dict[str, list[float]] = {}
     model.train()
-    for epoch in range(start_epoch, num_epochs):
+    # A run resumed from its last checkpoint (killed during the final evaluation, say) has no step left to take.
+    for epoch in range(start_epoch, num_epochs if completed_steps < max_train_steps else start_epoch):
         train_dataloader.set_epoch(epoch)
         train_collator.set_epoch(epoch)
         batches = train_dataloader
@@ -471,8 +498,8 @@ def main():
             folded = fit_and_fold(model, unwrapped, calibration_loader, image_processor, calibrator, accelerator,
                                   fitted_on=fitted_on, progress=True)
         except ValueError as error:
-            # Too few kept detections to fit on (an undertrained model): the trained model is saved raw rather
-            # than lost, and metrics.json says why it is not calibrated.
+            # Too few kept detections to fit on (an undertrained model) or a degenerate fit: the trained model is
+            # saved raw rather than lost, and metrics.json says why it is not calibrated.
             logger.warning("calibration skipped, the model is saved uncalibrated: %s", error)
             calibrator, calibration = None, {"skipped": str(error)}
     if calibrator is not None:

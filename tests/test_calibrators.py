@@ -336,6 +336,8 @@ def _set(description, path, value):
     ("PlattScaling", True, ("class_params",), {"zero": {"slope": 1.0, "bias": 0.0}}, "not a class id"),
     ("PlattScaling", True, ("class_params",), {"0": {"slope": -1.0, "bias": 0.0}}, r"class_params\[0\].slope"),
     ("TemperatureScaling", False, ("format_version",), 7, "format_version 7"),
+    ("TemperatureScaling", False, ("params", "temperature"), [2.0], "must be a single number"),
+    ("PlattScaling", False, ("params", "bias"), [0.1, 0.2], "must be a single number"),
 ])
 def test_calibrator_files_are_validated_on_load(tmp_path, calibrator_class, class_wise, path, value, message):
     from hf_caldetr import calibrators

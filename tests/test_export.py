@@ -126,3 +126,29 @@ def test_export_script_int8_and_evaluate_script(tmp_path):
     again = evaluate.main(["--model_name_or_path", str(tmp_path / "int8-calibrated" / "model.onnx"),
                            "--output_dir", str(tmp_path / "eval2"), "--skip_out_of_domain", *data])
     np.testing.assert_allclose(list(again["in_domain"].values()), list(metrics["in_domain"].values()), atol=1e-9)
+
+
+@pytest.mark.slow
+def test_evaluate_refits_a_calibrated_checkpoint_on_its_raw_scores(tmp_path):
+    """A checkpoint that already holds a folded calibration (what train.py ships) is unfolded before a new
+    calibrator is fitted: the new fold replaces the old one rather than stacking on it, and `before_calibration`
+    is the raw model's."""
+    names = [str(digit) for digit in range(10)]
+    model = checkpoint("deformable_detr", tmp_path / "raw", score_bias=0.5, names=names)
+    fold_calibrator(model, fitted("temperature"), fitted_on={"source": "test"})
+    model.save_pretrained(tmp_path / "shipped")
+    (tmp_path / "shipped" / "preprocessor_config.json").write_bytes(
+        (tmp_path / "raw" / "preprocessor_config.json").read_bytes())
+    evaluate = load_script("evaluate")
+    data = ["--image_size", str(SIZE), "--num_validation_images", "12", "--skip_out_of_domain", "true"]
+    with pytest.raises(ValueError, match="checkpoint's own folder"):
+        evaluate.main(["--model_name_or_path", str(tmp_path / "shipped"), "--fit_calibrator", "platt",
+                       "--save_calibrated_model", str(tmp_path / "shipped"), "--output_dir", str(tmp_path / "x"), *data])
+    raw = evaluate.main(["--model_name_or_path", str(tmp_path / "raw"), "--output_dir", str(tmp_path / "e0"), *data])
+    refit = evaluate.main(["--model_name_or_path", str(tmp_path / "shipped"), "--fit_calibrator", "platt",
+                           "--num_calibration_images", "40", "--save_calibrated_model", str(tmp_path / "refit"),
+                           "--output_dir", str(tmp_path / "e1"), *data])
+    np.testing.assert_allclose(list(refit["before_calibration"]["in_domain"].values()),
+                               list(raw["in_domain"].values()), atol=1e-6)
+    records = json.loads((tmp_path / "refit" / "config.json").read_text())["folded_calibration"]
+    assert [record["kind"] for record in records] == ["PlattScaling"]

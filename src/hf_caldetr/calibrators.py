@@ -529,6 +529,9 @@ def _validated_params(calibrator, params, where: str) -> dict:
         raise ValueError(f"{where} of a {type(calibrator).__name__} must have exactly the keys {sorted(expected)}, "
                          f"got {params!r}")
     values = {key: _finite_numbers(params[key], f"{where}.{key}") for key in expected}
+    for key in expected & {"temperature", "slope", "bias"}:
+        if values[key].ndim != 0:
+            raise ValueError(f"{where}.{key} must be a single number, got {params[key]!r}")
     if "temperature" in values and not values["temperature"] > 0:
         raise ValueError(f"{where}.temperature must be positive (a negative one reverses the ranking), "
                          f"got {params['temperature']}")

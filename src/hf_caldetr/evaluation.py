@@ -256,10 +256,12 @@ CALIBRATOR_KINDS = ("auto", "none", "temperature", "platt", "isotonic", "histogr
 scaling, for sigmoid heads; the one foldable one, a temperature over all columns, for softmax heads (DETR)."""
 
 
-def make_calibrator(kind: str, class_wise: bool | None = False, softmax_head: bool = False):
+def make_calibrator(kind: str, class_wise: bool | None = False, softmax_head: bool = False,
+                    fold_required: bool = True):
     """An unfitted calibrator of ``kind`` (``CALIBRATOR_KINDS``) for a sigmoid or softmax (DETR) head; None for
-    ``"none"``. ``class_wise=None`` means class-wise where the head allows it (sigmoid heads). Refuses, before any
-    training, the combinations that cannot be folded into a softmax head."""
+    ``"none"``. ``class_wise=None`` means class-wise where the head allows it (sigmoid heads). With
+    ``fold_required`` (train.py: its checkpoint must carry the calibration) the combinations that cannot be folded
+    into a softmax head are refused, before any training; without it they are score-space calibrators."""
     if kind == "auto":
         kind = "temperature" if softmax_head else "platt"
     if class_wise is None:
@@ -276,14 +278,14 @@ def make_calibrator(kind: str, class_wise: bool | None = False, softmax_head: bo
         raise ValueError(f"calibrator must be one of {CALIBRATOR_KINDS}, got {kind!r}")
     if kind == "none":
         return None
-    if softmax_head and kind in ("temperature", "platt"):
-        if kind == "platt" or class_wise:
-            raise ValueError(
-                f"{'class-wise ' if class_wise else ''}{kind} scaling cannot be folded into a softmax head (DETR): "
-                "its score depends on every column through the softmax normaliser, so only one temperature over "
-                "all columns can be written into the weights. Use --calibrator temperature (class-agnostic), or "
-                "isotonic / histogram (kept as calibrator.json)")
-        return SoftmaxTemperatureScaling()
+    if softmax_head and kind == "temperature" and not class_wise:
+        return SoftmaxTemperatureScaling()  # one temperature over all columns: foldable
+    if softmax_head and kind in ("temperature", "platt") and fold_required:
+        raise ValueError(
+            f"{'class-wise ' if class_wise else ''}{kind} scaling cannot be folded into a softmax head (DETR): "
+            "its score depends on every column through the softmax normaliser, so only one temperature over "
+            "all columns can be written into the weights. Use --calibrator temperature (class-agnostic), or "
+            "isotonic / histogram (kept as calibrator.json)")
     classes = {"temperature": TemperatureScaling, "platt": PlattScaling, "isotonic": IsotonicCalibrator,
                "histogram": HistogramBinning}
     return classes[kind](class_wise=class_wise)

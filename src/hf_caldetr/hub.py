@@ -353,7 +353,8 @@ def summary(config: dict, architecture: str, dataset: dict) -> str:
 def _fit_description(fitted_on: dict | None) -> str:
     if not fitted_on:
         return "held-out detections"
-    parts = [f"{fitted_on['images']} images" if "images" in fitted_on else None, fitted_on.get("source")]
+    count = fitted_on.get("images", fitted_on.get("num_images"))
+    parts = [f"{count} images" if count is not None else None, fitted_on.get("source") or fitted_on.get("split")]
     return ", ".join(part for part in parts if part) or "held-out detections"
 
 
@@ -363,8 +364,11 @@ def inference_note(config: dict, architecture: str, metrics: dict | None = None)
     if folded:
         kinds = " then ".join(f"{'class-wise ' if record.get('class_wise') else ''}{record['kind']}"
                               for record in folded)
+        fitted_on = folded[-1].get("fitted_on") or {}
+        # train.py records a "source": its calibration images are neither training nor evaluation images.
+        held_out = ": neither training nor evaluation images" if "source" in fitted_on else ""
         return (f"**Calibrated scores, with no custom code.** A post-hoc calibrator ({kinds}, fitted on "
-                f"{_fit_description(folded[-1].get('fitted_on'))}: neither training nor evaluation images) is folded "
+                f"{_fit_description(fitted_on)}{held_out}) is folded "
                 f"into the final classification head, so the stock {architecture} (the Auto class, "
                 "`pipeline(\"object-detection\")`, the Hub widget and an ONNX export) returns the calibrated scores "
                 "the results below measure; `config.json` records the fold under `folded_calibration`. The raw "
