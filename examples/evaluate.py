@@ -44,14 +44,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
-from hf_caldetr.calibrators import (
-    HistogramBinning,
-    IsotonicCalibrator,
-    PlattScaling,
-    SoftmaxTemperatureScaling,
-    TemperatureScaling,
-    load_calibrator,
-)
+from hf_caldetr.calibrators import SoftmaxTemperatureScaling, load_calibrator
 from hf_caldetr.data import (
     build_image_processor,
     corrupt_dataset,
@@ -75,13 +68,7 @@ from hf_caldetr.training import MODEL_FAMILIES, check_checkpoint
 
 logger = logging.getLogger("evaluate")
 
-CALIBRATORS = {
-    "temperature": TemperatureScaling,
-    "platt": PlattScaling,
-    "isotonic": IsotonicCalibrator,
-    "histogram": HistogramBinning,
-}
-assert set(CALIBRATORS) == set(CALIBRATOR_KINDS) - {"none", "auto"}
+FITTABLE = tuple(kind for kind in CALIBRATOR_KINDS if kind not in ("none", "auto"))
 COMPARED_METRICS = (("map", "AP"), ("map_50", "AP50"), ("d_ece", "D-ECE"), ("laece", "LaECE"))
 SPLIT_TITLES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 
@@ -217,7 +204,7 @@ class CalibrationArguments:
         default=None, metadata={"help": "a saved calibrator.json, applied to the scores before the metrics "
                                         ""})
     fit_calibrator: str | None = field(
-        default=None, metadata={"help": f"fit one of {sorted(CALIBRATORS)} on held-out data; temperature and platt "
+        default=None, metadata={"help": f"fit one of {sorted(FITTABLE)} on held-out data; temperature and platt "
                                         "are folded into the model"})
     class_wise: bool = field(default=False, metadata={"help": "one map per class (fit_calibrator; default: off)"})
     calibration_split: str | None = field(
@@ -247,8 +234,8 @@ def check_arguments(eval_args: EvaluationArguments, calibration_args: Calibratio
                          "card) would be overwritten; pick another folder")
     if calibration_args.calibrator and calibration_args.fit_calibrator:
         raise ValueError("--calibrator and --fit_calibrator exclude each other: apply a saved one or fit a new one")
-    if calibration_args.fit_calibrator and calibration_args.fit_calibrator not in CALIBRATORS:
-        raise ValueError(f"--fit_calibrator must be one of {sorted(CALIBRATORS)}, got "
+    if calibration_args.fit_calibrator and calibration_args.fit_calibrator not in FITTABLE:
+        raise ValueError(f"--fit_calibrator must be one of {sorted(FITTABLE)}, got "
                          f"{calibration_args.fit_calibrator!r}")
     saved_to = calibration_args.save_calibrated_model
     checkpoint_folder = checkpoint if checkpoint.is_dir() else checkpoint.parent  # an .onnx file's folder

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scripts import load_example
 from test_folding import build, fitted
-from tiny import tiny_rt_detr_kwargs  # noqa: F401  (the family table below builds through test_folding.build)
 
 from hf_caldetr import fold_calibrator
 from hf_caldetr.data import build_image_processor
@@ -25,14 +23,6 @@ SIZE = 64
 # RT-DETR's tiny default init (initializer_range 0.01) makes every encoder score equal, so its top-k query selection
 # is a tie that PyTorch and onnxruntime break differently; a wider init gives a real ranking.
 FAMILY_OVERRIDES = {"deformable_detr": {}, "detr": {}, "rt_detr": {"initializer_range": 0.3}}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def checkpoint(family: str, folder: Path, score_bias: float | None = None, names=None):
@@ -90,7 +80,7 @@ def test_export_script_int8_and_evaluate_script(tmp_path):
     """examples/export.py writes fp32 + int8 (dynamic and static); examples/evaluate.py measures the int8 model,
     refits and folds Platt scaling for it, and saves the calibrated ONNX model."""
     checkpoint("deformable_detr", tmp_path / "model", score_bias=0.5, names=[str(digit) for digit in range(10)])
-    export = load_script("export")
+    export = load_example("export")
     data = ["--image_size", str(SIZE), "--num_train_images", "16", "--num_validation_images", "12"]
     written = export.main([str(tmp_path / "model"), "--output", str(tmp_path / "onnx" / "model.onnx"),
                            "--quantize", "static", "--num_calibration_batches", "2", "--calibration_batch_size", "4",
@@ -107,7 +97,7 @@ def test_export_script_int8_and_evaluate_script(tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(static_int8)  # int8 activations (QDQ)
     assert not {"QuantizeLinear", "MatMulInteger"} & op_types(tmp_path / "onnx" / "model.onnx")
 
-    evaluate = load_script("evaluate")
+    evaluate = load_example("evaluate")
     metrics = evaluate.main(["--model_name_or_path", str(static_int8), "--output_dir", str(tmp_path / "eval"),
                              "--fit_calibrator", "platt", "--num_calibration_images", "40",
                              "--save_calibrated_model", str(tmp_path / "int8-calibrated"), "--skip_out_of_domain",
@@ -139,7 +129,7 @@ def test_evaluate_refits_a_calibrated_checkpoint_on_its_raw_scores(tmp_path):
     model.save_pretrained(tmp_path / "shipped")
     (tmp_path / "shipped" / "preprocessor_config.json").write_bytes(
         (tmp_path / "raw" / "preprocessor_config.json").read_bytes())
-    evaluate = load_script("evaluate")
+    evaluate = load_example("evaluate")
     data = ["--image_size", str(SIZE), "--num_validation_images", "12", "--skip_out_of_domain", "true"]
     with pytest.raises(ValueError, match="checkpoint's own folder"):
         evaluate.main(["--model_name_or_path", str(tmp_path / "shipped"), "--fit_calibrator", "platt",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--model_preset", "tiny", "--num_train_images", "32", "--num_validation_images", "16",
@@ -217,16 +218,6 @@ def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_weights(tmp_pa
     assert (interrupted / "step_4" / "progress.json").is_file()
 
 
-def _train_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(("flags", "message"), [
     (["--checkpointing_steps", "often"], "--checkpointing_steps must be an integer, 'epoch' or 'none'"),
     (["--logging_steps", "0"], "--logging_steps must be at least 1"),
@@ -238,7 +229,7 @@ def _train_module():
     (["--resume_from_checkpoint", "EMPTY_PROGRESS"], "not a complete checkpoint .no readable progress.json"),
 ])
 def test_bad_flags_are_refused_before_training(tmp_path, monkeypatch, flags, message):
-    train = _train_module()
+    train = load_example("train")
     if "EMPTY_PROGRESS" in flags:  # a checkpoint whose progress.json was cut short
         checkpoint = tmp_path.parent / f"{tmp_path.name}_checkpoint" / "step_3"
         checkpoint.mkdir(parents=True)
@@ -260,7 +251,7 @@ def test_checks_that_would_fail_after_training_fail_before_it(tmp_path, monkeypa
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    train = _train_module()
+    train = load_example("train")
     monkeypatch.setattr(sys, "argv", ["train.py", "--output_dir", str(tmp_path), *flags])
     with pytest.raises(ValueError, match=message):
         train.main()
