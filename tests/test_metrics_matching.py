@@ -38,7 +38,7 @@ def loop_match(predictions, references, score_threshold=0.3, iou_threshold=0.5, 
                 if taken[j] or gt_labels[j] != label:
                     continue
                 overlap = box_iou(box, gt_box)
-                if overlap > best_iou:
+                if overlap >= best_iou:  # pycocotools: an equal IoU replaces the best box (the last one wins)
                     best, best_iou = j, overlap
             is_tp = best >= 0 and best_iou >= iou_threshold
             if is_tp:
@@ -91,13 +91,79 @@ def test_equal_scores_keep_list_order():
     assert matches.matched.tolist() == [True, False]
 
 
-def test_equal_ious_go_to_the_box_listed_first():
-    # Both detections cover both boxes with IoU 60/100 = 0.6: the first detection takes the box listed first.
+def test_equal_ious_go_to_the_box_listed_last_as_in_pycocotools():
+    # Both detections cover both boxes with IoU 60/100 = 0.6. pycocotools' loop replaces its best box on an equal
+    # IoU, so the first detection takes the box listed last; iou_ties="first" gives it the box listed first.
     predictions = [image([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]], [0.9, 0.8], [0, 0])]
     references = [truth([[0.0, 0.0, 10.0, 6.0], [0.0, 4.0, 10.0, 10.0]], [0, 0])]
     matches = match_detections(predictions, references)
     assert matches.ious.tolist() == pytest.approx([0.6, 0.6])
-    assert matches.matched_reference.tolist() == [0, 1]
+    assert matches.matched_reference.tolist() == [1, 0]
+    assert match_detections(predictions, references, iou_ties="first").matched_reference.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="iou_ties must be one of"):
+        match_detections(predictions, references, iou_ties="best")
+
+
+def test_iou_exactly_at_the_threshold_matches():
+    # [0, 0, 5, 10] against [0, 0, 10, 10]: IoU 50/100 = 0.5 exactly.
+    predictions = [image([[0.0, 0.0, 5.0, 10.0]], [0.9], [1])]
+    matches = match_detections(predictions, [truth([SQUARE], [1])])
+    assert matches.ious.tolist() == [0.5] and matches.matched.tolist() == [True]
+
+
+def test_threshold_zero_matches_boxes_without_overlap():
+    # At IoU threshold 0 (the official LaECE_0 / LRP code at tau 0) a detection takes an unclaimed same-class box
+    # even without overlap; with all IoUs 0 the box listed last. The third detection finds nothing left.
+    far = [[50.0, 50.0, 60.0, 60.0], [70.0, 70.0, 80.0, 80.0]]
+    predictions = [image([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 3.0, 3.0]], [0.9, 0.8, 0.7],
+                         [2, 2, 2])]
+    matches = match_detections(predictions, [truth(far, [2, 2])], iou_threshold=0.0)
+    assert matches.matched.tolist() == [True, True, False]
+    assert matches.matched_reference.tolist() == [1, 0, -1]
+    assert matches.ious.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_detections_on_crowd_regions_are_ignored():
+    # One ordinary box and one crowd region of class 1. The first detection takes the ordinary box; the second
+    # lies inside the crowd region (intersection / its own area = 1) and is ignored, not a false positive; the
+    # third overlaps the crowd region by 16 / 100 < 0.5 and stays a false positive. A crowd region can absorb
+    # several detections (the fourth too), and is never claimed as a true positive.
+    crowd_region = [100.0, 100.0, 200.0, 200.0]
+    predictions = [image([SQUARE, [110.0, 110.0, 120.0, 120.0], [196.0, 196.0, 206.0, 206.0],
+                          [150.0, 150.0, 160.0, 160.0]], [0.9, 0.8, 0.7, 0.6], [1, 1, 1, 1])]
+    references = [{"boxes": [SQUARE, crowd_region], "labels": [1, 1], "iscrowd": [0, 1]}]
+    matches = match_detections(predictions, references)
+    assert matches.detection_index.tolist() == [0, 2]
+    assert matches.matched.tolist() == [True, False]
+    assert matches.num_ignored == 2
+    # Without the flag the region is an ordinary box: the second detection is a false positive (IoU 0.01).
+    plain = match_detections(predictions, [{"boxes": [SQUARE, crowd_region], "labels": [1, 1]}])
+    assert plain.detection_index.tolist() == [0, 1, 2, 3] and plain.num_ignored == 0
+
+
+def test_a_detection_prefers_an_ordinary_box_to_a_crowd_region():
+    # The detection overlaps an ordinary box with IoU 0.64 and lies inside a crowd region: it is a true positive.
+    predictions = [image([SQUARE], [0.9], [1])]
+    references = [{"boxes": [[0.0, 0.0, 8.0, 8.0], [-10.0, -10.0, 20.0, 20.0]], "labels": [1, 1], "iscrowd": [0, 1]}]
+    matches = match_detections(predictions, references)
+    assert matches.matched.tolist() == [True] and matches.num_ignored == 0
+
+
+def test_iscrowd_must_be_given_for_every_image_and_be_0_or_1():
+    predictions = [image([SQUARE], [0.9], [1])] * 2
+    with pytest.raises(ValueError, match="some images have 'iscrowd'"):
+        match_detections(predictions, [truth([SQUARE], [1]), {"boxes": [SQUARE], "labels": [1], "iscrowd": [0]}])
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        match_detections(predictions[:1], [{"boxes": [SQUARE], "labels": [1], "iscrowd": [2]}])
+
+
+def test_max_detections_per_class_keeps_the_top_of_each_image_and_class():
+    # Class 0 has three detections, class 1 two: with a limit of 2 the lowest class-0 one goes.
+    predictions = [image([SQUARE] * 5, [0.5, 0.9, 0.7, 0.6, 0.8], [0, 0, 0, 1, 1])]
+    matches = match_detections(predictions, [truth([SQUARE], [0])], max_detections_per_class=2)
+    assert sorted(matches.detection_index.tolist()) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="max_detections_per_class"):
+        match_detections(predictions, [truth([SQUARE], [0])], max_detections_per_class=0)
 
 
 def test_greedy_not_optimal_assignment():

@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .inputs import FlatBoxes, flatten_pair, to_numpy
+from .inputs import FlatBoxes, flatten_pair, optional_reference_column
 
 # The order of COCOeval.stats, named as torchmetrics names them.
 COCO_SUMMARY_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
@@ -31,17 +31,6 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
 def box_areas(boxes: np.ndarray) -> np.ndarray:
     """``[N]`` areas of ``[N, 4]`` xyxy boxes."""
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
-def _optional_reference_column(references, key: str, count: int, default: np.ndarray) -> np.ndarray:
-    """``references[i][key]`` concatenated when every image has it, else ``default`` (``[count]``)."""
-    if not all(key in reference for reference in references):
-        return default
-    values = [to_numpy(reference[key], dtype=np.float64).reshape(-1) for reference in references]
-    column = np.concatenate(values) if values else np.zeros(0)
-    if len(column) != count:
-        raise ValueError(f"references['{key}'] must have one value per box ({count} boxes, {len(column)} values)")
-    return column
 
 
 def _ground_truth_dataset(references: FlatBoxes, iscrowd: np.ndarray, areas: np.ndarray) -> dict:
@@ -114,5 +103,5 @@ def coco_average_precision(predictions, references) -> dict:
 def crowd_and_area(references, flat_references: FlatBoxes) -> tuple[np.ndarray, np.ndarray]:
     """Per-box ``iscrowd`` (default 0) and ``area`` (default the box area) of references, ``[M]`` each."""
     count = len(flat_references.labels)
-    iscrowd = _optional_reference_column(references, "iscrowd", count, np.zeros(count))
-    return iscrowd, _optional_reference_column(references, "area", count, box_areas(flat_references.boxes))
+    iscrowd = optional_reference_column(references, "iscrowd", count, np.zeros(count))
+    return iscrowd, optional_reference_column(references, "area", count, box_areas(flat_references.boxes))

@@ -231,6 +231,32 @@ def flatten_pair(predictions, references, extra_keys: Sequence[str] = ()) -> tup
             flatten_boxes(references, "references", with_scores=False))
 
 
+def optional_reference_column(references, key: str, count: int, default: np.ndarray) -> np.ndarray:
+    """``references[i][key]`` (one value per box) concatenated as float64 when every image has it, else
+    ``default`` (``[count]``); ``ValueError`` when the lengths disagree with the boxes."""
+    if not all(key in reference for reference in references):
+        if any(key in reference for reference in references):
+            raise ValueError(f"references: some images have '{key}' and others do not; give it for every image "
+                             "or for none")
+        return default
+    values = [to_numpy(reference[key], dtype=np.float64).reshape(-1) for reference in references]
+    column = np.concatenate(values) if values else np.zeros(0)
+    if len(column) != count:
+        raise ValueError(f"references['{key}'] must have one value per box ({count} boxes, {len(column)} values)")
+    return column
+
+
+def reference_crowd_flags(references, flat_references: FlatBoxes) -> np.ndarray | None:
+    """``[M]`` bool crowd flags from the references' optional ``iscrowd`` (0/1 per box); ``None`` without it."""
+    count = len(flat_references.labels)
+    column = optional_reference_column(references, "iscrowd", count, None)
+    if column is None:
+        return None
+    if not np.isin(column, (0, 1)).all():
+        raise ValueError("references['iscrowd'] must be 0 or 1 per box (1 marks a crowd region)")
+    return column.astype(bool)
+
+
 def image_sizes_array(image_sizes, num_images: int) -> np.ndarray:
     """``image_sizes`` (one ``(height, width)`` per image: list, array or tensor) as ``[num_images, 2]`` float64."""
     if isinstance(image_sizes, (list, tuple)):

@@ -1,12 +1,22 @@
 """Greedy, score-ordered, class-aware, one-to-one matching of detections to ground truth (spec section 4).
 
-The rule, per image: keep detections with ``score >= score_threshold``; visit them by descending score; each
-takes the highest-IoU still-unclaimed ground-truth box of its own class and is a true positive when that IoU is
-``>= iou_threshold``. Only a true positive claims its box, so a detection whose best IoU is too low claims
-nothing and cannot block a later one.
+The rule, per image, is pycocotools' ``COCOeval.evaluateImg``: keep detections with ``score >= score_threshold``
+(optionally only the ``max_detections_per_class`` highest-scoring of each class); visit them by descending
+score; each takes the highest-IoU still-unclaimed ground-truth box of its own class and is a true positive when
+that IoU is ``>= iou_threshold`` (an IoU exactly at the threshold matches; the threshold is capped at
+``1 - 1e-10`` as pycocotools caps it). Only a true positive claims its box, so a detection whose best IoU is too
+low claims nothing and cannot block a later one. At ``iou_threshold = 0`` every same-class box is a candidate,
+even one without overlap (the official LaECE_0 / LRP code at tau 0 does exactly this).
+
+Crowd regions (references with ``iscrowd = 1``) are COCO's ignore regions: never claimed, never missed. A
+detection that takes no ordinary box but covers a same-class crowd region with ``intersection / its own area >=
+iou_threshold`` is ignored: neither a true nor a false positive, and dropped from the matches (counted in
+``num_ignored``).
 
 Ties, fixed so results never depend on the sort algorithm: detections with equal scores are visited in the
-order the image lists them (stable sort); ground-truth boxes with equal IoU go to the one listed first.
+order the image lists them (stable sort); ground-truth boxes with equal IoU go to the one listed **last**
+(``iou_ties="last"``, pycocotools' loop replaces its best box on an equal IoU; the official LaECE, LRP and
+LaECE_0 code all inherit this). ``iou_ties="first"`` gives them to the box listed first instead.
 
 How it is computed, without a Python loop over detections and in bounded memory:
 
@@ -37,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .inputs import FlatBoxes, flatten_pair
+from .inputs import FlatBoxes, flatten_pair, reference_crowd_flags
 
 # Pairs built at once (all-pairs chunks of small groups) and candidate pairs held at once (large groups).
 _MAX_PAIRS_PER_CHUNK = 4_000_000
@@ -70,6 +80,7 @@ class DetectionMatches:
             false positives.
         num_images: images given; ``num_images_evaluated``: those whose detections were kept (all of them when
             images without ground truth are included).
+        num_ignored: kept detections dropped because they fell on a crowd region.
     """
 
     scores: np.ndarray
@@ -82,6 +93,7 @@ class DetectionMatches:
     matched_reference: np.ndarray
     num_images: int
     num_images_evaluated: int
+    num_ignored: int = 0
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -224,16 +236,16 @@ def _all_pairs_candidates(dets, det_keys, det_boxes, gt_keys, gt_boxes, iou_thre
         yield pair_det[keep], pair_gt[keep], pair_iou[keep]
 
 
-def _settle(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken) -> None:
+def _settle(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken, last_wins: bool = True) -> None:
     """Settle candidate pairs exactly as the sequential greedy rule would, updating the outputs in place.
 
     Detection indices are priority ranks (image, then descending score). Every detection that could have
     claimed one of these pairs' boxes and was settled before ranks ahead of every detection here, so boxes in
     ``gt_taken`` are simply gone for them (calls go group by group, each in priority order). Pairs are sorted
-    by detection, then IoU descending, then box index (the preference order, ties to the box listed first),
-    and settled in windows of about ``_SETTLE_WINDOW`` pairs in priority order.
+    by detection, then IoU descending, then box index (the preference order: ties to the box listed last when
+    ``last_wins``, else first), and settled in windows of about ``_SETTLE_WINDOW`` pairs in priority order.
     """
-    order = np.lexsort((pair_gt, -pair_iou, pair_det))
+    order = np.lexsort((-pair_gt if last_wins else pair_gt, -pair_iou, pair_det))
     pair_det, pair_gt, pair_iou = pair_det[order], pair_gt[order], pair_iou[order]
     live = ~gt_taken[pair_gt]
     pair_det, pair_gt, pair_iou = pair_det[live], pair_gt[live], pair_iou[live]
@@ -304,7 +316,8 @@ def _settle_sequentially(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, g
     gt_taken[pair_gt[chosen]] = True
 
 
-def _match_large_group(dets, gts, det_boxes, gt_boxes, iou_threshold, matched_gt, matched_iou, gt_taken) -> None:
+def _match_large_group(dets, gts, det_boxes, gt_boxes, iou_threshold, matched_gt, matched_iou, gt_taken,
+                       last_wins: bool) -> None:
     """Match one large (image, class) group: detections ``dets`` (ascending priority) to boxes ``gts`` (listed
     order), by the centre sweep.
 
@@ -326,12 +339,13 @@ def _match_large_group(dets, gts, det_boxes, gt_boxes, iou_threshold, matched_gt
             chunk_size = max(1, chunk_size // 4)
             continue
         pair_det, pair_gt, pair_iou = pairs
-        _settle(dets[position + pair_det], gts[unclaimed[pair_gt]], pair_iou, matched_gt, matched_iou, gt_taken)
+        _settle(dets[position + pair_det], gts[unclaimed[pair_gt]], pair_iou, matched_gt, matched_iou, gt_taken,
+                last_wins)
         position += chunk_size
         chunk_size *= 2
 
 
-def _match_all(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
+def _match_all(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold, last_wins: bool = True):
     """Greedy matching of detections (in priority order) to same-key boxes.
 
     Returns ``(matched_gt [num_dets] int64, -1 when unmatched; matched_iou [num_dets] float64)``.
@@ -351,7 +365,7 @@ def _match_all(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
 
     small = np.flatnonzero(~is_large & (boxes_per_det > 0))
     for pairs in _all_pairs_candidates(small, det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
-        _settle(*pairs, matched_gt, matched_iou, gt_taken)
+        _settle(*pairs, matched_gt, matched_iou, gt_taken, last_wins)
 
     large = np.flatnonzero(is_large)
     if len(large):
@@ -362,7 +376,7 @@ def _match_all(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold):
             key = det_keys[large[start]]
             first, last = np.searchsorted(sorted_gt_keys, key, "left"), np.searchsorted(sorted_gt_keys, key, "right")
             _match_large_group(large[start:stop], gt_order[first:last], det_boxes, gt_boxes, iou_threshold,
-                               matched_gt, matched_iou, gt_taken)
+                               matched_gt, matched_iou, gt_taken, last_wins)
     return matched_gt, matched_iou
 
 
@@ -374,27 +388,123 @@ def _group_keys(det_labels, det_image, gt_labels, gt_image):
     return keys[: len(det_labels)], keys[len(det_labels):]
 
 
+IOU_TIES = ("last", "first")
+# pycocotools compares IoUs with min(threshold, 1 - 1e-10), so a threshold of 1 still matches near-perfect boxes.
+_MAX_IOU_THRESHOLD = 1 - 1e-10
+
+
+def top_per_image_and_class(image_index: np.ndarray, labels: np.ndarray, limit: int) -> np.ndarray:
+    """Mask ``[N]`` of the first ``limit`` entries of every (image, class), for entries already in priority order
+    (by image, then descending score, stable): pycocotools' ``maxDets`` per image and class."""
+    if not len(labels):
+        return np.ones(0, dtype=bool)
+    order = np.lexsort((labels, image_index))  # stable: priority order kept inside each (image, class)
+    key_image, key_label = image_index[order], labels[order]
+    starts = np.r_[True, (key_image[1:] != key_image[:-1]) | (key_label[1:] != key_label[:-1])]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+    keep = np.empty(len(order), dtype=bool)
+    keep[order] = np.arange(len(order)) - group_start < limit
+    return keep
+
+
+def _on_crowd_regions(det_keys, det_boxes, crowd_keys, crowd_boxes, iou_threshold) -> np.ndarray:
+    """``[N]`` bool: the detection covers a same-key crowd region with ``intersection / detection area >=
+    iou_threshold`` (pycocotools' IoU with a crowd box, whose union is the detection alone)."""
+    covered = np.zeros(len(det_keys), dtype=bool)
+    if not len(crowd_keys) or not len(det_keys):
+        return covered
+    order = np.argsort(crowd_keys, kind="stable")
+    sorted_keys = crowd_keys[order]
+    first = np.searchsorted(sorted_keys, det_keys, side="left")
+    counts = np.searchsorted(sorted_keys, det_keys, side="right") - first
+    pair_det = np.repeat(np.arange(len(det_keys)), counts)
+    offsets = np.arange(len(pair_det)) - np.repeat(np.cumsum(counts) - counts, counts)
+    pair_crowd = order[np.repeat(first, counts) + offsets]
+    a, b = det_boxes[pair_det], crowd_boxes[pair_crowd]
+    inter_w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    inter_h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    intersection = inter_w * inter_h
+    ioa = np.divide(intersection, area, out=np.zeros_like(area), where=area > 0)
+    np.logical_or.at(covered, pair_det[ioa >= iou_threshold], True)
+    return covered
+
+
+def _subset(flat: FlatBoxes, keep: np.ndarray) -> FlatBoxes:
+    return FlatBoxes(flat.boxes[keep], flat.labels[keep], None if flat.scores is None else flat.scores[keep],
+                     flat.image_index[keep], flat.position[keep], flat.num_images,
+                     {key: value[keep] for key, value in flat.extras.items()})
+
+
+def check_iou_ties(iou_ties: str) -> bool:
+    """``True`` for ``"last"`` (pycocotools), ``False`` for ``"first"``; ``ValueError`` otherwise."""
+    if iou_ties not in IOU_TIES:
+        raise ValueError(f"iou_ties must be one of {IOU_TIES} (the box listed last wins an IoU tie, as in "
+                         f"pycocotools, or the one listed first), got {iou_ties!r}")
+    return iou_ties == "last"
+
+
 def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: float = 0.3,
-               iou_threshold: float = 0.5, include_images_without_gt: bool = False) -> DetectionMatches:
-    """``match_detections`` on already checked and flattened inputs (see ``inputs.flatten_pair``)."""
+               iou_threshold: float = 0.5, include_images_without_gt: bool = False, *,
+               crowd: np.ndarray | None = None, max_detections_per_class: int | None = None,
+               iou_ties: str = "last", keep: np.ndarray | None = None) -> DetectionMatches:
+    """``match_detections`` on already checked and flattened inputs (see ``inputs.flatten_pair``).
+
+    ``crowd`` is a ``[num references]`` mask of crowd regions; ``keep`` an extra ``[num detections]`` mask applied
+    with the score threshold (e.g. per-class thresholds).
+    """
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold}")
+    if max_detections_per_class is not None and (isinstance(max_detections_per_class, bool)
+                                                 or not isinstance(max_detections_per_class, (int, np.integer))
+                                                 or max_detections_per_class < 1):
+        raise ValueError(f"max_detections_per_class must be a positive integer or None, got "
+                         f"{max_detections_per_class!r}")
+    last_wins = check_iou_ties(iou_ties)
+    threshold = min(iou_threshold, _MAX_IOU_THRESHOLD)
+    crowd_regions = None
+    if crowd is not None:
+        crowd = np.asarray(crowd).astype(bool)
+        if crowd.shape != references.labels.shape:
+            raise ValueError(f"crowd must have one flag per reference box ({len(references.labels)}), got shape "
+                             f"{crowd.shape}")
+        if crowd.any():
+            crowd_regions = _subset(references, crowd)
+            references = _subset(references, ~crowd)
+    # An image counts as having ground truth through its ordinary boxes or its crowd regions (pycocotools
+    # evaluates an image whenever it has any annotation of the class).
     has_gt = references.counts_per_image > 0
-    keep = detections.scores >= score_threshold
+    if crowd_regions is not None:
+        has_gt |= crowd_regions.counts_per_image > 0
+    kept_mask = detections.scores >= score_threshold
+    if keep is not None:
+        kept_mask &= keep
     if not include_images_without_gt:
-        keep &= has_gt[detections.image_index]
-    kept = np.flatnonzero(keep)
+        kept_mask &= has_gt[detections.image_index]
+    kept = np.flatnonzero(kept_mask)
     # Priority order: by image, then descending score; lexsort is stable, so equal scores keep list order.
     kept = kept[np.lexsort((-detections.scores[kept], detections.image_index[kept]))]
+    if max_detections_per_class is not None:
+        kept = kept[top_per_image_and_class(detections.image_index[kept], detections.labels[kept],
+                                            int(max_detections_per_class))]
 
     det_image, det_labels, det_boxes = (detections.image_index[kept], detections.labels[kept],
                                         detections.boxes[kept])
     det_keys, gt_keys = _group_keys(det_labels, det_image, references.labels, references.image_index)
-    matched_gt, matched_iou = _match_all(det_keys, det_boxes, gt_keys, references.boxes, iou_threshold)
+    matched_gt, matched_iou = _match_all(det_keys, det_boxes, gt_keys, references.boxes, threshold, last_wins)
 
     matched = matched_gt >= 0
+    num_ignored = 0
+    if crowd_regions is not None:
+        det_keys, crowd_keys = _group_keys(det_labels, det_image, crowd_regions.labels, crowd_regions.image_index)
+        ignored = ~matched & _on_crowd_regions(det_keys, det_boxes, crowd_keys, crowd_regions.boxes, threshold)
+        num_ignored = int(ignored.sum())
+        if num_ignored:
+            stay = ~ignored
+            kept, matched, matched_gt, matched_iou = kept[stay], matched[stay], matched_gt[stay], matched_iou[stay]
+            det_image, det_labels, det_boxes = det_image[stay], det_labels[stay], det_boxes[stay]
     matched_reference = np.full(len(kept), -1, dtype=np.int64)
     matched_reference[matched] = references.position[matched_gt[matched]]
     images_evaluated = detections.num_images if include_images_without_gt else int(has_gt.sum())
@@ -409,21 +519,27 @@ def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: fl
         matched_reference=matched_reference,
         num_images=detections.num_images,
         num_images_evaluated=images_evaluated,
+        num_ignored=num_ignored,
     )
 
 
 def match_detections(predictions, references, score_threshold: float = 0.3, iou_threshold: float = 0.5,
-                     include_images_without_gt: bool = False) -> DetectionMatches:
-    """Match per-image detections to ground truth with the D-ECE protocol's greedy rule.
+                     include_images_without_gt: bool = False, *, max_detections_per_class: int | None = None,
+                     iou_ties: str = "last") -> DetectionMatches:
+    """Match per-image detections to ground truth with pycocotools' greedy rule (the D-ECE protocol's).
 
     Args:
         predictions: list (one per image) of dicts with ``boxes`` ``[n_i, 4]`` absolute xyxy, ``scores``
             ``[n_i]`` in [0, 1] and ``labels`` ``[n_i]``; torch tensors, numpy arrays or lists.
-        references: list of dicts with ``boxes`` ``[m_i, 4]`` absolute xyxy and ``labels`` ``[m_i]``.
+        references: list of dicts with ``boxes`` ``[m_i, 4]`` absolute xyxy, ``labels`` ``[m_i]`` and optionally
+            ``iscrowd`` ``[m_i]`` (1 marks a crowd region: an ignore region, see the module docstring).
         score_threshold: detections with ``score >= score_threshold`` are kept.
         iou_threshold: a detection is a true positive when its IoU with the box it takes is ``>=`` this.
         include_images_without_gt: keep the detections of images without ground truth (all false positives);
-            the protocol's default drops them.
+            the D-ECE protocol's default drops them.
+        max_detections_per_class: keep only this many highest-scoring detections per image and class (COCO's
+            ``maxDets``; the official LaECE and LRP code uses 100); ``None`` keeps all.
+        iou_ties: ``"last"`` (pycocotools) or ``"first"``: which of two boxes with equal IoU a detection takes.
 
     Returns:
         ``DetectionMatches`` over the kept detections (see the module docstring for the rule and ties).
@@ -432,4 +548,6 @@ def match_detections(predictions, references, score_threshold: float = 0.3, iou_
         ValueError: naming the image and the problem for malformed input.
     """
     flat_predictions, flat_references = flatten_pair(predictions, references)
-    return match_flat(flat_predictions, flat_references, score_threshold, iou_threshold, include_images_without_gt)
+    return match_flat(flat_predictions, flat_references, score_threshold, iou_threshold, include_images_without_gt,
+                      crowd=reference_crowd_flags(references, flat_references),
+                      max_detections_per_class=max_detections_per_class, iou_ties=iou_ties)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .coco import COCO_SUMMARY_KEYS, average_precision_flat, crowd_and_area
 from .d_ece import box_position_features, calibration_error, position_calibration_error
-from .inputs import FlatBoxes, flatten_pair, image_sizes_array
+from .inputs import FlatBoxes, flatten_pair, image_sizes_array, reference_crowd_flags
 from .laece import label_aware_calibration_error
 from .matching import match_flat
 from .uncertainty import uncertainty_calibration_error
@@ -94,7 +94,8 @@ class DetectionCalibrationMetric:
         sizes = image_sizes_array(image_sizes, flat_predictions.num_images) if sizes_given else None
         crowd_area = crowd_and_area(references, flat_references) if self.compute_ap else None
         matches = match_flat(flat_predictions, flat_references, self.score_threshold, self.iou_threshold,
-                             self.include_images_without_gt)
+                             self.include_images_without_gt,
+                             crowd=reference_crowd_flags(references, flat_references))
 
         self._sizes_given = sizes_given
         self._kept["scores"].append(matches.scores)

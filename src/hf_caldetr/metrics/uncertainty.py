@@ -23,7 +23,7 @@ from .binning import (
     weighted_gap,
 )
 from .d_ece import check_scores_and_outcomes
-from .inputs import flatten_pair
+from .inputs import flatten_pair, reference_crowd_flags
 from .matching import match_flat
 
 
@@ -70,7 +70,7 @@ def detection_uce(predictions, references, uncertainty_key: str = "uncertainties
     """
     flat_predictions, flat_references = flatten_pair(predictions, references, extra_keys=(uncertainty_key,))
     matches = match_flat(flat_predictions, flat_references, score_threshold, iou_threshold,
-                         include_images_without_gt)
+                         include_images_without_gt, crowd=reference_crowd_flags(references, flat_references))
     starts = np.cumsum(flat_predictions.counts_per_image) - flat_predictions.counts_per_image
     flat_index = starts[matches.image_index] + matches.detection_index
     return uncertainty_calibration_error(flat_predictions.extras[uncertainty_key][flat_index], matches.matched,
