@@ -149,12 +149,14 @@ def test_a_detection_prefers_an_ordinary_box_to_a_crowd_region():
     assert matches.matched.tolist() == [True] and matches.num_ignored == 0
 
 
-def test_iscrowd_must_be_given_for_every_image_and_be_0_or_1():
+def test_iscrowd_is_0_or_1_per_box_and_optional_per_image():
     predictions = [image([SQUARE], [0.9], [1])] * 2
-    with pytest.raises(ValueError, match="some images have 'iscrowd'"):
-        match_detections(predictions, [truth([SQUARE], [1]), {"boxes": [SQUARE], "labels": [1], "iscrowd": [0]}])
+    mixed = match_detections(predictions, [truth([SQUARE], [1]), {"boxes": [SQUARE], "labels": [1], "iscrowd": [1]}])
+    assert mixed.matched.tolist() == [True] and mixed.num_ignored == 1
     with pytest.raises(ValueError, match="must be 0 or 1"):
         match_detections(predictions[:1], [{"boxes": [SQUARE], "labels": [1], "iscrowd": [2]}])
+    with pytest.raises(ValueError, match="one 0/1 flag per box"):
+        match_detections(predictions[:1], [{"boxes": [SQUARE], "labels": [1], "iscrowd": [0, 1]}])
 
 
 def test_max_detections_per_class_keeps_the_top_of_each_image_and_class():

@@ -15,9 +15,10 @@ from .d_ece import (
     position_calibration_error,
     position_detection_ece,
 )
-from .laece import detection_laece, label_aware_calibration_error
+from .laece import calibration_errors_at_iou_0, localisation_aware_calibration_error
+from .lrp import apply_class_thresholds, lrp_error, lrp_optimal_thresholds, optimal_lrp
 from .matching import DetectionMatches, match_detections
-from .reliability import plot_reliability_diagram
+from .reliability import plot_reliability_diagram, plot_uncertainty_diagram
 from .streaming import DetectionCalibrationMetric, evaluate_detections
 from .synthetic import synthetic_detections
 from .uncertainty import detection_uce, uncertainty_calibration_error
@@ -32,12 +33,17 @@ __all__ = [
     "calibration_error",
     "coco_average_precision",
     "detection_ece",
-    "detection_laece",
+    "apply_class_thresholds",
+    "calibration_errors_at_iou_0",
     "detection_uce",
     "evaluate_detections",
-    "label_aware_calibration_error",
+    "localisation_aware_calibration_error",
+    "lrp_error",
+    "lrp_optimal_thresholds",
     "match_detections",
+    "optimal_lrp",
     "plot_reliability_diagram",
+    "plot_uncertainty_diagram",
     "position_calibration_error",
     "position_detection_ece",
     "synthetic_detections",

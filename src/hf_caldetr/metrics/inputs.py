@@ -247,14 +247,26 @@ def optional_reference_column(references, key: str, count: int, default: np.ndar
 
 
 def reference_crowd_flags(references, flat_references: FlatBoxes) -> np.ndarray | None:
-    """``[M]`` bool crowd flags from the references' optional ``iscrowd`` (0/1 per box); ``None`` without it."""
-    count = len(flat_references.labels)
-    column = optional_reference_column(references, "iscrowd", count, None)
-    if column is None:
+    """``[M]`` bool crowd flags from the references' optional ``iscrowd`` (0/1 per box, COCO's flag); an image
+    without the key has no crowd region; ``None`` when no image has it."""
+    if not any("iscrowd" in reference for reference in references):
         return None
-    if not np.isin(column, (0, 1)).all():
-        raise ValueError("references['iscrowd'] must be 0 or 1 per box (1 marks a crowd region)")
-    return column.astype(bool)
+    counts = flat_references.counts_per_image
+    flags = []
+    for index, reference in enumerate(references):
+        if "iscrowd" not in reference:
+            flags.append(np.zeros(counts[index], dtype=bool))
+            continue
+        crowd = to_numpy(reference["iscrowd"])
+        if counts[index] == 0 and crowd.size == 0:
+            crowd = crowd.reshape(0)
+        if crowd.ndim != 1 or len(crowd) != counts[index]:
+            raise ValueError(f"references[{index}] has {counts[index]} boxes but 'iscrowd' of shape "
+                             f"{tuple(crowd.shape)}: give one 0/1 flag per box")
+        if len(crowd) and not np.isin(crowd, (0, 1)).all():
+            raise ValueError(f"references[{index}]['iscrowd'] must be 0 or 1 per box (1 marks a crowd region)")
+        flags.append(crowd.astype(bool))
+    return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
 
 
 def image_sizes_array(image_sizes, num_images: int) -> np.ndarray:
