@@ -11,12 +11,17 @@ from hf_caldetr.metrics import (
     DetectionCalibrationMetric,
     coco_average_precision,
     detection_ece,
-    detection_laece,
     detection_uce,
     evaluate_detections,
+    localisation_aware_calibration_error,
+    lrp_error,
+    optimal_lrp,
     position_detection_ece,
     synthetic_detections,
 )
+
+
+CATEGORIES = 80  # synthetic_detections' default classes
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +42,27 @@ def batched_result(predictions, references, sizes, batch_size, **options):
 
 
 def test_batches_give_the_one_call_result(data):
-    one_call = evaluate_detections(*data, uncertainty_key="uncertainties")
+    one_call = evaluate_detections(*data, uncertainty_key="uncertainties", categories=CATEGORIES)
     for batch_size in (1, 7, 40):
-        np.testing.assert_equal(batched_result(*data, batch_size, uncertainty_key="uncertainties"), one_call)
+        np.testing.assert_equal(batched_result(*data, batch_size, uncertainty_key="uncertainties",
+                                               categories=CATEGORIES), one_call)
 
 
 def test_equals_the_one_shot_functions(data):
     predictions, references, sizes = data
-    result = evaluate_detections(predictions, references, sizes, uncertainty_key="uncertainties")
+    result = evaluate_detections(predictions, references, sizes, uncertainty_key="uncertainties",
+                                 categories=CATEGORIES)
     d_ece = detection_ece(predictions, references)
     for key in d_ece:
         np.testing.assert_equal(result[key], d_ece[key])
-    assert result["laece"] == pytest.approx(detection_laece(predictions, references)["laece"], abs=1e-12)
+    assert result["laece"] == localisation_aware_calibration_error(predictions, references, CATEGORIES)["laece"]
+    assert result["laece_iou_0.1"] == localisation_aware_calibration_error(predictions, references, CATEGORIES,
+                                                                           iou_threshold=0.1)["laece"]
+    lrp = lrp_error(predictions, references, CATEGORIES)
+    assert [result[key] for key in ("lrp", "lrp_loc", "lrp_fp", "lrp_fn")] == [
+        lrp[key] for key in ("lrp", "lrp_loc", "lrp_fp", "lrp_fn")]
+    olrp = optimal_lrp(predictions, references, CATEGORIES)
+    assert result["olrp"] == olrp["olrp"] and result["olrp_fn"] == olrp["olrp_fn"]
     assert result["position_d_ece"] == pytest.approx(
         position_detection_ece(predictions, references, sizes)["d_ece"], abs=1e-12)
     assert result["d_uce"] == pytest.approx(detection_uce(predictions, references)["d_uce"], abs=1e-12)
@@ -60,10 +74,11 @@ def test_options_reach_every_metric(data):
     predictions, references, sizes = data
     options = {"num_bins": 15, "laece_bins": 10, "score_threshold": 0.5, "iou_threshold": 0.6,
                "include_images_without_gt": True}
-    result = evaluate_detections(predictions, references, sizes, **options)
+    result = evaluate_detections(predictions, references, sizes, categories=CATEGORIES, **options)
     protocol = {"score_threshold": 0.5, "iou_threshold": 0.6, "include_images_without_gt": True}
     assert result["d_ece"] == detection_ece(predictions, references, 15, **protocol)["d_ece"]
-    assert result["laece"] == pytest.approx(detection_laece(predictions, references, 10, **protocol)["laece"])
+    assert result["laece"] == localisation_aware_calibration_error(
+        predictions, references, CATEGORIES, 10, score_threshold=0.5, iou_threshold=0.6)["laece"]
     assert len(result["bin_counts"]) == 15 and "d_uce" not in result
 
 
@@ -109,9 +124,10 @@ def test_image_sizes_for_every_batch_or_none(data):
 
 
 def test_reset_and_empty(data):
-    metric = DetectionCalibrationMetric()
+    metric = DetectionCalibrationMetric(categories=CATEGORIES)
     metric.update(*data)
     metric.reset()
     result = metric.compute()
     assert result["num_images"] == 0 and result["num_detections"] == 0
-    assert math.isnan(result["d_ece"]) and math.isnan(result["laece"]) and math.isnan(result["map"])
+    for key in ("d_ece", "laece", "lrp", "olrp", "laece_0", "laace_0", "oce", "map"):
+        assert math.isnan(result[key]), key

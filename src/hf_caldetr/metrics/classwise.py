@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inputs import FlatBoxes, to_numpy
-from .matching import match_flat
+from .matching import PreparedMatching, match_prepared, prepare_matching
 
 
 def category_ids(categories) -> np.ndarray:
@@ -65,7 +65,8 @@ def class_positions(labels: np.ndarray, categories: np.ndarray, what: str) -> np
     return position
 
 
-def class_threshold_mask(detections: FlatBoxes, categories: np.ndarray, thresholds) -> np.ndarray:
+def class_threshold_mask(detections: FlatBoxes, categories: np.ndarray, thresholds,
+                         detection_class: np.ndarray | None = None) -> np.ndarray:
     """``[N]`` keep mask for per-class score thresholds, the official rule: a detection is dropped iff
     ``score < threshold`` of its class, so a NaN threshold (no true positive on the validation split) or -1 (no
     ground truth there) keeps every detection of the class.
@@ -84,7 +85,9 @@ def class_threshold_mask(detections: FlatBoxes, categories: np.ndarray, threshol
         if values.shape != categories.shape:
             raise ValueError(f"thresholds must give one value per category ({len(categories)}), got shape "
                              f"{values.shape}")
-    per_detection = values[class_positions(detections.labels, categories, "predictions")]
+    if detection_class is None:
+        detection_class = class_positions(detections.labels, categories, "predictions")
+    per_detection = values[detection_class]
     with np.errstate(invalid="ignore"):
         return ~(detections.scores < per_detection)
 
@@ -124,6 +127,64 @@ class ClassEvaluation:
         return np.bincount(self.class_index, weights=values, minlength=len(self.categories))
 
 
+@dataclass(frozen=True)
+class ClasswiseContext:
+    """What every per-class evaluation of one split shares (``prepare_classwise``), computed once."""
+
+    categories: np.ndarray
+    matching: PreparedMatching
+    detection_class: np.ndarray
+    num_gt: np.ndarray
+    pooled_order: np.ndarray  # all detections, class-major, then descending score, then priority order
+
+
+def prepare_classwise(detections: FlatBoxes, references: FlatBoxes, categories, crowd: np.ndarray | None = None,
+                      max_detections: int | None = 100) -> ClasswiseContext:
+    """Check the classes against ``categories``, count the ground truth per class, prepare the matching."""
+    ids = category_ids(categories)
+    detection_class = class_positions(detections.labels, ids, "predictions")
+    reference_class = class_positions(references.labels, ids, "references")
+    ordinary = np.ones(len(reference_class), dtype=bool) if crowd is None else ~np.asarray(crowd, dtype=bool)
+    num_gt = np.bincount(reference_class[ordinary], minlength=len(ids))
+    matching = prepare_matching(detections, references, crowd, max_detections)
+    rank = np.empty(len(matching.order), dtype=np.int64)
+    rank[matching.order] = np.arange(len(matching.order))
+    pooled_order = np.lexsort((rank, -detections.scores, detection_class))
+    return ClasswiseContext(ids, matching, detection_class, num_gt, pooled_order)
+
+
+def evaluate_prepared(context: ClasswiseContext, iou_threshold: float, score_threshold: float = 0.0,
+                      thresholds=None, iou_ties: str = "last",
+                      include_images_without_gt: bool = True) -> ClassEvaluation:
+    """``evaluate_per_class`` on a ``prepare_classwise`` result."""
+    ids = context.categories
+    keep = None
+    if thresholds is not None:
+        keep = class_threshold_mask(context.matching.detections, ids, thresholds, context.detection_class)
+    matches = match_prepared(context.matching, score_threshold, iou_threshold, include_images_without_gt,
+                             iou_ties, keep)
+    # Pool: the evaluated detections in the context's class-major order (descending score, ties in priority
+    # order: image, then each image's own order), selected without sorting again.
+    num_detections = len(context.detection_class)
+    evaluated = np.zeros(num_detections, dtype=bool)
+    evaluated[matches.flat_index] = True
+    matched = np.zeros(num_detections, dtype=bool)
+    matched[matches.flat_index] = matches.matched
+    ious = np.zeros(num_detections)
+    ious[matches.flat_index] = matches.ious
+    order = context.pooled_order[evaluated[context.pooled_order]]
+    counts = np.bincount(context.detection_class[matches.flat_index], minlength=len(ids))
+    return ClassEvaluation(
+        categories=ids,
+        num_gt=context.num_gt,
+        starts=np.r_[0, np.cumsum(counts)],
+        scores=context.matching.detections.scores[order],
+        matched=matched[order],
+        ious=ious[order],
+        iou_threshold=float(iou_threshold),
+    )
+
+
 def evaluate_per_class(detections: FlatBoxes, references: FlatBoxes, categories, iou_threshold: float,
                        score_threshold: float = 0.0, thresholds=None, max_detections: int | None = 100,
                        crowd: np.ndarray | None = None, iou_ties: str = "last",
@@ -136,26 +197,8 @@ def evaluate_per_class(detections: FlatBoxes, references: FlatBoxes, categories,
         thresholds: per-class cuts (``class_threshold_mask``), applied together with ``score_threshold``.
         include_images_without_gt: the official code evaluates them (their detections are false positives).
     """
-    ids = category_ids(categories)
-    class_positions(detections.labels, ids, "predictions")
-    reference_class = class_positions(references.labels, ids, "references")
-    keep = None if thresholds is None else class_threshold_mask(detections, ids, thresholds)
-    matches = match_flat(detections, references, score_threshold, iou_threshold, include_images_without_gt,
-                         crowd=crowd, max_detections_per_class=max_detections, iou_ties=iou_ties, keep=keep)
-    ordinary = np.ones(len(reference_class), dtype=bool) if crowd is None else ~np.asarray(crowd, dtype=bool)
-    num_gt = np.bincount(reference_class[ordinary], minlength=len(ids))
-    class_index = class_positions(matches.labels, ids, "predictions")
-    order = np.lexsort((-matches.scores, class_index))  # stable: image order, then each image's own order
-    counts = np.bincount(class_index, minlength=len(ids))
-    return ClassEvaluation(
-        categories=ids,
-        num_gt=num_gt,
-        starts=np.r_[0, np.cumsum(counts)],
-        scores=matches.scores[order],
-        matched=matches.matched[order],
-        ious=matches.ious[order],
-        iou_threshold=float(iou_threshold),
-    )
+    context = prepare_classwise(detections, references, categories, crowd, max_detections)
+    return evaluate_prepared(context, iou_threshold, score_threshold, thresholds, iou_ties, include_images_without_gt)
 
 
 def nanmean(values: np.ndarray) -> float:

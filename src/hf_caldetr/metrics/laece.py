@@ -22,6 +22,8 @@ conventions of that code are, in our judgement, slips; each has an explicit opti
   never fires on a hard class looks better calibrated. ``empty_classes="exclude"`` averages over the classes
   with ground truth and at least one evaluated detection.
 
+Without any ground truth at all LaECE is NaN (the official code cannot run on such a split).
+
 ``calibration_errors_at_iou_0`` gives LaECE_0 and LaACE_0 as fiveai/detection_calibration (Kuzucu et al.)
 computes them: matching at IoU threshold 0 (every same-class box is a candidate, so a detection without overlap
 can be a true positive with IoU 0), bins closed on the right (``[0, e_1]``, then ``(e_k, e_k+1]``: a score of 1.0
@@ -85,8 +87,10 @@ def laece_of_evaluation(evaluation: ClassEvaluation, num_bins: int = 25, score_o
     # The official code never fills a class without ground truth: its detections are not scored.
     per_class = np.where(evaluated, per_class, 0.0)
     averaged = per_class if empty_classes == "zero" else per_class[evaluated]
+    # No ground truth at all (the official code cannot even load such a file): NaN, not a perfect 0.
+    undefined = not len(averaged) or not evaluation.num_gt.any()
     return {
-        "laece": float(averaged.mean()) if len(averaged) else float("nan"),
+        "laece": float("nan") if undefined else float(averaged.mean()),
         "laece_per_class": per_class_dict(evaluation.categories, per_class),
         "num_classes_averaged": int(len(averaged)),
         "num_detections": int(evaluation.num_detections.sum()),

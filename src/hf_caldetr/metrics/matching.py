@@ -81,6 +81,7 @@ class DetectionMatches:
         num_images: images given; ``num_images_evaluated``: those whose detections were kept (all of them when
             images without ground truth are included).
         num_ignored: kept detections dropped because they fell on a crowd region.
+        flat_index: ``[N]`` int64, each detection's position in the flattened input (all images concatenated).
     """
 
     scores: np.ndarray
@@ -94,6 +95,7 @@ class DetectionMatches:
     num_images: int
     num_images_evaluated: int
     num_ignored: int = 0
+    flat_index: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -380,14 +382,6 @@ def _match_all(det_keys, det_boxes, gt_keys, gt_boxes, iou_threshold, last_wins:
     return matched_gt, matched_iou
 
 
-def _group_keys(det_labels, det_image, gt_labels, gt_image):
-    """One int64 key per (image, class), shared by detections and boxes."""
-    _, label_ids = np.unique(np.concatenate([det_labels, gt_labels]), return_inverse=True)
-    num_label_ids = int(label_ids.max()) + 1 if len(label_ids) else 1
-    keys = np.concatenate([det_image, gt_image]) * num_label_ids + label_ids
-    return keys[: len(det_labels)], keys[len(det_labels):]
-
-
 IOU_TIES = ("last", "first")
 # pycocotools compares IoUs with min(threshold, 1 - 1e-10), so a threshold of 1 still matches near-perfect boxes.
 _MAX_IOU_THRESHOLD = 1 - 1e-10
@@ -444,26 +438,44 @@ def check_iou_ties(iou_ties: str) -> bool:
     return iou_ties == "last"
 
 
-def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: float = 0.3,
-               iou_threshold: float = 0.5, include_images_without_gt: bool = False, *,
-               crowd: np.ndarray | None = None, max_detections_per_class: int | None = None,
-               iou_ties: str = "last", keep: np.ndarray | None = None) -> DetectionMatches:
-    """``match_detections`` on already checked and flattened inputs (see ``inputs.flatten_pair``).
+@dataclass(frozen=True)
+class PreparedMatching:
+    """What every matching of the same detections and references shares, computed once (``prepare_matching``):
+    the priority order, the top-k mask, the (image, class) keys and the crowd regions. Several matchings of one
+    split (other IoU thresholds, other cuts) then only select and match.
 
-    ``crowd`` is a ``[num references]`` mask of crowd regions; ``keep`` an extra ``[num detections]`` mask applied
-    with the score threshold (e.g. per-class thresholds).
+    Attributes:
+        detections: all detections; references: the ordinary boxes (crowd regions removed).
+        crowd_regions: the crowd regions, or ``None``.
+        order: ``[N]`` detection indices in priority order (image, then descending score, stable).
+        top_k: ``[N]`` bool, within the ``max_detections_per_class`` best of its (image, class), or ``None``.
+        det_keys, gt_keys, crowd_keys: (image, class) keys of detections, boxes and crowd regions.
+        has_gt: ``[num_images]`` bool, the image has a box or a crowd region.
     """
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
-    if not 0.0 <= iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold}")
+
+    detections: FlatBoxes
+    references: FlatBoxes
+    crowd_regions: FlatBoxes | None
+    order: np.ndarray
+    top_k: np.ndarray | None
+    det_keys: np.ndarray
+    gt_keys: np.ndarray
+    crowd_keys: np.ndarray | None
+    has_gt: np.ndarray
+
+
+def _check_max_detections(max_detections_per_class) -> None:
     if max_detections_per_class is not None and (isinstance(max_detections_per_class, bool)
                                                  or not isinstance(max_detections_per_class, (int, np.integer))
                                                  or max_detections_per_class < 1):
         raise ValueError(f"max_detections_per_class must be a positive integer or None, got "
                          f"{max_detections_per_class!r}")
-    last_wins = check_iou_ties(iou_ties)
-    threshold = min(iou_threshold, _MAX_IOU_THRESHOLD)
+
+
+def prepare_matching(detections: FlatBoxes, references: FlatBoxes, crowd: np.ndarray | None = None,
+                     max_detections_per_class: int | None = None) -> PreparedMatching:
+    """The shared part of ``match_flat`` (see ``PreparedMatching``)."""
+    _check_max_detections(max_detections_per_class)
     crowd_regions = None
     if crowd is not None:
         crowd = np.asarray(crowd).astype(bool)
@@ -478,49 +490,91 @@ def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: fl
     has_gt = references.counts_per_image > 0
     if crowd_regions is not None:
         has_gt |= crowd_regions.counts_per_image > 0
+    # Priority order: by image, then descending score; lexsort is stable, so equal scores keep list order.
+    order = np.lexsort((-detections.scores, detections.image_index))
+    top_k = None
+    if max_detections_per_class is not None:
+        top_k = np.empty(len(order), dtype=bool)
+        top_k[order] = top_per_image_and_class(detections.image_index[order], detections.labels[order],
+                                               int(max_detections_per_class))
+    # One key per (image, class) shared by detections, boxes and crowd regions.
+    parts = [detections.labels, references.labels] + ([crowd_regions.labels] if crowd_regions is not None else [])
+    images = [detections.image_index, references.image_index] + (
+        [crowd_regions.image_index] if crowd_regions is not None else [])
+    _, label_ids = np.unique(np.concatenate(parts), return_inverse=True)
+    num_label_ids = int(label_ids.max()) + 1 if len(label_ids) else 1
+    keys = np.concatenate(images) * num_label_ids + label_ids
+    bounds = np.cumsum([len(part) for part in parts])
+    det_keys, gt_keys = keys[:bounds[0]], keys[bounds[0]:bounds[1]]
+    crowd_keys = keys[bounds[1]:] if crowd_regions is not None else None
+    return PreparedMatching(detections, references, crowd_regions, order, top_k, det_keys, gt_keys, crowd_keys,
+                            has_gt)
+
+
+def match_prepared(prepared: PreparedMatching, score_threshold: float = 0.3, iou_threshold: float = 0.5,
+                   include_images_without_gt: bool = False, iou_ties: str = "last",
+                   keep: np.ndarray | None = None, top_k: bool = True) -> DetectionMatches:
+    """``match_flat`` on a ``prepare_matching`` result; ``top_k=False`` ignores the top-k it was prepared with."""
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold}")
+    last_wins = check_iou_ties(iou_ties)
+    threshold = min(iou_threshold, _MAX_IOU_THRESHOLD)
+    detections, references, crowd_regions = prepared.detections, prepared.references, prepared.crowd_regions
+    # The top-k before or after a score cut keeps the same detections (both keep the highest scores).
     kept_mask = detections.scores >= score_threshold
     if keep is not None:
         kept_mask &= keep
+    if top_k and prepared.top_k is not None:
+        kept_mask &= prepared.top_k
     if not include_images_without_gt:
-        kept_mask &= has_gt[detections.image_index]
-    kept = np.flatnonzero(kept_mask)
-    # Priority order: by image, then descending score; lexsort is stable, so equal scores keep list order.
-    kept = kept[np.lexsort((-detections.scores[kept], detections.image_index[kept]))]
-    if max_detections_per_class is not None:
-        kept = kept[top_per_image_and_class(detections.image_index[kept], detections.labels[kept],
-                                            int(max_detections_per_class))]
+        kept_mask &= prepared.has_gt[detections.image_index]
+    kept = prepared.order[kept_mask[prepared.order]]
 
-    det_image, det_labels, det_boxes = (detections.image_index[kept], detections.labels[kept],
-                                        detections.boxes[kept])
-    det_keys, gt_keys = _group_keys(det_labels, det_image, references.labels, references.image_index)
-    matched_gt, matched_iou = _match_all(det_keys, det_boxes, gt_keys, references.boxes, threshold, last_wins)
-
+    det_keys, det_boxes = prepared.det_keys[kept], detections.boxes[kept]
+    matched_gt, matched_iou = _match_all(det_keys, det_boxes, prepared.gt_keys, references.boxes, threshold,
+                                         last_wins)
     matched = matched_gt >= 0
     num_ignored = 0
     if crowd_regions is not None:
-        det_keys, crowd_keys = _group_keys(det_labels, det_image, crowd_regions.labels, crowd_regions.image_index)
-        ignored = ~matched & _on_crowd_regions(det_keys, det_boxes, crowd_keys, crowd_regions.boxes, threshold)
+        ignored = ~matched & _on_crowd_regions(det_keys, det_boxes, prepared.crowd_keys, crowd_regions.boxes,
+                                               threshold)
         num_ignored = int(ignored.sum())
         if num_ignored:
             stay = ~ignored
             kept, matched, matched_gt, matched_iou = kept[stay], matched[stay], matched_gt[stay], matched_iou[stay]
-            det_image, det_labels, det_boxes = det_image[stay], det_labels[stay], det_boxes[stay]
     matched_reference = np.full(len(kept), -1, dtype=np.int64)
     matched_reference[matched] = references.position[matched_gt[matched]]
-    images_evaluated = detections.num_images if include_images_without_gt else int(has_gt.sum())
+    images_evaluated = detections.num_images if include_images_without_gt else int(prepared.has_gt.sum())
     return DetectionMatches(
         scores=detections.scores[kept],
         matched=matched,
-        labels=det_labels,
+        labels=detections.labels[kept],
         ious=matched_iou,
-        image_index=det_image,
-        boxes=det_boxes,
+        image_index=detections.image_index[kept],
+        boxes=detections.boxes[kept],
         detection_index=detections.position[kept],
         matched_reference=matched_reference,
         num_images=detections.num_images,
         num_images_evaluated=images_evaluated,
         num_ignored=num_ignored,
+        flat_index=kept,
     )
+
+
+def match_flat(detections: FlatBoxes, references: FlatBoxes, score_threshold: float = 0.3,
+               iou_threshold: float = 0.5, include_images_without_gt: bool = False, *,
+               crowd: np.ndarray | None = None, max_detections_per_class: int | None = None,
+               iou_ties: str = "last", keep: np.ndarray | None = None) -> DetectionMatches:
+    """``match_detections`` on already checked and flattened inputs (see ``inputs.flatten_pair``).
+
+    ``crowd`` is a ``[num references]`` mask of crowd regions; ``keep`` an extra ``[num detections]`` mask applied
+    with the score threshold (e.g. per-class thresholds).
+    """
+    check_iou_ties(iou_ties)
+    prepared = prepare_matching(detections, references, crowd, max_detections_per_class)
+    return match_prepared(prepared, score_threshold, iou_threshold, include_images_without_gt, iou_ties, keep)
 
 
 def match_detections(predictions, references, score_threshold: float = 0.3, iou_threshold: float = 0.5,
