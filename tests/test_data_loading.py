@@ -71,10 +71,12 @@ def test_coco_folder_round_trip(tmp_path):
     assert first["objects"]["category"] == [0, 2]
     assert first["objects"]["id"] == [100, 101]
     assert first["objects"]["area"] == [150.0, 1273.0]
-    # the crowd box of image 11 is left out, not reported; the image without boxes is kept
-    assert dataset[1]["objects"]["id"] == [102]
-    assert dataset[2]["objects"]["bbox"] == []
-    assert data.skipped == {} and data.problems == []
+    assert first["objects"]["iscrowd"] == [0, 0]
+    # the crowd box of image 11 is kept as a crowd region and counted; the image without boxes is kept
+    assert dataset[1]["objects"]["id"] == [102, 103] and dataset[1]["objects"]["iscrowd"] == [0, 1]
+    assert dataset[1]["objects"]["bbox"][1] == [5.0, 5.0, 5.0, 5.0]
+    assert dataset[2]["objects"]["bbox"] == [] and dataset[2]["objects"]["iscrowd"] == []
+    assert data.skipped == {} and data.problems == [] and data.crowd_regions == 1
 
 
 def test_malformed_json_names_the_file(tmp_path):
@@ -460,3 +462,102 @@ def test_no_class_at_all_is_refused():
     rows["objects"] = [{"bbox": [], "category": [], "area": [], "id": []}] * 2
     with pytest.raises(ValueError, match="no class names.*at least one class"):
         prepare_detection_dataset(Dataset.from_dict(rows, features=hub_features(names=())))
+
+
+# ------------------------------------------------------------------------------------------------ crowd regions
+
+
+def every_fourth_crowd(annotations):
+    """``annotations`` with every 4th one (positions 3, 7, ...) marked crowd, the others not."""
+    return [{**annotation, "iscrowd": int(position % 4 == 3)} for position, annotation in enumerate(annotations)]
+
+
+CROWDED_ANNOTATIONS = every_fourth_crowd(
+    ANNOTATIONS[:3]
+    + [
+        {"id": 103, "image_id": 10, "category_id": 1, "bbox": [1, 1, 40, 30], "area": 1200.0},
+        {"id": 104, "image_id": 11, "category_id": 1, "bbox": [5, 5, 5, 5], "area": 25.0},
+        {"id": 105, "image_id": 12, "category_id": 3, "bbox": [2, 2, 10, 10], "area": 100.0},
+        {"id": 106, "image_id": 10, "category_id": 7, "bbox": [3, 20, 12, 20], "area": 240.0},
+        {"id": 107, "image_id": 12, "category_id": 7, "bbox": [0, 0, 32, 32], "area": 1024.0},
+    ]
+)
+
+
+def test_crowd_annotations_are_kept_as_crowd_regions_and_counted(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="hf_caldetr.data"):
+        data = load_coco_folder(*write_coco(tmp_path, annotations=CROWDED_ANNOTATIONS))
+    assert data.crowd_regions == 2 and data.skipped == {} and data.problems == []
+    assert "2 crowd region(s)" in caplog.text and "annotations.json" in caplog.text
+    dataset = data.dataset
+    assert dataset.features["objects"]["iscrowd"] == List(Value("int8"))
+    by_id = {
+        annotation_id: (box, crowd)
+        for objects in dataset["objects"]
+        for annotation_id, box, crowd in zip(objects["id"], objects["bbox"], objects["iscrowd"])
+    }
+    # every annotation is there, each with its own flag; crowd regions keep their box and class
+    assert sorted(by_id) == [annotation["id"] for annotation in CROWDED_ANNOTATIONS]
+    for annotation in CROWDED_ANNOTATIONS:
+        assert by_id[annotation["id"]] == ([float(v) for v in annotation["bbox"]], annotation["iscrowd"])
+    assert dataset[2]["objects"]["category"] == [1, 2] and dataset[2]["objects"]["iscrowd"] == [0, 1]
+
+
+def test_a_bad_crowd_box_is_checked_like_any_box(tmp_path):
+    annotations = every_fourth_crowd(ANNOTATIONS[:3] + [{"id": 103, "image_id": 10, "category_id": 1,
+                                                         "bbox": [50, 10, 30, 20]}])
+    annotations_json, images_dir = write_coco(tmp_path, annotations=annotations)
+    with pytest.raises(ValueError, match=r"annotation id 103: box .* outside the 64x48 image"):
+        load_coco_folder(annotations_json, images_dir)
+    data = load_coco_folder(annotations_json, images_dir, skip_invalid=True)
+    # skipped, and not counted as a crowd region
+    assert data.skipped == {"box_outside_image": 1} and data.crowd_regions == 0
+    assert data.dataset[0]["objects"]["iscrowd"] == [0, 0]
+
+
+def test_crowd_regions_of_skipped_images_are_not_counted(tmp_path):
+    data = load_coco_folder(*write_coco(tmp_path, skip_files=("sub/b.png",)), skip_invalid=True)
+    assert data.skipped == {"missing_image": 1} and data.crowd_regions == 0
+
+
+@pytest.mark.parametrize("dtype", ["bool", "int64"])
+def test_hub_objects_with_iscrowd_keep_it(dtype):
+    rows = in_memory_rows()
+    rows["objects"][0].update(bbox=[[1.0, 2.0, 10.0, 12.0], [0.0, 0.0, 30.0, 20.0]], category=[1, 0],
+                              area=[120.0, 600.0], id=[5, 6], iscrowd=[False, True])
+    rows["objects"][1]["iscrowd"] = []
+    features = hub_features()
+    features["objects"]["iscrowd"] = List(Value(dtype))
+    data = prepare_detection_dataset(Dataset.from_dict(rows, features=features))
+    assert data.crowd_regions == 1
+    assert data.dataset.features["objects"]["iscrowd"] == List(Value("int8"))
+    assert data.dataset[0]["objects"]["iscrowd"] == [0, 1] and data.dataset[1]["objects"]["iscrowd"] == []
+
+
+def test_list_of_structs_with_iscrowd_keep_it():
+    rows = {
+        "image": [PILImage.fromarray(np.zeros((40, 50, 3), dtype=np.uint8))] * 2,
+        "objects": [
+            [{"bbox": [1.0, 2.0, 10.0, 12.0], "category": "dog", "iscrowd": 0},
+             {"bbox": [3, 4, 5, 6], "category": "cat", "iscrowd": 1}],
+            [],
+        ],
+    }
+    data = prepare_detection_dataset(Dataset.from_dict(rows))
+    assert data.crowd_regions == 1
+    assert data.dataset[0]["objects"] == {
+        "bbox": [[1.0, 2.0, 10.0, 12.0], [3.0, 4.0, 5.0, 6.0]],
+        "category": [1, 0],
+        "area": [120.0, 30.0],
+        "id": [0, 1],
+        "iscrowd": [0, 1],
+    }
+    assert data.dataset[1]["objects"]["iscrowd"] == []
+
+
+def test_data_without_iscrowd_gets_no_crowd_field():
+    data = prepare_detection_dataset(Dataset.from_dict(in_memory_rows(), features=hub_features()))
+    assert "iscrowd" not in data.dataset.features["objects"] and data.crowd_regions == 0
+    digits = load_digits_detection(num_train=2, num_validation=0, seed=0)["train"]
+    assert "iscrowd" not in digits.features["objects"]
+    assert validate_detection_dataset(digits).crowd_regions == 0

@@ -227,3 +227,123 @@ def test_images_without_an_8_bit_scaling_are_refused_by_the_collator():
     row["image"] = Image.fromarray(np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match=r"image mode 'F' .* has no known 8-bit scaling; convert"):
         prepare_batch([row], build_image_processor(None))
+
+
+# ------------------------------------------------------------------------------------------------ crowd regions
+
+CROWD_BOXES = ((20.0, 15.0, 20.0, 15.0), (40.0, 20.0, 15.0, 15.0), (30.0, 30.0, 20.0, 15.0), (25.0, 10.0, 10.0, 10.0))
+CROWD_FLAGS = [0, 1, 0, 1]
+
+
+def make_crowd_row(crowd=CROWD_FLAGS, width=80, height=60):
+    """An 80x60 row whose 2nd and 4th objects are crowd regions (all boxes well inside: augmentation keeps them)."""
+    row = make_row(width, height, boxes=CROWD_BOXES, categories=(3, 7, 1, 2))
+    row["objects"]["iscrowd"] = list(crowd)
+    return row
+
+
+def test_coco_detection_target_marks_crowd_regions():
+    annotations = coco_detection_target(42, make_crowd_row()["objects"])["annotations"]
+    assert [annotation["iscrowd"] for annotation in annotations] == CROWD_FLAGS
+
+
+@pytest.mark.parametrize(
+    "size, processor_class",
+    [
+        (96, "DeformableDetrImageProcessor"),
+        (None, "DeformableDetrImageProcessor"),  # padded to the batch's largest image
+        ({"shortest_edge": 48, "longest_edge": 96}, "DetrImageProcessor"),
+        (64, "RTDetrImageProcessor"),
+        (64, "DeformableDetrImageProcessorPil"),
+    ],
+)
+def test_crowd_regions_are_kept_apart_from_the_training_targets(size, processor_class):
+    import transformers
+
+    if not hasattr(transformers, processor_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {processor_class}")
+    processor = build_image_processor(size, processor_class)
+    crowded = prepare_batch([make_crowd_row(), make_row()], processor)["labels"][0]
+    # the same boxes with no crowd region: what the processor makes of every box
+    plain = prepare_batch([make_crowd_row(crowd=[0, 0, 0, 0]), make_row()], processor)["labels"][0]
+    crowd = torch.tensor(CROWD_FLAGS, dtype=torch.bool)
+    assert crowded["class_labels"].tolist() == [3, 1] and crowded["crowd_class_labels"].tolist() == [7, 2]
+    torch.testing.assert_close(crowded["boxes"], plain["boxes"][~crowd], atol=0, rtol=0)
+    torch.testing.assert_close(crowded["crowd_boxes"], plain["boxes"][crowd], atol=0, rtol=0)
+    for key in ("area", "iscrowd"):
+        torch.testing.assert_close(crowded[key], plain[key][~crowd], atol=0, rtol=0)
+    assert crowded["crowd_boxes"].dtype == torch.float32 and crowded["crowd_class_labels"].dtype == torch.int64
+    torch.testing.assert_close(crowded["orig_size"], plain["orig_size"])
+
+
+def test_images_without_crowd_regions_get_empty_crowd_labels():
+    labels = prepare_batch([make_row(), make_row(boxes=(), categories=())], build_image_processor(96))["labels"]
+    for label in labels:
+        assert label["crowd_boxes"].shape == (0, 4) and label["crowd_class_labels"].shape == (0,)
+    assert labels[0]["class_labels"].tolist() == [3, 7]
+
+
+def test_crowd_regions_move_with_the_augmentation():
+    collate = make_collate_fn(build_image_processor(96), augment=True, seed=3)
+    crowded = collate([make_crowd_row()])["labels"][0]
+    plain = collate([make_crowd_row(crowd=[0, 0, 0, 0])])["labels"][0]
+    unmoved = prepare_batch([make_crowd_row(crowd=[0, 0, 0, 0])], build_image_processor(96))["labels"][0]
+    assert len(plain["boxes"]) == 4 and not torch.allclose(plain["boxes"], unmoved["boxes"])
+    crowd = torch.tensor(CROWD_FLAGS, dtype=torch.bool)
+    assert crowded["class_labels"].tolist() == [3, 1] and crowded["crowd_class_labels"].tolist() == [7, 2]
+    torch.testing.assert_close(crowded["boxes"], plain["boxes"][~crowd], atol=0, rtol=0)
+    torch.testing.assert_close(crowded["crowd_boxes"], plain["boxes"][crowd], atol=0, rtol=0)
+
+
+def test_fast_path_labels_have_empty_crowd_regions():
+    scenes = generate_digit_scenes(2, seed=5)
+    labels = arrays_to_model_inputs(scenes.images, scenes.boxes, scenes.categories, build_image_processor(96))["labels"]
+    for label in labels:
+        assert label["crowd_boxes"].shape == (0, 4) and label["crowd_boxes"].dtype == torch.float32
+        assert label["crowd_class_labels"].shape == (0,) and label["crowd_class_labels"].dtype == torch.int64
+
+
+def _tiny_models():
+    from tiny import tiny_deformable_kwargs, tiny_detr_kwargs, tiny_rt_detr_kwargs
+    from transformers import (
+        DeformableDetrConfig,
+        DeformableDetrForObjectDetection,
+        DetrConfig,
+        DetrForObjectDetection,
+        RTDetrConfig,
+        RTDetrForObjectDetection,
+    )
+
+    from hf_caldetr.configuration import CalDeformableDetrConfig, CalDetrConfig, CalRTDetrConfig
+    from hf_caldetr.models import (
+        CalDeformableDetrForObjectDetection,
+        CalDetrForObjectDetection,
+        CalRTDetrForObjectDetection,
+    )
+
+    return {
+        "detr": (DetrForObjectDetection, DetrConfig, tiny_detr_kwargs),
+        "deformable_detr": (DeformableDetrForObjectDetection, DeformableDetrConfig, tiny_deformable_kwargs),
+        "rt_detr": (RTDetrForObjectDetection, RTDetrConfig, tiny_rt_detr_kwargs),
+        "cal_detr": (CalDetrForObjectDetection, CalDetrConfig, tiny_detr_kwargs),
+        "cal_deformable_detr": (CalDeformableDetrForObjectDetection, CalDeformableDetrConfig, tiny_deformable_kwargs),
+        "cal_rt_detr": (CalRTDetrForObjectDetection, CalRTDetrConfig, tiny_rt_detr_kwargs),
+    }
+
+
+@pytest.mark.parametrize(
+    "family", ["detr", "deformable_detr", "rt_detr", "cal_detr", "cal_deformable_detr", "cal_rt_detr"]
+)
+def test_crowd_keys_do_not_change_the_models_loss(family):
+    model_class, config_class, kwargs = _tiny_models()[family]
+    torch.manual_seed(0)
+    model = model_class(config_class(**kwargs(num_labels=10))).train()
+    batch = prepare_batch([make_crowd_row(), make_row()], build_image_processor(64))
+    assert len(batch["labels"][0]["crowd_boxes"]) == 2
+    stripped = [{key: value for key, value in label.items() if not key.startswith("crowd_")}
+                for label in batch["labels"]]
+    losses = []
+    for labels in (batch["labels"], stripped):
+        torch.manual_seed(1)  # RT-DETR's denoising queries are random
+        losses.append(model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=labels).loss)
+    assert torch.isfinite(losses[0]) and losses[0].item() == losses[1].item()

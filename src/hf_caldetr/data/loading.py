@@ -7,6 +7,10 @@ Boxes are taken in the frame of the image as stored, COCO's convention: an EXIF 
 to the pixels (``datasets`` would apply it on decode; ``validation.py`` keeps such images as stored), so pixels
 and boxes agree whatever the tag says. Splits of a Hub dataset share the training split's class ids: a split
 whose ``ClassLabel`` lists the same names in another order has its ids remapped by name.
+
+Crowd annotations (``iscrowd=1``) are kept as crowd regions (``objects.iscrowd``, see ``schema.py``): COCO folders
+always carry the field, Hub datasets when their objects have it. They are counted in
+``DetectionData.crowd_regions``; training leaves them out, evaluation treats them as ignore regions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ import os
 from collections import Counter
 from typing import Any
 
-from .schema import OBJECT_KEYS, category_feature, detection_features, objects_as_columns
+from .schema import (
+    CROWD_KEY,
+    OBJECT_KEYS,
+    category_feature,
+    crowd_flags,
+    detection_features,
+    object_fields,
+    objects_as_columns,
+)
 from .validation import (
     MALFORMED_BOX,
     MALFORMED_RECORD,
@@ -131,12 +143,13 @@ def _is_four_numbers(box: Any) -> bool:
 def _coco_objects(
     coco: dict, images: dict[int, dict], label_of_coco_id: dict[int, int], source: str
 ) -> tuple[dict[int, dict], list[Problem]]:
-    """Each image's ``objects`` (schema layout), and the annotations rejected before the image is seen.
+    """Each image's ``objects`` (schema layout, with ``iscrowd``), and the annotations rejected before the image
+    is seen.
 
-    Crowd annotations (``iscrowd=1``) are left out, as DETR training does; they are not errors.
+    Crowd annotations (a true ``iscrowd``) are kept with ``iscrowd`` 1: crowd regions, checked like other boxes.
     """
-    objects = {image_id: {key: [] for key in OBJECT_KEYS} for image_id in images}
-    problems, crowd = [], 0
+    objects = {image_id: {key: [] for key in (*OBJECT_KEYS, CROWD_KEY)} for image_id in images}
+    problems = []
     for position, annotation in enumerate(coco["annotations"]):
         if not (
             isinstance(annotation, dict)
@@ -160,8 +173,6 @@ def _coco_objects(
             problems.append(
                 Problem(MALFORMED_BOX, f"{where}: bbox {box!r} is not 4 numbers [x, y, width, height]")
             )
-        elif annotation.get("iscrowd", 0):
-            crowd += 1
         else:
             target = objects[annotation["image_id"]]
             target["bbox"].append([float(value) for value in box])
@@ -169,8 +180,7 @@ def _coco_objects(
             area = annotation.get("area")
             target["area"].append(float(area) if isinstance(area, (int, float)) else float(box[2] * box[3]))
             target["id"].append(annotation["id"])
-    if crowd:
-        logger.info("%s: left out %d crowd annotation(s)", source, crowd)
+            target[CROWD_KEY].append(1 if annotation.get("iscrowd", 0) else 0)
     return objects, problems
 
 
@@ -179,7 +189,8 @@ def load_coco_folder(annotations_json: str, images_dir: str, skip_invalid: bool 
 
     COCO category ids may be sparse (1, 2, 5 ...): they are mapped, in increasing order, to contiguous
     ClassLabel ids; ``result.source_category_ids[k]`` is the COCO id of class ``k``. Images are referenced by
-    path (read lazily); their sizes are read from the files, not from the JSON.
+    path (read lazily); their sizes are read from the files, not from the JSON. Crowd annotations are kept as
+    objects with ``iscrowd`` 1 (every object has the field), counted in ``result.crowd_regions``.
 
     Args:
         annotations_json: path of the COCO JSON file.
@@ -206,10 +217,12 @@ def load_coco_folder(annotations_json: str, images_dir: str, skip_invalid: bool 
         "image_id": list(images),
         "objects": [objects[image_id] for image_id in images],
     }
-    dataset = Dataset.from_dict(columns, features=detection_features(names))
+    dataset = Dataset.from_dict(columns, features=detection_features(names, crowd=True))
     checked = validate_detection_dataset(dataset, skip_invalid=skip_invalid, source=source)
     problems = [problem.message for problem in image_problems + annotation_problems] + checked.problems
-    return DetectionData(checked.dataset, skipped + checked.skipped, problems, coco_ids)
+    return DetectionData(
+        checked.dataset, skipped + checked.skipped, problems, coco_ids, crowd_regions=checked.crowd_regions
+    )
 
 
 # ----------------------------------------------------------------------------------- Hub and saved datasets
@@ -288,12 +301,17 @@ def _resolve_class_names(splits: dict, class_names: list[str] | None, source: st
 
 
 def _complete_objects(
-    objects: Any, label_of_name: dict[str, int], first_id: int, where: str, own_names: list[str] | None = None
+    objects: Any,
+    label_of_name: dict[str, int],
+    first_id: int,
+    where: str,
+    own_names: list[str] | None = None,
+    crowd: bool = False,
 ) -> dict[str, list]:
     """One row's objects as a dict of lists with all schema keys: names encoded, missing area/id filled.
 
     ``own_names``: the split's own ClassLabel names when their order differs from ``label_of_name``'s; its
-    ids are remapped by name.
+    ids are remapped by name. ``crowd``: keep ``iscrowd`` (as 0/1; a missing value is 0).
     """
     columns = objects_as_columns(objects)
     boxes = columns.get("bbox") or []
@@ -312,7 +330,10 @@ def _complete_objects(
     ids = columns.get("id")
     if ids is None or any(value is None for value in ids):
         ids = list(range(first_id, first_id + len(boxes)))
-    return {"bbox": boxes, "category": categories, "area": areas, "id": ids}
+    completed = {"bbox": boxes, "category": categories, "area": areas, "id": ids}
+    if crowd:
+        completed[CROWD_KEY] = [int(flag) for flag in crowd_flags(columns)]
+    return completed
 
 
 def _require_image_and_objects(dataset, source: str) -> list[str]:
@@ -320,9 +341,7 @@ def _require_image_and_objects(dataset, source: str) -> list[str]:
     for column in ("image", "objects"):
         if column not in dataset.column_names:
             raise ValueError(f"{source}: missing column {column!r} (columns: {dataset.column_names})")
-    objects_feature = dataset.features["objects"]
-    item = objects_feature if isinstance(objects_feature, dict) else getattr(objects_feature, "feature", None)
-    keys = sorted(item) if isinstance(item, dict) else []
+    keys = object_fields(dataset.features)
     for key in ("bbox", "category"):
         if key not in keys:
             raise ValueError(f"{source}: 'objects' has no {key!r} field (fields: {keys})")
@@ -333,7 +352,8 @@ def to_detection_schema(dataset, class_names: list[str], source: str = "dataset"
     """Bring a ``datasets.Dataset`` to the schema's layout: ``objects`` as a dict of lists with every key
     (missing ``area`` = w*h, missing ``id`` numbered), category names encoded as ids of ``class_names``,
     ``image_id`` added when absent, images decoded as RGB. Boxes must already be COCO xywh in pixels. A
-    ClassLabel with the names of ``class_names`` in another order has its ids remapped by name.
+    ClassLabel with the names of ``class_names`` in another order has its ids remapped by name. Objects with an
+    ``iscrowd`` field keep it (0/1: crowd regions); other fields of ``objects`` are dropped.
 
     Categories that were not a ClassLabel come out as plain integers: ``validate_detection_dataset`` checks
     their range, reporting each bad record, before making them a ClassLabel.
@@ -351,11 +371,14 @@ def to_detection_schema(dataset, class_names: list[str], source: str = "dataset"
     has_class_label = isinstance(feature, ClassLabel)
     # A ClassLabel naming the classes in another order: casting would keep the ids and rename the classes.
     own_names = list(feature.names) if has_class_label and list(feature.names) != list(class_names) else None
+    crowd = CROWD_KEY in keys
     features = dataset.features.copy()
-    features.update(detection_features(class_names))
+    features.update(detection_features(class_names, crowd=crowd))
     if not has_class_label:
         features["objects"]["category"] = List(Value("int64"))
-    if isinstance(objects_feature, dict) and set(keys) == set(OBJECT_KEYS) and has_class_label and not own_names:
+    schema_keys = set(OBJECT_KEYS) | ({CROWD_KEY} if crowd else set())
+    # The objects already in the schema's layout (an integer or boolean iscrowd casts to int8): no rewrite.
+    if isinstance(objects_feature, dict) and set(keys) == schema_keys and has_class_label and not own_names:
         return dataset.cast(features)
     label_of_name = {name: label for label, name in enumerate(class_names)}
     counts = [len(objects_as_columns(row).get("bbox") or []) for row in dataset["objects"]]
@@ -364,7 +387,12 @@ def to_detection_schema(dataset, class_names: list[str], source: str = "dataset"
     return dataset.map(
         lambda objects, index: {
             "objects": _complete_objects(
-                objects, label_of_name, first_ids[index], record_name(source, image_ids[index], None), own_names
+                objects,
+                label_of_name,
+                first_ids[index],
+                record_name(source, image_ids[index], None),
+                own_names,
+                crowd,
             )
         },
         input_columns=["objects"],

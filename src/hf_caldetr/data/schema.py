@@ -7,11 +7,19 @@ One row per image::
     objects    {"bbox": [[x, y, w, h], ...]  COCO xywh in pixels,
                 "category": [int, ...]        ClassLabel ids,
                 "area": [float, ...],
-                "id": [int, ...]}             annotation ids
+                "id": [int, ...],             annotation ids
+                "iscrowd": [0 or 1, ...]}     optional: 1 marks a crowd region
 
 This is the layout of the Hub's detection datasets (cppe-5 and the like). ``datasets`` may present
 ``objects`` either as a dict of lists or, for data written as a list of structs, as a list of dicts; the
 helpers below accept both.
+
+Crowd regions (COCO's ``iscrowd=1`` annotations: one box around a group of objects) are objects with
+``iscrowd`` 1. They are never training targets (DETR training and transformers' image processors leave them out);
+evaluation keeps them as ignore regions, as pycocotools does: a detection on a crowd region counts neither as a
+true nor as a false positive. ``iscrowd`` is optional: data without it (the digits default, most Hub datasets)
+has no crowd region, and carries no extra column. COCO folders always have it; Hub datasets keep it when their
+objects have an ``iscrowd`` field.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from typing import Any
 import numpy as np
 
 OBJECT_KEYS = ("bbox", "category", "area", "id")
+# The optional per-object crowd flag (0 or 1), after ``OBJECT_KEYS`` when present.
+CROWD_KEY = "iscrowd"
 # PIL's 16-bit single-channel modes. ``convert("RGB")`` clips their values at 255 (a 16-bit image turns all
 # white), so they are scaled by their full range instead.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -29,22 +39,20 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 UNSCALABLE_MODES = ("I", "F")
 
 
-def detection_features(class_names: list[str]):
-    """``datasets.Features`` of the detection schema for the given class names."""
+def detection_features(class_names: list[str], crowd: bool = False):
+    """``datasets.Features`` of the detection schema for the given class names; ``crowd`` adds
+    ``objects.iscrowd`` (int8, 0 or 1 per object)."""
     from datasets import ClassLabel, Features, Image, List, Value
 
-    return Features(
-        {
-            "image": Image(mode="RGB"),
-            "image_id": Value("int64"),
-            "objects": {
-                "bbox": List(List(Value("float32"), length=4)),
-                "category": List(ClassLabel(names=list(class_names))),
-                "area": List(Value("float32")),
-                "id": List(Value("int64")),
-            },
-        }
-    )
+    objects = {
+        "bbox": List(List(Value("float32"), length=4)),
+        "category": List(ClassLabel(names=list(class_names))),
+        "area": List(Value("float32")),
+        "id": List(Value("int64")),
+    }
+    if crowd:
+        objects[CROWD_KEY] = List(Value("int8"))
+    return Features({"image": Image(mode="RGB"), "image_id": Value("int64"), "objects": objects})
 
 
 def _unwrap_list(feature: Any) -> Any:
@@ -52,6 +60,19 @@ def _unwrap_list(feature: Any) -> Any:
     from datasets import LargeList, List
 
     return feature.feature if isinstance(feature, (List, LargeList)) else feature
+
+
+def object_fields(features) -> list[str]:
+    """The fields of the ``objects`` feature (dict of lists or list of structs), sorted; [] when there are none."""
+    if "objects" not in features:
+        return []
+    objects = _unwrap_list(features["objects"])
+    return sorted(objects) if isinstance(objects, dict) else []
+
+
+def has_crowd_field(features) -> bool:
+    """Whether ``objects`` has the optional ``iscrowd`` field."""
+    return CROWD_KEY in object_fields(features)
 
 
 def category_feature(features) -> Any:
@@ -98,10 +119,24 @@ def label2id(dataset) -> dict[str, int]:
 
 
 def objects_as_columns(objects: Any) -> dict[str, list]:
-    """One row's ``objects`` as a dict of lists, whether stored as a dict of lists or a list of dicts."""
+    """One row's ``objects`` as a dict of lists, whether stored as a dict of lists or a list of dicts.
+
+    ``iscrowd`` is there when the objects have it (for a list of dicts: when one of them has it).
+    """
     if isinstance(objects, dict):
         return objects
-    return {key: [item.get(key) for item in objects] for key in OBJECT_KEYS}
+    keys = OBJECT_KEYS + ((CROWD_KEY,) if any(CROWD_KEY in item for item in objects) else ())
+    return {key: [item.get(key) for item in objects] for key in keys}
+
+
+def crowd_flags(columns: dict[str, list]) -> list[bool]:
+    """Per object of ``objects_as_columns``' output, whether it is a crowd region (missing ``iscrowd`` or a
+    missing value: not crowd)."""
+    count = len(columns.get("bbox") or [])
+    values = columns.get(CROWD_KEY)
+    if values is None:
+        return [False] * count
+    return [bool(value) if value is not None else False for value in values]
 
 
 def columns_as_rows(columns: dict[str, list]) -> list[dict]:

@@ -5,6 +5,12 @@ the collate function, batch by batch: the processor pads a batch to its largest 
 to that padded canvas, so processing has to see the whole batch. Labels come out as transformers' detection
 losses expect them: ``class_labels`` and ``boxes`` (normalised ``cx, cy, w, h``) per image.
 
+Crowd regions (objects with ``iscrowd`` 1, see ``schema.py``) are never training targets: ``class_labels`` and
+``boxes`` hold the other objects only. Each label dict carries them apart, for evaluation, as ``crowd_boxes``
+(float ``[m, 4]``, normalised ``cx, cy, w, h`` exactly as ``boxes``: they go through the same augmentation, resize
+and padding) and ``crowd_class_labels`` (int64 ``[m]``); both are empty for an image without crowd regions. The
+models' losses read ``class_labels`` and ``boxes`` only.
+
 Augmentation is a small random scale and translation only. Horizontal flips are wrong here: a mirrored digit
 is another glyph (or none), and the embedded default is digits.
 """
@@ -16,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .schema import as_rgb8, objects_as_columns
+from .schema import CROWD_KEY, as_rgb8, crowd_flags, objects_as_columns
 
 # Jitter ranges of the training augmentation, and the smallest box it keeps (pixels, after clipping).
 SCALE_JITTER = 0.15
@@ -50,14 +56,48 @@ def build_image_processor(size: int | dict | None = 96, processor_class: str = "
 def coco_detection_target(image_id: int, objects: Any) -> dict:
     """One row's ground truth in the processor's COCO detection format.
 
-    ``{"image_id", "annotations": [{"bbox" (xywh), "category_id", "area", "iscrowd"}]}``.
+    ``{"image_id", "annotations": [{"bbox" (xywh), "category_id", "area", "iscrowd"}]}``; ``iscrowd`` is 1 for
+    crowd regions, which the processor leaves out of its labels (``prepare_batch`` keeps them apart).
     """
     columns = objects_as_columns(objects)
     annotations = [
-        {"bbox": list(box), "category_id": int(category), "area": float(area), "iscrowd": 0}
-        for box, category, area in zip(columns["bbox"], columns["category"], columns["area"])
+        {"bbox": list(box), "category_id": int(category), "area": float(area), "iscrowd": int(crowd)}
+        for box, category, area, crowd in zip(
+            columns["bbox"], columns["category"], columns["area"], crowd_flags(columns)
+        )
     ]
     return {"image_id": int(image_id), "annotations": annotations}
+
+
+def _crowd_marked_target(image_id: int, objects: Any) -> dict:
+    """``coco_detection_target`` with each crowd region passed as an ordinary box (``iscrowd`` 0, which the
+    processor would drop) whose ``category_id`` is ``-1 - category``.
+
+    The processor resizes, clips, normalises and pads every box alike, so crowd regions come out in exactly the
+    convention of the other boxes; the sign then tells them apart (``_split_crowd``) whatever boxes the processor
+    drops on the way.
+    """
+    target = coco_detection_target(image_id, objects)
+    for annotation in target["annotations"]:
+        if annotation["iscrowd"]:
+            annotation.update(category_id=-1 - annotation["category_id"], iscrowd=0)
+    return target
+
+
+# The per-box entries of a processor's label dict (DETR, Deformable DETR, RT-DETR processors).
+PER_BOX_LABEL_KEYS = ("class_labels", "boxes", "area", "iscrowd")
+
+
+def _split_crowd(label):
+    """A processor's label dict (``BatchFeature``) of a ``_crowd_marked_target``, changed in place: its crowd
+    regions moved to ``crowd_boxes`` and ``crowd_class_labels``, the training keys keeping the other boxes."""
+    crowd = label["class_labels"] < 0
+    label["crowd_boxes"] = label["boxes"][crowd]
+    label["crowd_class_labels"] = -1 - label["class_labels"][crowd]
+    for key in PER_BOX_LABEL_KEYS:
+        if key in label:
+            label[key] = label[key][~crowd]
+    return label
 
 
 def scale_translate(
@@ -137,12 +177,16 @@ def augmentation_generator(seed: int, epoch: int, image_id: int) -> torch.Genera
 
 
 def _augmented(image, objects: Any, generator: torch.Generator | None = None) -> tuple[Any, dict]:
-    """A row's image and objects after ``random_scale_translate``; areas become the new box areas."""
-    columns = objects_as_columns(objects)
+    """A row's image and objects after ``random_scale_translate``; areas become the new box areas. Crowd regions
+    move (and leave the image) like the other boxes."""
+    columns = {**objects_as_columns(objects)}
+    columns[CROWD_KEY] = crowd_flags(columns)
     moved_image, boxes, keep = random_scale_translate(
         image, np.asarray(columns["bbox"], dtype=np.float32), generator=generator
     )
-    kept = {key: [value for value, flag in zip(columns[key], keep) if flag] for key in ("category", "id")}
+    kept = {
+        key: [value for value, flag in zip(columns[key], keep) if flag] for key in ("category", "id", CROWD_KEY)
+    }
     return moved_image, {"bbox": boxes.tolist(), "area": (boxes[:, 2] * boxes[:, 3]).tolist(), **kept}
 
 
@@ -152,7 +196,9 @@ def prepare_batch(
     """Schema rows to ``{"pixel_values", "pixel_mask", "labels"}`` through the image processor.
 
     ``labels`` is one dict per image with ``class_labels`` (int64 ``[n]``) and ``boxes`` (float ``[n, 4]``,
-    normalised ``cx, cy, w, h`` relative to the padded image), plus ``image_id``, ``size`` and ``orig_size``.
+    normalised ``cx, cy, w, h`` relative to the padded image), plus ``image_id``, ``size`` and ``orig_size``,
+    and the image's crowd regions apart: ``crowd_boxes`` (float ``[m, 4]``, normalised as ``boxes``) and
+    ``crowd_class_labels`` (int64 ``[m]``), never among ``class_labels`` / ``boxes`` (module docstring).
     With ``augment``, each image's jitter comes from ``augmentation_generator(seed, epoch, image_id)``, or from
     torch's global generator when ``seed`` is None.
     """
@@ -164,9 +210,10 @@ def prepare_batch(
             generator = None if seed is None else augmentation_generator(seed, epoch, example["image_id"])
             image, objects = _augmented(image, objects, generator)
         images.append(image)
-        targets.append(coco_detection_target(example["image_id"], objects))
+        targets.append(_crowd_marked_target(example["image_id"], objects))
     encoded = image_processor(images=images, annotations=targets, return_tensors="pt")
-    batch = {"pixel_values": encoded["pixel_values"], "labels": list(encoded["labels"])}
+    labels = [_split_crowd(label) for label in encoded["labels"]]
+    batch = {"pixel_values": encoded["pixel_values"], "labels": labels}
     if "pixel_mask" in encoded:
         batch["pixel_mask"] = encoded["pixel_mask"]
     else:  # do_pad=False: every pixel is real
@@ -227,7 +274,8 @@ def arrays_to_model_inputs(
     inputs, with the processor's rescale and normalisation but no resize or per-image Python work.
 
     Equals ``prepare_batch`` when the processor keeps the images at their size. Keep the uint8 arrays and
-    call this per batch: normalised float32 copies of 5000 96x96 images would take 550 MB.
+    call this per batch: normalised float32 copies of 5000 96x96 images would take 550 MB. The arrays hold no
+    crowd region: ``crowd_boxes`` and ``crowd_class_labels`` are empty.
     """
     pixels = torch.as_tensor(images).permute(0, 3, 1, 2).float()
     if image_processor.do_rescale:
@@ -251,6 +299,8 @@ def arrays_to_model_inputs(
                 "area": torch.from_numpy(image_boxes[:, 2] * image_boxes[:, 3]),
                 "iscrowd": torch.zeros(len(image_boxes), dtype=torch.int64),
                 "orig_size": size.clone(),
+                "crowd_boxes": torch.zeros((0, 4), dtype=torch.float32),
+                "crowd_class_labels": torch.zeros(0, dtype=torch.int64),
             }
         )
     pixel_mask = torch.ones((batch_size, height, width), dtype=torch.int64)

@@ -26,12 +26,15 @@ from typing import Any
 import numpy as np
 
 from .schema import (
+    CROWD_KEY,
     OBJECT_KEYS,
     SIXTEEN_BIT_MODES,
     UNSCALABLE_MODES,
     as_rgb8,
     category_feature,
     columns_as_rows,
+    crowd_flags,
+    has_crowd_field,
     objects_as_columns,
     png_bytes,
 )
@@ -74,12 +77,15 @@ class DetectionData:
         problems: one message per skipped record, naming the file and the record.
         source_category_ids: for COCO folders, the COCO category id of each ClassLabel id (COCO ids may be
             sparse: 1, 2, 5 ...); None for other sources.
+        crowd_regions: crowd regions kept (objects with ``iscrowd`` 1, all splits together): ignore regions for
+            evaluation, never training targets (see ``schema.py``).
     """
 
     dataset: Any
     skipped: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     source_category_ids: list[int] | None = None
+    crowd_regions: int = 0
 
 
 def record_name(source: str, image_id: Any, file_name: str | None, annotation_id: Any = None) -> str:
@@ -188,12 +194,13 @@ def clip_box(box: list[float], width: int, height: int) -> list[float]:
 
 
 def _check_row(
-    row: dict, num_classes: int, source: str
-) -> tuple[Problem | None, list[Problem], dict | None, bool]:
+    row: dict, num_classes: int, source: str, crowd: bool = False
+) -> tuple[Problem | None, list[Problem], dict | None, bool, int]:
     """Check one row: (an image-level problem, box-level problems, the cleaned ``objects`` or None, whether
-    the image must be re-encoded, see ``needs_reencoding``).
+    the image must be re-encoded, see ``needs_reencoding``, the number of crowd regions kept).
 
-    The cleaned objects keep the valid boxes (clipped to the image); None means nothing changed.
+    The cleaned objects keep the valid boxes (clipped to the image); None means nothing changed. ``crowd``: the
+    objects have the ``iscrowd`` field (crowd boxes are checked like the others; it stays in the cleaned objects).
     """
     image, image_id = row["image"], row["image_id"]
     file_name = image.get("path") if isinstance(image, dict) else None
@@ -201,29 +208,31 @@ def _check_row(
     try:
         width, height, mode, orientation = image_header(image)
     except FileNotFoundError:
-        return Problem(MISSING_IMAGE, f"{where}: image file is missing"), [], None, False
+        return Problem(MISSING_IMAGE, f"{where}: image file is missing"), [], None, False, 0
     except Exception as error:  # PIL raises several types (OSError, SyntaxError, ValueError...) for bad files
-        return Problem(UNREADABLE_IMAGE, f"{where}: image cannot be read ({error})"), [], None, False
+        return Problem(UNREADABLE_IMAGE, f"{where}: image cannot be read ({error})"), [], None, False, 0
     if mode in UNSCALABLE_MODES:
         detail = (
             f"image mode {mode!r} (32-bit integer or float pixels) has no known 8-bit scaling; convert it to "
             "8-bit (or 16-bit) RGB or greyscale"
         )
-        return Problem(UNSUPPORTED_IMAGE, f"{where}: {detail}"), [], None, False
+        return Problem(UNSUPPORTED_IMAGE, f"{where}: {detail}"), [], None, False, 0
     reencode = needs_reencoding(mode, orientation)
 
     objects = objects_as_columns(row["objects"])
     boxes, categories = objects.get("bbox") or [], objects.get("category") or []
     ids = objects.get("id") or [None] * len(boxes)
     areas = objects.get("area") or [None] * len(boxes)
-    if not (len(boxes) == len(categories) == len(ids) == len(areas)):
-        detail = (
-            f"objects lists differ in length ({ {key: len(objects.get(key) or []) for key in OBJECT_KEYS} })"
-        )
-        return Problem(MALFORMED_RECORD, f"{where}: {detail}"), [], None, False
+    keys = OBJECT_KEYS + ((CROWD_KEY,) if crowd else ())
+    flags = crowd_flags(objects) if crowd and objects.get(CROWD_KEY) is not None else [False] * len(boxes)
+    if not (len(boxes) == len(categories) == len(ids) == len(areas) == len(flags)):
+        detail = f"objects lists differ in length ({ {key: len(objects.get(key) or []) for key in keys} })"
+        return Problem(MALFORMED_RECORD, f"{where}: {detail}"), [], None, False, 0
 
-    problems, kept, changed = [], {key: [] for key in OBJECT_KEYS}, False
-    for box, category, annotation_id, area in zip(boxes, categories, ids, areas):
+    problems, kept = [], {key: [] for key in keys}
+    # A missing or null iscrowd is written as 0, any true value as 1.
+    changed = crowd and [int(flag) for flag in flags] != list(objects.get(CROWD_KEY) or [])
+    for box, category, annotation_id, area, flag in zip(boxes, categories, ids, areas, flags):
         box_where = record_name(source, image_id, file_name, annotation_id)
         issue = check_box(box, width, height)
         if issue is None and not (isinstance(category, int) and 0 <= category < num_classes):
@@ -237,28 +246,41 @@ def _check_row(
         kept["category"].append(category)
         kept["id"].append(annotation_id)
         kept["area"].append(kept["bbox"][-1][2] * kept["bbox"][-1][3] if overshoots or area is None else area)
+        if crowd:
+            kept[CROWD_KEY].append(int(flag))
         changed |= overshoots or area is None
-    return None, problems, (kept if changed else None), reencode
+    crowd_kept = sum(kept[CROWD_KEY]) if crowd else 0
+    return None, problems, (kept if changed else None), reencode, crowd_kept
 
 
-def _validate_split(dataset, skip_invalid: bool, source: str, num_classes: int) -> tuple[Any, list[Problem]]:
-    """Validate one ``datasets.Dataset``; return it (cleaned when skipping) and the problems found."""
+def _validate_split(
+    dataset, skip_invalid: bool, source: str, num_classes: int
+) -> tuple[Any, list[Problem], int]:
+    """Validate one ``datasets.Dataset``; return it (cleaned when skipping), the problems found and the number of
+    crowd regions it keeps."""
     from datasets import Image
 
+    crowd = has_crowd_field(dataset.features)
     raw = dataset.select_columns(["image", "image_id", "objects"]).cast_column("image", Image(decode=False))
-    bad_rows, new_objects, reencoded, problems = set(), {}, set(), []
+    bad_rows, new_objects, reencoded, problems, crowd_regions = set(), {}, set(), [], 0
     for index, row in enumerate(raw):
-        image_problem, box_problems, cleaned, reencode = _check_row(row, num_classes, source)
+        image_problem, box_problems, cleaned, reencode, row_crowd = _check_row(row, num_classes, source, crowd)
         if image_problem is not None:
             bad_rows.add(index)
             problems.append(image_problem)
+        crowd_regions += row_crowd
         problems.extend(box_problems)
         if cleaned is not None:
             new_objects[index] = cleaned
         if reencode:
             reencoded.add(index)
     if problems and not skip_invalid:
-        return dataset, problems
+        return dataset, problems, crowd_regions
+    if crowd_regions:
+        logger.info(
+            "%s: %d crowd region(s) (iscrowd=1) kept: ignore regions for evaluation, never training targets",
+            source, crowd_regions,
+        )
     if reencoded:
         image_feature = dataset.features["image"]
         logger.info(
@@ -291,7 +313,7 @@ def _validate_split(dataset, skip_invalid: bool, source: str, num_classes: int) 
         )
     if bad_rows:
         dataset = dataset.select([index for index in range(len(dataset)) if index not in bad_rows])
-    return dataset, problems
+    return dataset, problems, crowd_regions
 
 
 def _require_schema(dataset, source: str, class_names: list[str] | None) -> int:
@@ -348,15 +370,17 @@ def validate_detection_dataset(
     from datasets import DatasetDict
 
     splits = dataset if isinstance(dataset, DatasetDict) else {None: dataset}
-    cleaned, problems = {}, []
+    cleaned, problems, crowd_regions = {}, [], 0
     for split, split_dataset in splits.items():
         split_source = source if split is None else f"{source} [{split}]"
         num_classes = _require_schema(split_dataset, split_source, class_names)
-        cleaned[split], split_problems = _validate_split(
+        cleaned[split], split_problems, split_crowd = _validate_split(
             split_dataset, skip_invalid, split_source, num_classes
         )
         problems.extend(split_problems)
+        crowd_regions += split_crowd
     skipped = raise_or_skip(problems, skip_invalid, source)
     cleaned = {split: _with_class_label(part, class_names) for split, part in cleaned.items()}
     result = DatasetDict(cleaned) if isinstance(dataset, DatasetDict) else cleaned[None]
-    return DetectionData(result, skipped, [problem.message for problem in problems] if skip_invalid else [])
+    messages = [problem.message for problem in problems] if skip_invalid else []
+    return DetectionData(result, skipped, messages, crowd_regions=crowd_regions)
