@@ -24,9 +24,11 @@ from .synthetic import synthetic_detections
 from .uncertainty import detection_uce, uncertainty_calibration_error
 
 D_ECE_MODULE = str(Path(__file__).resolve().parent / "d_ece")
+DETECTION_CALIBRATION_MODULE = str(Path(__file__).resolve().parent / "detection_calibration")
 
 __all__ = [
     "D_ECE_MODULE",
+    "DETECTION_CALIBRATION_MODULE",
     "DetectionCalibrationMetric",
     "DetectionMatches",
     "box_position_features",
