@@ -25,7 +25,12 @@ baseline against the train-time method. ``--output_dir`` receives:
   and ``"evaluation"`` (what was evaluated, how);
 - ``reliability_diagram.png`` (the model's splits), ``reliability_comparison.png`` (with ``--compare_with``),
   ``reliability_before_after.png`` (with a calibrator), ``calibrator.json`` (with ``--fit_calibrator``) and
-  ``corruption_manifest.json``.
+  ``corruption_manifest.json``;
+- ``uncertainty_diagram.png`` (the model's splits) and ``uncertainty_comparison.png`` (with ``--compare_with``):
+  D-UCE diagrams, the error rate of the kept detections against their uncertainty ``tanh(Var_l(z))`` (the
+  variance of the detection's class logit over the decoder layers) per bin. ``d_uce`` is in ``metrics.json`` for
+  every PyTorch model (a calibrator maps the scores, not the uncertainties); an ONNX model returns the final
+  logits only, so it has neither.
 
 The calibrator maps every post-processed score, and the metrics then keep the detections scoring at least 0.3,
 as for any detector (see ``hf_caldetr.evaluation.evaluate_model``). ``--fit_calibrator`` fits it on the held-out
@@ -59,6 +64,8 @@ from hf_caldetr.evaluation import (
     iter_detections,
     make_calibrator,
     measure_detections,
+    model_categories,
+    plot_uncertainty_panels,
     summarize,
     write_metrics,
 )
@@ -69,7 +76,7 @@ from hf_caldetr.training import MODEL_FAMILIES, check_checkpoint
 logger = logging.getLogger("evaluate")
 
 FITTABLE = tuple(kind for kind in CALIBRATOR_KINDS if kind not in ("none", "auto"))
-COMPARED_METRICS = (("map", "AP"), ("map_50", "AP50"), ("d_ece", "D-ECE"), ("laece", "LaECE"))
+COMPARED_METRICS = (("map", "AP"), ("map_50", "AP50"), ("d_ece", "D-ECE"), ("laece", "LaECE"), ("d_uce", "D-UCE"))
 SPLIT_TITLES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 
 
@@ -115,14 +122,18 @@ def is_onnx(name_or_path: str) -> bool:
 
 
 def comparison_table(first: str, second: str, results: dict, compared: dict) -> str:
-    """A side-by-side table (percent) of two models' AP, AP50, D-ECE and LaECE per split, with the difference."""
+    """A side-by-side table (percent) of two models' AP, AP50, D-ECE, LaECE and D-UCE per split, with the
+    difference; a metric neither model has (D-UCE of ONNX models) is left out, one only one has is n/a."""
     a, b = display_name(first), display_name(second)
     lines = [f"| split | metric | {a} | {b} | {b} - {a} |", "|---|---|---|---|---|"]
     for split in results:
         left, right = summarize(results[split]), summarize(compared[split])
         for key, label in COMPARED_METRICS:
-            lines.append(f"| {SPLIT_TITLES[split]} | {label} | {100 * left[key]:.2f} | {100 * right[key]:.2f} | "
-                         f"{100 * (right[key] - left[key]):+.2f} |")
+            if key not in left and key not in right:
+                continue
+            cells = [f"{100 * side[key]:.2f}" if key in side else "n/a" for side in (left, right)]
+            difference = f"{100 * (right[key] - left[key]):+.2f}" if key in left and key in right else "n/a"
+            lines.append(f"| {SPLIT_TITLES[split]} | {label} | {cells[0]} | {cells[1]} | {difference} |")
     return "\n".join(lines)
 
 
@@ -310,6 +321,10 @@ def main(argv: list[str] | None = None) -> dict:
                                               collate_fn=make_collate_fn(processors[name]),
                                               num_workers=eval_args.dataloader_num_workers))
 
+    # The class-averaged metrics (LaECE, LRP, ...) average over the dataset's categories: the model's classes,
+    # which check_labels has matched to the evaluation data.
+    metric_options["categories"] = model_categories(models[names[0]])
+
     # Phase 4: the post-hoc calibrator of the first model: fitted on held-out images, or loaded.
     main_name = names[0]
     calibration_record, folded = None, False
@@ -323,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      fold_required=False)
         fit_calibrator(models[main_name], dataloader(calibration_dataset, main_name), processors[main_name],
                        calibrator, accelerator, score_threshold=calibration_args.calibration_score_threshold,
-                       progress=True, **metric_options)
+                       progress=True, include_images_without_gt=eval_args.include_images_without_gt)
         calibration_record = {"split": calibration_args.calibration_split or "train",
                               "num_images": len(calibration_dataset), "seed": calibration_args.calibration_seed,
                               "score_threshold": calibration_args.calibration_score_threshold}
@@ -383,9 +398,11 @@ def main(argv: list[str] | None = None) -> dict:
         (output_dir / "comparison.md").write_text(table + "\n")
         print(table)
         other = display_name(eval_args.compare_with)
-        plot_panels([panel for split in results for panel in (
-            (results[split], titles[split]), (compared[split], f"{other}, {SPLIT_TITLES[split]}"))],
-            output_dir / "reliability_comparison.png")
+        comparison = [panel for split in results for panel in (
+            (results[split], titles[split]), (compared[split], f"{other}, {SPLIT_TITLES[split]}"))]
+        plot_panels(comparison, output_dir / "reliability_comparison.png")
+        plot_uncertainty_panels([panel[0] for panel in comparison], output_dir / "uncertainty_comparison.png",
+                                [panel[1] for panel in comparison])
     if calibrator is not None:
         plot_panels([panel for split in results for panel in (
             (before[split], f"raw scores, {SPLIT_TITLES[split]}"),

@@ -16,9 +16,11 @@ training images (``--num_calibration_images``, taken out before training) for CO
 checkpoint's stock transformers model, pipeline and Hub widget return calibrated scores.
 
 The output folder is a Hub repository: config + safetensors weights (a stock transformers checkpoint), the image
-processor config, ``metrics.json`` (calibrated, and raw under ``before_calibration``), ``reliability_diagram.png``
-(raw and calibrated), ``calibrator.json``, ``example.png``, the corruption manifest, the model card ``README.md``
-and ``step_N`` checkpoints (every ``--checkpointing_steps``).
+processor config, ``metrics.json`` (calibrated, and raw under ``before_calibration``; with D-UCE, ``d_uce``, the
+calibration of the per-detection uncertainty ``tanh(Var_l(z))``), ``reliability_diagram.png`` and
+``uncertainty_diagram.png`` (the D-UCE diagram: error rate against uncertainty per bin; raw and calibrated each),
+``calibrator.json``, ``example.png``, the corruption manifest, the model card ``README.md`` and ``step_N``
+checkpoints (every ``--checkpointing_steps``).
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from hf_caldetr.data.splits import DataArguments, load_splits
 from hf_caldetr.data.splits import load_calibration_split, random_subset
 from hf_caldetr.evaluation import (
     CALIBRATOR_KINDS,
+    UNCERTAINTY_DIAGRAM,
     evaluate_model,
     fit_and_fold,
     make_calibrator,
+    plot_uncertainty_panels,
     summarize,
     write_metrics,
 )
@@ -556,6 +560,10 @@ def main():
                 for split in results]
             plot_reliability_diagram([panel[0] for panel in panels], output_dir / "reliability_diagram.png",
                                      titles=[panel[1] for panel in panels])
+            # The uncertainties are the raw model's either way (a calibrator maps the scores): the panels differ
+            # in the detections the calibrated scores keep.
+            plot_uncertainty_panels([panel[0] for panel in panels], output_dir / UNCERTAINTY_DIAGRAM,
+                                    titles=[panel[1] for panel in panels])
         save_widget_example(eval_dataset, output_dir)
         write_model_card(output_dir, repo_id=train_args.hub_model_id if train_args.push_to_hub else None)
         logger.info("wrote %s: in-domain %s", output_dir, metrics["in_domain"])

@@ -160,8 +160,13 @@ def test_fit_calibrator_and_compare_with_agree_with_the_in_process_oracle(folder
     assert metrics["compare_with"]["in_domain"]["d_ece"] != before["d_ece"]
 
     for name in ("reliability_diagram.png", "reliability_comparison.png", "reliability_before_after.png",
-                 "corruption_manifest.json"):
+                 "uncertainty_diagram.png", "uncertainty_comparison.png", "corruption_manifest.json"):
         assert (output / name).is_file(), name
+    # D-UCE for every model, raw and calibrated (the temperature is folded: the uncertainties stay the raw ones).
+    for split in ("in_domain", "out_of_domain"):
+        for result in (metrics[split], metrics["before_calibration"][split], metrics["compare_with"][split]):
+            assert 0 <= result["d_uce"] <= 1
+    assert "| in-domain | D-UCE |" in (output / "comparison.md").read_text()
     assert (output / "reliability_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

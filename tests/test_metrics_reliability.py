@@ -184,3 +184,66 @@ def test_no_sparse_entry_when_every_bin_is_full(two_runs):
 def test_sparse_rule(counts, expected):
     assert sparse_bins(counts).tolist() == expected
     assert SPARSE_BIN_DETECTIONS == 10 and SPARSE_BIN_SHARE == 0.01
+
+
+# ------------------------------------------------------------------------------------------ D-UCE diagrams
+
+
+def _hand_made_uncertainty(counts, error_rates, uncertainties, d_uce=0.05):
+    nan = float("nan")
+    return {"d_uce": d_uce, "bin_edges": np.linspace(0, 1, 11), "bin_counts": np.array(counts),
+            "bin_error_rates": np.array([nan if e is None else e for e in error_rates]),
+            "bin_uncertainties": np.array([nan if u is None else u for u in uncertainties])}
+
+
+# Bin 1: error rate 0.30 > uncertainty 0.15 (over-confident); bin 5: 0.40 < 0.55 (under-confident); bin 8 sparse.
+UNCERTAIN = _hand_made_uncertainty(counts=[300, 200, 0, 0, 0, 150, 0, 0, 3, 0],
+                                   error_rates=[0.06, 0.30, None, None, None, 0.40, None, None, 0.9, None],
+                                   uncertainties=[0.05, 0.15, None, None, None, 0.55, None, None, 0.85, None])
+
+
+def test_uncertainty_diagram_is_written(tmp_path):
+    from hf_caldetr.metrics import plot_uncertainty_diagram, uncertainty_calibration_error
+
+    rng = np.random.default_rng(0)
+    uncertainties = rng.uniform(0, 0.99, 500)
+    result = uncertainty_calibration_error(uncertainties, rng.uniform(0, 1, 500) > uncertainties ** 0.5)
+    path = plot_uncertainty_diagram([result, UNCERTAIN], tmp_path / "u.png", titles=["synthetic", "hand-made"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(path)
+    assert pixels.shape[:2] == (720, 1200)
+    for half in (pixels[:, :600], pixels[:, 600:]):
+        assert (half[..., :3] < 0.9).mean() > 0.02
+    # An evaluation result holding the D-UCE result draws the same.
+    assert plot_uncertainty_diagram({"d_ece": 0.1, "uncertainty_calibration": result}, tmp_path / "e.png").exists()
+    assert plot_uncertainty_diagram(uncertainty_calibration_error([], []), tmp_path / "empty.png").exists()
+
+
+def test_uncertainty_gaps_say_which_way():
+    """Over-confident (error rate above the uncertainty): the gap lies inside the bar, red like the reliability
+    diagram's over-confident gaps; under-confident above the bar, orange."""
+    from hf_caldetr.metrics.reliability import uncertainty_figure
+
+    (axes,) = uncertainty_figure(UNCERTAIN).axes
+    over = _patch_at(axes, 0.1, 0.15, 0.15)    # error rate 0.30 > uncertainty 0.15
+    under = _patch_at(axes, 0.5, 0.40, 0.15)   # error rate 0.40 < uncertainty 0.55
+    (reliability_axes,) = reliability_figure(MIXED).axes
+    assert _style(over) == _style(_patch_at(reliability_axes, 0.6, 0.62, 0.03))   # over-confident there
+    assert _style(under) == _style(_patch_at(reliability_axes, 0.3, 0.35, 0.06))  # under-confident there
+    drawn = {_style(patch) for patch in _filled(axes)}
+    assert drawn == {_style(handle) for handle in _legend_patches(axes)} and len(drawn) == 4
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert any("error rate > uncertainty" in label for label in labels)
+    assert "D-UCE = 5.00 %" in axes.get_title() and axes.get_xlabel().startswith("uncertainty")
+
+
+@pytest.mark.parametrize("results, message", [
+    ([], "results is empty"),
+    ([{"d_ece": 0.1, "bin_counts": [1]}], "missing"),
+    ("not a result", "must be a detection_uce result dict"),
+])
+def test_uncertainty_diagram_bad_input(tmp_path, results, message):
+    from hf_caldetr.metrics import plot_uncertainty_diagram
+
+    with pytest.raises(ValueError, match=message):
+        plot_uncertainty_diagram(results, tmp_path / "bad.png")

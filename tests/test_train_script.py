@@ -36,11 +36,11 @@ def launch(output_dir, *args, processes=1, check=True):
 def test_default_outputs_are_a_stock_checkpoint_with_metrics(tmp_path):
     launch(tmp_path, "--max_train_steps", "4")
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "metrics.json",
-                 "reliability_diagram.png", "corruption_manifest.json"):
+                 "reliability_diagram.png", "uncertainty_diagram.png", "corruption_manifest.json"):
         assert (tmp_path / name).is_file(), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for split in ("in_domain", "out_of_domain"):
-        assert {"map", "map_50", "d_ece", "laece"} <= set(metrics[split])
+        assert {"map", "map_50", "d_ece", "laece", "d_uce"} <= set(metrics[split])
         assert metrics[split]["num_images"] == 16
     assert metrics["run"]["method"] == "cal-detr" and metrics["run"]["train_steps"] == 4
     manifest = json.loads((tmp_path / "corruption_manifest.json").read_text())
@@ -98,6 +98,7 @@ def test_other_architectures_train_and_evaluate(tmp_path, model_type):
     assert config["model_type"] == model_type and config["uncertainty_modulation"] == "multiplicative"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["in_domain"]["num_images"] == 16 and "map" in metrics["in_domain"]
+    assert "d_uce" in metrics["in_domain"] and (tmp_path / "uncertainty_diagram.png").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,7 @@ def test_the_run_ends_calibrated(tmp_path, scoring_checkpoint, calibrator):
     for split in ("in_domain", "out_of_domain"):
         raw, calibrated = metrics["before_calibration"][split], metrics[split]
         assert raw["num_detections"] > 0 and raw["d_ece"] != calibrated["d_ece"]
+        assert 0 <= raw["d_uce"] <= 1 and 0 <= calibrated["d_uce"] <= 1
         if calibrator == "platt":  # a class-agnostic, increasing map: the ranking and so the AP are unchanged
             assert calibrated["map"] == raw["map"]
     config = json.loads((tmp_path / "config.json").read_text())

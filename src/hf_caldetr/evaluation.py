@@ -7,6 +7,11 @@ returns them, spec section 4); the references come from the batch's labels.
 Post-hoc calibration (``hf_caldetr.calibrators``) plugs in at both ends: ``fit_calibrator`` fits one on a
 held-out split's detections, matched as the D-ECE protocol matches them (``collect_matches``), and
 ``evaluate_model(..., calibrator=...)`` measures the detector with its scores calibrated.
+
+Each detection also carries its uncertainty (``post_process(..., uncertainties=True)``): ``tanh`` of the unbiased
+variance of its class logit over the decoder layers, ``u = tanh(Var_l(Z[l, q, c]))`` for the query ``q`` and class
+``c`` it came from, computed from the evaluation's own forward pass (every family exposes every layer's logits:
+``hf_caldetr.training.decoder_layer_logits``). ``evaluate_model`` then reports D-UCE (``d_uce``) too.
 """
 
 from __future__ import annotations
@@ -24,22 +29,35 @@ from .metrics import (
     match_detections,
     plot_reliability_diagram,
 )
+from .metrics.reliability import plot_uncertainty_diagram
 
 TOP_K = 100
+UNCERTAINTY_KEY = "uncertainties"
+"""The prediction key of each detection's uncertainty (``post_process``), which D-UCE reads."""
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))  # tanh of a variance above ~19 rounds to 1.0; D-UCE takes [0, 1)
 
 
 def labels_to_references(labels: list[dict]) -> list[dict]:
     """Batch labels (normalised ``cx, cy, w, h``) to references (absolute ``x1, y1, x2, y2`` in the original image).
 
     The boxes are scaled by ``orig_size`` exactly as ``post_process_object_detection`` scales the predictions, so
-    both sides share one convention whatever the processor's resizing.
+    both sides share one convention whatever the processor's resizing. Each reference has ``boxes`` ``[n + m, 4]``,
+    ``labels`` ``[n + m]`` (int64) and ``iscrowd`` ``[n + m]`` (int64): the label's ``boxes`` / ``class_labels``
+    with ``iscrowd`` 0, then its crowd regions (``crowd_boxes`` / ``crowd_class_labels``, normalised as ``boxes``;
+    none when the label has no such keys) with ``iscrowd`` 1, which the metrics treat as ignore regions.
     """
     references = []
     for label in labels:
         height, width = (float(v) for v in label["orig_size"])
-        boxes = label["boxes"].detach().float().cpu() * torch.tensor([width, height, width, height])
+        normalised = [label["boxes"].detach().float().cpu().reshape(-1, 4)]
+        classes = [label["class_labels"].detach().cpu().to(torch.int64).reshape(-1)]
+        if label.get("crowd_boxes") is not None:
+            normalised.append(label["crowd_boxes"].detach().float().cpu().reshape(-1, 4))
+            classes.append(label["crowd_class_labels"].detach().cpu().to(torch.int64).reshape(-1))
+        boxes = torch.cat(normalised) * torch.tensor([width, height, width, height])
         xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=1)
-        references.append({"boxes": xyxy.numpy(), "labels": label["class_labels"].cpu().numpy()})
+        iscrowd = torch.cat([torch.full((len(part),), crowd, dtype=torch.int64) for crowd, part in enumerate(classes)])
+        references.append({"boxes": xyxy.numpy(), "labels": torch.cat(classes).numpy(), "iscrowd": iscrowd.numpy()})
     return references
 
 
@@ -50,14 +68,136 @@ def softmax_head_logit_rows(logits: torch.Tensor) -> list[torch.Tensor]:
     return [image_logits[image_keep] for image_logits, image_keep in zip(logits, keep)]
 
 
+def select_detections(logits: torch.Tensor, selection: str, top_k: int = TOP_K,
+                      threshold: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, the ``(queries, classes)`` ``[n]`` of the detections ``post_process_object_detection`` returns
+    from the final ``logits`` ``[B, Q, C]`` at ``threshold``, in its order: the same selection, the same ``topk``.
+
+    ``selection`` (``ModelFamily.detection_selection``): ``"top_k"`` (Deformable DETR: the top
+    ``min(top_k, Q * C)`` sigmoid scores), ``"top_queries"`` (RT-DETR: the top ``Q`` sigmoid scores over ``Q * C``)
+    or ``"per_query"`` (DETR: each query's best real class under the softmax, in query order).
+    """
+    batch, num_queries, num_columns = logits.shape
+    if selection == "per_query":
+        scores, classes = logits.softmax(-1)[..., :-1].max(-1)
+        keep = scores > threshold
+        return [(image_keep.nonzero().squeeze(1), image_classes[image_keep])
+                for image_classes, image_keep in zip(classes, keep)]
+    if selection not in ("top_k", "top_queries"):
+        raise ValueError(f"selection must be 'top_k', 'top_queries' or 'per_query', got {selection!r}")
+    k = min(top_k, num_queries * num_columns) if selection == "top_k" else num_queries
+    scores, indices = torch.topk(logits.sigmoid().reshape(batch, -1), k, dim=1)
+    keep = scores > threshold
+    return [(torch.div(image_indices[image_keep], num_columns, rounding_mode="floor"),
+             image_indices[image_keep] % num_columns) for image_indices, image_keep in zip(indices, keep)]
+
+
+def _absolute_xyxy(boxes: torch.Tensor, size) -> torch.Tensor:
+    """Normalised ``cx, cy, w, h`` to absolute ``x1, y1, x2, y2``, as ``post_process_object_detection`` scales."""
+    height, width = (float(v) for v in size)
+    center_x, center_y, box_width, box_height = boxes.float().unbind(-1)
+    xyxy = torch.stack([center_x - 0.5 * box_width, center_y - 0.5 * box_height,
+                        center_x + 0.5 * box_width, center_y + 0.5 * box_height], dim=-1)
+    return xyxy * torch.tensor([width, height, width, height], device=boxes.device)
+
+
+def _class_scores(logits: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """``[Q, C]`` scores of one image's final logits: softmax over all columns (DETR) or per-class sigmoid, in
+    the logits' own dtype (as the image processors compute them), then float32."""
+    return (logits.softmax(-1) if softmax else logits.sigmoid()).float()
+
+
+def _tolerance(tensor: torch.Tensor) -> float:
+    """Relative tolerance of a value computed in ``tensor``'s dtype (1e-5 in float32; looser in half precision)."""
+    return max(1e-5, 4 * torch.finfo(tensor.dtype).eps)
+
+
+def _agrees(result: dict, logits, pred_boxes, size, queries, classes, softmax: bool) -> bool:
+    """Whether ``(queries, classes)`` give exactly the image processor's detections ``result``: the same number,
+    labels, and (to float rounding) scores and boxes."""
+    if len(queries) != len(result["scores"]):
+        return False
+    if not torch.equal(result["labels"].to(classes.device).long(), classes.long()):
+        return False
+    scores = _class_scores(logits, softmax)[queries, classes]
+    tolerance = _tolerance(logits)
+    if not torch.allclose(result["scores"].float().to(scores.device), scores, rtol=tolerance, atol=tolerance / 10):
+        return False
+    boxes = _absolute_xyxy(pred_boxes[queries], size)
+    tolerance = _tolerance(pred_boxes)
+    return torch.allclose(result["boxes"].float().to(boxes.device), boxes, rtol=tolerance,
+                          atol=tolerance * max(float(v) for v in size))
+
+
+def _nearest_queries(result: dict, logits, pred_boxes, size, softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(queries, classes)`` of ``result``'s detections found by value: for each, the query whose box and score
+    of the detection's label are nearest to it (the fallback when the selection was not reproduced)."""
+    classes = result["labels"].to(logits.device).long()
+    score_gap = (_class_scores(logits, softmax)[:, classes] - result["scores"].float().to(logits.device)).abs()
+    boxes = _absolute_xyxy(pred_boxes, size)  # [Q, 4]
+    box_gap = (boxes[:, None] - result["boxes"].float().to(boxes.device)[None]).abs().amax(-1)
+    return (score_gap + box_gap / max(float(v) for v in size)).argmin(0), classes
+
+
+def detection_uncertainties(layer_logits: torch.Tensor, queries: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
+    """``u = tanh(Var_l(Z[l, q, c]))`` of each detection ``(q, c)`` of one image: the unbiased variance over the
+    decoder layers of its class logit (``hf_caldetr.calibration.logit_uncertainty``), in float64, squashed.
+
+    Args:
+        layer_logits: ``[L, Q, C]``, every decoder layer's logits of the image (``L >= 2``).
+        queries, classes: ``[n]``.
+
+    Returns:
+        ``[n]`` float64 in [0, 1) (a variance so large that ``tanh`` rounds to 1 is kept just below 1).
+    """
+    values = layer_logits[:, queries.to(layer_logits.device), classes.to(layer_logits.device)].double()  # [L, n]
+    return np.minimum(torch.tanh(values.var(dim=0, correction=1)).cpu().numpy(), _BELOW_ONE)
+
+
+def prediction_uncertainties(model, outputs, results: list[dict], target_sizes, top_k: int = TOP_K) -> list[np.ndarray]:
+    """Per image, the uncertainty of each detection ``results`` holds (``post_process_object_detection``'s output
+    on ``outputs``, at threshold 0), in its order: ``detection_uncertainties`` of the query and class it came from.
+
+    The ``(query, class)`` of each detection comes from ``select_detections`` (the family's selection redone on the
+    same logits), checked against the processor's labels, scores and boxes; where they disagree (another processor,
+    another order), each detection is found by value among the queries instead, and checked again.
+    ``model``: the unwrapped stock or Cal model ``outputs`` came from, run with ``layer_logits_options``.
+    """
+    from .training import decoder_layer_logits, model_family
+
+    family = model_family(model.config.model_type)
+    with torch.no_grad():
+        layer_logits = decoder_layer_logits(model, outputs).detach()
+    logits, pred_boxes = outputs.logits.detach(), outputs.pred_boxes.detach()
+    if layer_logits.shape[1] < 2 or layer_logits.shape[2:] != logits.shape[1:]:
+        raise ValueError(f"per-layer logits {tuple(layer_logits.shape)} do not fit the final logits "
+                         f"{tuple(logits.shape)}: at least 2 decoder layers of the same queries and classes needed")
+    located = select_detections(logits, family.detection_selection, top_k)
+    uncertainties = []
+    for image, (result, (queries, classes)) in enumerate(zip(results, located)):
+        state = (logits[image], pred_boxes[image], target_sizes[image])
+        if not _agrees(result, *state, queries, classes, family.softmax_head):
+            queries, classes = _nearest_queries(result, *state, family.softmax_head)
+            if not _agrees(result, *state, queries, classes, family.softmax_head):
+                raise ValueError(
+                    f"image {image}: the image processor's {len(result['scores'])} detections match no (query, "
+                    "class) of the model's final logits and boxes, so their uncertainties cannot be found: is the "
+                    "image processor the model's own?")
+        uncertainties.append(detection_uncertainties(layer_logits[image], queries, classes))
+    return uncertainties
+
+
 def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_K,
-                 logit_rows: bool = False) -> list[dict]:
+                 logit_rows: bool = False, uncertainties: bool = False, model=None) -> list[dict]:
     """The model's detections per image, absolute xyxy boxes in the original image.
 
     Each architecture's own post-processing: Deformable DETR's top ``top_k`` over the ``Q * C`` sigmoid scores;
     DETR's one detection per query (softmax, no-object excluded); RT-DETR's top ``Q`` sigmoid scores.
     ``logit_rows=True`` (softmax heads only) adds each detection's full logit row as ``"logit_rows"``
-    ``[n, C + 1]``, which ``SoftmaxTemperatureScaling`` is fitted on.
+    ``[n, C + 1]``, which ``SoftmaxTemperatureScaling`` is fitted on. ``uncertainties=True`` adds each detection's
+    uncertainty ``tanh(Var_l(Z[l, q, c]))`` as ``"uncertainties"`` ``[n]`` float64 in [0, 1)
+    (``prediction_uncertainties``); it needs the (unwrapped) ``model`` the outputs came from, run with
+    ``hf_caldetr.training.layer_logits_options(model)``.
     """
     target_sizes = torch.stack([label["orig_size"] for label in labels]).to(outputs.logits.device)
     options = {}
@@ -80,28 +220,60 @@ def post_process(outputs, labels: list[dict], image_processor, top_k: int = TOP_
                 raise ValueError("logit_rows: the post-processing kept other detections than one per query; "
                                  "logit rows exist for softmax heads (DETR) only")
             prediction["logit_rows"] = rows.double().cpu().numpy()
+    if uncertainties:
+        if model is None:
+            raise ValueError("post_process(uncertainties=True) needs the model the outputs came from (model=...): "
+                             "its family says where every decoder layer's logits are")
+        for prediction, values in zip(predictions, prediction_uncertainties(model, outputs, results, target_sizes,
+                                                                           options.get("top_k", top_k))):
+            prediction[UNCERTAINTY_KEY] = values
     return predictions
+
+
+def _unwrapped(model, accelerator=None):
+    """The model itself, out of a (distributed) data-parallel wrapper; anything that is not a torch module (an
+    ONNX model) as it is."""
+    if not isinstance(model, torch.nn.Module):
+        return model
+    if accelerator is not None:
+        return accelerator.unwrap_model(model)
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, parallel) else model
 
 
 @torch.no_grad()
 def iter_detections(model, dataloader, image_processor, accelerator=None, progress: bool = False,
-                    desc: str = "evaluating", logit_rows: bool = False):
+                    desc: str = "evaluating", logit_rows: bool = False, uncertainties: bool | None = None):
     """Run ``model`` (in eval mode) over ``dataloader``; yield ``(predictions, references, image_sizes)`` per batch.
 
     ``predictions`` and ``references`` are lists of per-image dicts (``post_process``, ``labels_to_references``),
     ``image_sizes`` the ``(height, width)`` of each original image. With an ``accelerator`` the dataloader is
     expected prepared; each batch is gathered from every process (``gather_for_metrics``, which also drops the
     duplicates that pad the last batch), so every process sees every image.
+
+    ``uncertainties``: each prediction also holds ``"uncertainties"`` (see ``post_process``), from the same
+    forward pass. ``None`` (default): whenever the model exposes every decoder layer's logits (a PyTorch model of
+    a known family with 2 or more decoder layers; not an ONNX model).
     """
     from tqdm.auto import tqdm
 
+    from .training import has_layer_logits, layer_logits_options
+
+    unwrapped = _unwrapped(model, accelerator)
+    if uncertainties is None:
+        uncertainties = has_layer_logits(unwrapped)
+    elif uncertainties and not has_layer_logits(unwrapped):
+        raise ValueError(f"uncertainties=True: {type(unwrapped).__name__} does not expose every decoder layer's "
+                         "logits (a PyTorch DETR, Deformable DETR or RT-DETR with 2 or more decoder layers does)")
+    forward_options = layer_logits_options(unwrapped) if uncertainties else {}
     was_training = model.training
     model.eval()
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     try:
         for batch in tqdm(dataloader, desc=desc, disable=not show, leave=False):
-            outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"))
-            predictions = post_process(outputs, batch["labels"], image_processor, logit_rows=logit_rows)
+            outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"), **forward_options)
+            predictions = post_process(outputs, batch["labels"], image_processor, logit_rows=logit_rows,
+                                       uncertainties=uncertainties, model=unwrapped)
             references = labels_to_references(batch["labels"])
             sizes = [tuple(int(v) for v in label["orig_size"]) for label in batch["labels"]]
             if accelerator is not None:
@@ -126,18 +298,34 @@ def calibrate_predictions(predictions: list[dict], calibrator) -> list[dict]:
 
 def measure_detections(batches, calibrator=None, **metric_options) -> dict:
     """``DetectionCalibrationMetric(**metric_options)`` over ``(predictions, references, image_sizes)`` batches
-    (``iter_detections``), the scores first calibrated when a fitted ``calibrator`` is given."""
-    metric = DetectionCalibrationMetric(**metric_options)
+    (``iter_detections``), the scores first calibrated when a fitted ``calibrator`` is given.
+
+    When the first batch's predictions carry ``"uncertainties"`` (and ``uncertainty_key`` is not given), D-UCE is
+    measured too (``d_uce``, and its bins as ``uncertainty_calibration``). A calibrator maps the scores, not the
+    uncertainties: the calibrated detector's D-UCE differs from the raw one's only through the detections its
+    calibrated scores keep (score >= 0.3).
+    """
+    metric = None
     for predictions, references, sizes in batches:
+        if metric is None:
+            options = dict(metric_options)
+            if "uncertainty_key" not in options and predictions and all(
+                    UNCERTAINTY_KEY in prediction for prediction in predictions):
+                options["uncertainty_key"] = UNCERTAINTY_KEY
+            metric = DetectionCalibrationMetric(**options)
         if calibrator is not None:
             predictions = calibrate_predictions(predictions, calibrator)
         metric.update(predictions, references, image_sizes=sizes)
+    if metric is None:
+        metric = DetectionCalibrationMetric(**metric_options)
     return metric.compute()
 
 
 def evaluate_model(model, dataloader, image_processor, accelerator=None, progress: bool = False, calibrator=None,
-                   **metric_options) -> dict:
-    """AP (``map``, ``map_50``, ...), D-ECE and LaECE (and position D-ECE) of ``model`` over ``dataloader``.
+                   uncertainties: bool | None = None, **metric_options) -> dict:
+    """AP (``map``, ``map_50``, ...), D-ECE and LaECE (and position D-ECE) of ``model`` over ``dataloader``; D-UCE
+    (``d_uce``, its bins as ``uncertainty_calibration``) whenever the model gives per-detection uncertainties
+    (``uncertainties``, see ``iter_detections``; every PyTorch model of the three families, raw or calibrated).
 
     With an ``accelerator`` the dataloader is expected prepared (see ``iter_detections``).
 
@@ -147,8 +335,17 @@ def evaluate_model(model, dataloader, image_processor, accelerator=None, progres
     therefore differ from the raw detector's: a calibrator fitted on kept detections only (``fit_calibrator``'s
     default) extrapolates below the threshold, where isotonic regression holds its lowest value.
     """
-    batches = iter_detections(model, dataloader, image_processor, accelerator, progress)
+    metric_options.setdefault("categories", model_categories(model, accelerator))
+    batches = iter_detections(model, dataloader, image_processor, accelerator, progress, uncertainties=uncertainties)
     return measure_detections(batches, calibrator, **metric_options)
+
+
+def model_categories(model, accelerator=None) -> list[int] | None:
+    """The class ids a detector predicts (``config.id2label``'s keys): the dataset's categories, which the
+    class-averaged metrics (LaECE, LRP, ...) average over; ``None`` when the model has no config."""
+    config = getattr(_unwrapped(model, accelerator), "config", None)
+    id2label = getattr(config, "id2label", None)
+    return sorted(int(key) for key in id2label) if id2label else None
 
 
 class DetectionOutcomes(NamedTuple):
@@ -173,7 +370,7 @@ def collect_matches(model, dataloader, image_processor, accelerator=None, score_
     """
     parts, rows = [], []
     for predictions, references, _ in iter_detections(model, dataloader, image_processor, accelerator, progress,
-                                                      desc="matching", logit_rows=logit_rows):
+                                                      desc="matching", logit_rows=logit_rows, uncertainties=False):
         image_rows = [prediction.pop("logit_rows", None) for prediction in predictions]
         part = match_detections(predictions, references, score_threshold, iou_threshold, include_images_without_gt)
         parts.append(part)
@@ -216,8 +413,8 @@ def fit_calibrator(model, dataloader, image_processor, calibrator, accelerator=N
     return calibrator.fit(outcomes.scores, outcomes.matched, outcomes.labels)
 
 
-SUMMARY_KEYS = ("map", "map_50", "map_75", "d_ece", "laece", "position_d_ece", "precision", "mean_confidence",
-                "num_detections", "num_images", "num_images_evaluated")
+SUMMARY_KEYS = ("map", "map_50", "map_75", "d_ece", "laece", "position_d_ece", "d_uce", "precision",
+                "mean_confidence", "num_detections", "num_images", "num_images_evaluated")
 
 
 def summarize(result: dict) -> dict:
@@ -230,10 +427,26 @@ def summarize(result: dict) -> dict:
     return summary
 
 
-def write_metrics(results: dict[str, dict], output_dir, extra: dict | None = None, titles: dict | None = None) -> dict:
-    """Write ``metrics.json`` (``{"in_domain": {...}, "out_of_domain": {...}, ...}``) and the reliability diagram.
+UNCERTAINTY_DIAGRAM = "uncertainty_diagram.png"
 
-    ``results`` maps a split name to an ``evaluate_model`` result; the diagram puts the splits side by side.
+
+def plot_uncertainty_panels(results: list[dict], path, titles: list[str] | None = None) -> bool:
+    """The D-UCE diagram (``plot_uncertainty_diagram``) of the ``evaluate_model`` results that measured D-UCE
+    (``uncertainty_calibration``), side by side; False (nothing written) when none did, e.g. ONNX models."""
+    chosen = [index for index, result in enumerate(results) if "uncertainty_calibration" in result]
+    if not chosen:
+        return False
+    plot_uncertainty_diagram([results[index] for index in chosen], path,
+                             titles=None if titles is None else [titles[index] for index in chosen])
+    return True
+
+
+def write_metrics(results: dict[str, dict], output_dir, extra: dict | None = None, titles: dict | None = None) -> dict:
+    """Write ``metrics.json`` (``{"in_domain": {...}, "out_of_domain": {...}, ...}``), the reliability diagram and,
+    when the results measured D-UCE, the D-UCE diagram (``uncertainty_diagram.png``: error rate against
+    uncertainty per bin).
+
+    ``results`` maps a split name to an ``evaluate_model`` result; each diagram puts the splits side by side.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -242,11 +455,10 @@ def write_metrics(results: dict[str, dict], output_dir, extra: dict | None = Non
         metrics.update(extra)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     names = list(results)
-    plot_reliability_diagram(
-        [results[name] for name in names],
-        output_dir / "reliability_diagram.png",
-        titles=[(titles or {}).get(name, name.replace("_", "-")) for name in names],
-    )
+    panel_titles = [(titles or {}).get(name, name.replace("_", "-")) for name in names]
+    plot_reliability_diagram([results[name] for name in names], output_dir / "reliability_diagram.png",
+                             titles=panel_titles)
+    plot_uncertainty_panels([results[name] for name in names], output_dir / UNCERTAINTY_DIAGRAM, panel_titles)
     return metrics
 
 

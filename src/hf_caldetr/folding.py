@@ -11,7 +11,8 @@ sigmoid head's logit is ``z = W h + bias``, so the map is the head ``W' = a * W`
   parameter becomes its own copy, ``tie_word_embeddings=False``, so stock transformers loads every copy as
   saved) and scales only the final layer's head: the other layers' logits are unchanged. (A Cal model's
   uncertainty, the variance over all layers including the last, does change; it matters only to further
-  training, and train.py unfolds a calibrated checkpoint before fine-tuning it.) In two-stage models the encoder's proposal head (``class_embed[decoder_layers]``) is left as
+  training, and train.py unfolds a calibrated checkpoint before fine-tuning it. The per-detection uncertainty
+  that evaluation reports for D-UCE undoes the fold on the logits: ``hf_caldetr.training.decoder_layer_logits``.) In two-stage models the encoder's proposal head (``class_embed[decoder_layers]``) is left as
   it is, so the same proposals are selected.
 - RT-DETR: one head per layer already; the final one is scaled. Queries are selected by the separate
   ``enc_score_head``, which is not touched.

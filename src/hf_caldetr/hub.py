@@ -36,7 +36,7 @@ REQUIRED_METRIC_KEYS = ("map", "map_50", "map_75", "d_ece", "laece")
 SPLITS = {"in_domain": "in-domain", "out_of_domain": "out-of-domain, corrupted"}
 MODEL_INDEX_METRICS = {"map": "AP", "map_50": "AP50", "d_ece": "D-ECE", "laece": "LaECE"}
 TABLE_METRICS = {"map": "AP", "map_50": "AP50", "map_75": "AP75", "d_ece": "D-ECE", "laece": "LaECE",
-                 "position_d_ece": "position D-ECE"}
+                 "position_d_ece": "position D-ECE", "d_uce": "D-UCE"}
 
 # The template must use these: without them a card has no metadata, no usage, no results or no training record.
 REQUIRED_TEMPLATE_FIELDS = ("card_data", "model_id", "results_table", "training_table")

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
+import torch
 import transformers
 from transformers import ResNetConfig
 
 from . import configuration, models
+from .models.detr import decoder_layer_states
 
 # method -> Cal settings (None: the stock transformers model).
 METHODS = {
@@ -65,6 +67,50 @@ class ModelFamily:
     final_class_head: Callable
     # A softmax head with a no-object column (DETR) rather than per-class sigmoids.
     softmax_head: bool = False
+    # ``(model, outputs) -> [B, L, Q, C]``: every decoder layer's class logits, from the outputs of one inference
+    # forward run with ``layer_logits_options`` (stock or Cal model, unwrapped); see ``decoder_layer_logits``.
+    layer_logits: Callable | None = None
+    # ``model -> [L modules]``: the class head of each decoder layer (to undo a folded calibration on its logits).
+    layer_class_heads: Callable | None = None
+    # What the forward must be asked for so that ``layer_logits`` finds every layer's logits in its outputs.
+    layer_logits_options: Mapping = field(default_factory=dict)
+    # How the image processor's ``post_process_object_detection`` picks its detections from the final logits:
+    # ``"top_k"`` (the top ``min(top_k, Q * C)`` sigmoid scores), ``"top_queries"`` (the top ``Q`` sigmoid scores
+    # over ``Q * C``) or ``"per_query"`` (one per query: the softmax argmax over the real classes).
+    detection_selection: str = "top_k"
+
+
+# Every decoder layer's class logits, per family: what D-UCE's per-detection uncertainty ``tanh(Var_l(Z))`` is
+# computed from. All come from the outputs of the evaluation's one forward pass; none runs the model again.
+
+
+def _deformable_detr_layer_logits(model, outputs) -> torch.Tensor:
+    """The Cal model returns them (``intermediate_logits``). The stock one returns every decoder layer's hidden
+    state (``intermediate_hidden_states`` ``[B, L, Q, d]``) and keeps only the last layer's logits: each layer's
+    own head ``class_embed[l]`` gives them, the computation of its forward (``L`` small linear maps)."""
+    logits = getattr(outputs, "intermediate_logits", None)
+    if logits is not None:
+        return logits
+    hidden_states = outputs.intermediate_hidden_states
+    return torch.stack([model.class_embed[level](hidden_states[:, level]) for level in range(hidden_states.shape[1])],
+                       dim=1)
+
+
+def _detr_layer_logits(model, outputs) -> torch.Tensor:
+    """The Cal model returns them (``intermediate_logits``). The stock one returns per-layer logits only as the
+    auxiliary outputs of a forward with labels and ``auxiliary_loss`` (which changes its decoder); run with
+    ``output_hidden_states=True`` it returns the decoder's hidden states, which its decoder layer norm and its one
+    classifier turn into every layer's logits (as the auxiliary heads see them; the last is exactly
+    ``outputs.logits``), ``L`` small linear maps (``models.detr.decoder_layer_states``)."""
+    logits = getattr(outputs, "intermediate_logits", None)
+    if logits is not None:
+        return logits
+    return model.class_labels_classifier(decoder_layer_states(model, outputs))
+
+
+def _rt_detr_layer_logits(model, outputs) -> torch.Tensor:
+    """Stock and Cal RT-DETR return them (``intermediate_logits``); at inference there are no denoising queries."""
+    return outputs.intermediate_logits
 
 
 MODEL_FAMILIES = {
@@ -89,6 +135,9 @@ MODEL_FAMILIES = {
         },
         # class_embed[decoder_layers] exists in two-stage models: the encoder's proposal head.
         final_class_head=lambda model: model.class_embed[model.config.decoder_layers - 1],
+        layer_logits=_deformable_detr_layer_logits,
+        layer_class_heads=lambda model: [model.class_embed[level] for level in range(model.config.decoder_layers)],
+        detection_selection="top_k",
     ),
     "detr": ModelFamily(
         transformers.DetrConfig, transformers.DetrForObjectDetection,
@@ -105,6 +154,10 @@ MODEL_FAMILIES = {
         # One classifier serves every decoder layer (the auxiliary outputs too).
         final_class_head=lambda model: model.class_labels_classifier,
         softmax_head=True,
+        layer_logits=_detr_layer_logits,
+        layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
+        layer_logits_options={"output_hidden_states": True},
+        detection_selection="per_query",
     ),
     "rt_detr": ModelFamily(
         transformers.RTDetrConfig, transformers.RTDetrForObjectDetection,
@@ -125,11 +178,63 @@ MODEL_FAMILIES = {
         },
         # Query selection uses model.enc_score_head, a separate head.
         final_class_head=lambda model: model.model.decoder.class_embed[-1],
+        layer_logits=_rt_detr_layer_logits,
+        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
+        detection_selection="top_queries",
     ),
 }
 
 # Backwards-compatible view: the Deformable DETR presets.
 MODEL_PRESETS = MODEL_FAMILIES["deformable_detr"].presets
+
+
+def has_layer_logits(model) -> bool:
+    """Whether ``decoder_layer_logits`` can give ``model``'s per-layer logits: a PyTorch model (unwrapped) of a
+    registered family with at least 2 decoder layers (the variance over one layer is undefined). An ONNX model
+    (``hf_caldetr.export.OnnxDetector``) returns the final logits only."""
+    config = getattr(model, "config", None)
+    family = MODEL_FAMILIES.get(getattr(config, "model_type", None))
+    return (isinstance(model, torch.nn.Module) and family is not None and family.layer_logits is not None
+            and getattr(config, "decoder_layers", 0) >= 2)
+
+
+def layer_logits_options(model) -> dict:
+    """The forward options under which ``model``'s outputs hold what ``decoder_layer_logits`` reads."""
+    return dict(model_family(model.config.model_type).layer_logits_options)
+
+
+def decoder_layer_logits(model, outputs, raw: bool = True) -> torch.Tensor:
+    """Every decoder layer's class logits ``[B, L, Q, C]`` from the outputs of one forward of ``model`` (the
+    unwrapped stock or Cal model, run with ``layer_logits_options(model)``): ``C`` labels for sigmoid heads,
+    labels + 1 for DETR. No forward runs here.
+
+    ``raw``: a calibration folded into the weights (``config.folded_calibration``, ``hf_caldetr.folding``) is
+    undone on the logits of the layers whose head it was written into (the final layer; DETR: all of them, one
+    classifier), so the logits, and the uncertainty computed from them, are the raw model's: a post-hoc
+    calibrator changes the scores, not the uncertainty.
+    """
+    family = model_family(model.config.model_type)
+    logits = family.layer_logits(model, outputs)
+    if logits is None or logits.dim() != 4:
+        raise ValueError(f"{type(model).__name__}'s outputs hold no per-layer logits [batch, layers, queries, "
+                         f"classes] (run it with {dict(family.layer_logits_options) or 'its defaults'})")
+    records = list(getattr(model.config, "folded_calibration", None) or []) if raw else []
+    if records:
+        heads = family.layer_class_heads(model)
+        logits = logits.clone()
+        for record in reversed(records):  # the newest fold first, as unfold_calibration does
+            folded = set()
+            for path in record.get("head_paths") or []:
+                try:
+                    folded.add(id(model.get_submodule(path)))
+                except AttributeError:
+                    continue
+            folded = folded or {id(family.final_class_head(model))}
+            layers = [level for level, head in enumerate(heads) if id(head) in folded]
+            slope = torch.as_tensor(record["logit_slope"], dtype=logits.dtype, device=logits.device)
+            offset = torch.as_tensor(record["logit_offset"], dtype=logits.dtype, device=logits.device)
+            logits[:, layers] = (logits[:, layers] - offset) / slope
+    return logits
 
 
 def parse_config_overrides(text: str | None) -> dict:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .inputs import FlatBoxes, to_numpy
-from .matching import PreparedMatching, match_prepared, prepare_matching
+from .matching import PreparedMatching, match_kept, prepare_matching
 
 
 def category_ids(categories) -> np.ndarray:
@@ -100,8 +100,10 @@ class ClassEvaluation:
         categories: ``[K]`` the dataset's category ids, ascending.
         num_gt: ``[K]`` ground-truth boxes (crowd regions excluded) per category.
         starts: ``[K + 1]`` the detections of category ``k`` are ``starts[k]:starts[k + 1]`` of the arrays below.
-        scores, matched, ious: ``[N]`` per evaluated detection, class-major, then descending score.
+        scores, matched, ious: ``[N]`` per evaluated detection, class-major; within a class by descending score
+            when ``ranked`` (ties in priority order: image, then each image's own order), else in priority order.
         iou_threshold: the matching threshold used.
+        ranked: whether each class's detections are sorted by descending score (oLRP needs it; sums do not).
     """
 
     categories: np.ndarray
@@ -111,6 +113,7 @@ class ClassEvaluation:
     matched: np.ndarray
     ious: np.ndarray
     iou_threshold: float
+    ranked: bool = True
 
     @property
     def class_index(self) -> np.ndarray:
@@ -127,7 +130,7 @@ class ClassEvaluation:
         return np.bincount(self.class_index, weights=values, minlength=len(self.categories))
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClasswiseContext:
     """What every per-class evaluation of one split shares (``prepare_classwise``), computed once."""
 
@@ -135,7 +138,38 @@ class ClasswiseContext:
     matching: PreparedMatching
     detection_class: np.ndarray
     num_gt: np.ndarray
-    pooled_order: np.ndarray  # all detections, class-major, then descending score, then priority order
+    _pooled_order: np.ndarray | None = None
+
+    @property
+    def pooled_order(self) -> np.ndarray:
+        """All detections class-major, then descending score, ties in priority order (computed on first use)."""
+        if self._pooled_order is None:
+            matching = self.matching
+            # By descending score, ties in priority order; then a stable sort by class keeps that within classes.
+            order = descending_order(matching.detections.scores, None if matching.identity_order else matching.rank)
+            classes = self.detection_class[order]
+            small = classes.astype(np.int16) if len(self.categories) < 1 << 15 else classes  # radix sort
+            self._pooled_order = order[np.argsort(small, kind="stable")]
+        return self._pooled_order
+
+
+def descending_order(scores: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
+    """Indices by descending score, equal scores by ascending ``rank`` (default: their index), as a stable sort
+    gives; computed with the fast unstable sort and only the groups of equal scores re-sorted."""
+    order = np.argsort(-scores)
+    if len(order) < 2:
+        return order
+    ranks = order if rank is None else rank[order]
+    sorted_scores = scores[order]
+    tied = sorted_scores[1:] == sorted_scores[:-1]
+    if not tied.any():
+        return order
+    in_tie = np.r_[tied, False] | np.r_[False, tied]
+    run_id = np.cumsum(np.r_[True, ~tied])  # one id per group of equal scores
+    positions = np.flatnonzero(in_tie)
+    fixed = np.lexsort((ranks[positions], run_id[positions]))
+    order[positions] = order[positions][fixed]
+    return order
 
 
 def prepare_classwise(detections: FlatBoxes, references: FlatBoxes, categories, crowd: np.ndarray | None = None,
@@ -146,34 +180,36 @@ def prepare_classwise(detections: FlatBoxes, references: FlatBoxes, categories, 
     reference_class = class_positions(references.labels, ids, "references")
     ordinary = np.ones(len(reference_class), dtype=bool) if crowd is None else ~np.asarray(crowd, dtype=bool)
     num_gt = np.bincount(reference_class[ordinary], minlength=len(ids))
-    matching = prepare_matching(detections, references, crowd, max_detections)
-    rank = np.empty(len(matching.order), dtype=np.int64)
-    rank[matching.order] = np.arange(len(matching.order))
-    pooled_order = np.lexsort((rank, -detections.scores, detection_class))
-    return ClasswiseContext(ids, matching, detection_class, num_gt, pooled_order)
+    return ClasswiseContext(ids, prepare_matching(detections, references, crowd, max_detections), detection_class,
+                            num_gt)
 
 
 def evaluate_prepared(context: ClasswiseContext, iou_threshold: float, score_threshold: float = 0.0,
-                      thresholds=None, iou_ties: str = "last",
-                      include_images_without_gt: bool = True) -> ClassEvaluation:
-    """``evaluate_per_class`` on a ``prepare_classwise`` result."""
+                      thresholds=None, iou_ties: str = "last", include_images_without_gt: bool = True,
+                      ranked: bool = True) -> ClassEvaluation:
+    """``evaluate_per_class`` on a ``prepare_classwise`` result; ``ranked=False`` leaves each class's detections
+    in priority order (enough for every metric but oLRP, and cheaper)."""
     ids = context.categories
     keep = None
     if thresholds is not None:
         keep = class_threshold_mask(context.matching.detections, ids, thresholds, context.detection_class)
-    matches = match_prepared(context.matching, score_threshold, iou_threshold, include_images_without_gt,
-                             iou_ties, keep)
-    # Pool: the evaluated detections in the context's class-major order (descending score, ties in priority
-    # order: image, then each image's own order), selected without sorting again.
+    kept, matched_gt, matched_iou, _ = match_kept(context.matching, score_threshold, iou_threshold,
+                                                  include_images_without_gt, iou_ties, keep)
+    counts = np.bincount(context.detection_class[kept], minlength=len(ids))
+    if not ranked:  # class-major by a stable integer sort: each class keeps the priority order
+        order = np.argsort(context.detection_class[kept], kind="stable")
+        return ClassEvaluation(ids, context.num_gt, np.r_[0, np.cumsum(counts)],
+                               context.matching.detections.scores[kept[order]], (matched_gt >= 0)[order],
+                               matched_iou[order], float(iou_threshold), ranked=False)
+    # Ranked: the evaluated detections in the context's pooled order, selected without sorting again.
     num_detections = len(context.detection_class)
     evaluated = np.zeros(num_detections, dtype=bool)
-    evaluated[matches.flat_index] = True
+    evaluated[kept] = True
     matched = np.zeros(num_detections, dtype=bool)
-    matched[matches.flat_index] = matches.matched
+    matched[kept] = matched_gt >= 0
     ious = np.zeros(num_detections)
-    ious[matches.flat_index] = matches.ious
+    ious[kept] = matched_iou
     order = context.pooled_order[evaluated[context.pooled_order]]
-    counts = np.bincount(context.detection_class[matches.flat_index], minlength=len(ids))
     return ClassEvaluation(
         categories=ids,
         num_gt=context.num_gt,
@@ -188,7 +224,7 @@ def evaluate_prepared(context: ClasswiseContext, iou_threshold: float, score_thr
 def evaluate_per_class(detections: FlatBoxes, references: FlatBoxes, categories, iou_threshold: float,
                        score_threshold: float = 0.0, thresholds=None, max_detections: int | None = 100,
                        crowd: np.ndarray | None = None, iou_ties: str = "last",
-                       include_images_without_gt: bool = True) -> ClassEvaluation:
+                       include_images_without_gt: bool = True, ranked: bool = True) -> ClassEvaluation:
     """Cut, keep the top ``max_detections`` per (image, class), match, and pool per class (module docstring).
 
     Args:
@@ -198,7 +234,8 @@ def evaluate_per_class(detections: FlatBoxes, references: FlatBoxes, categories,
         include_images_without_gt: the official code evaluates them (their detections are false positives).
     """
     context = prepare_classwise(detections, references, categories, crowd, max_detections)
-    return evaluate_prepared(context, iou_threshold, score_threshold, thresholds, iou_ties, include_images_without_gt)
+    return evaluate_prepared(context, iou_threshold, score_threshold, thresholds, iou_ties, include_images_without_gt,
+                             ranked)
 
 
 def nanmean(values: np.ndarray) -> float:

@@ -6,11 +6,14 @@ Every metric takes per-image detections the way transformers' ``post_process_obj
 arrays over all images and raises ``ValueError`` naming the image and the problem for anything malformed.
 
 Checks that need every value (NaN, ranges, box corners) run once on the concatenated arrays, so the per-image
-Python work is only the conversion itself.
+Python work is only the conversion itself. When every image gives a key as a torch tensor of one dtype on one
+device (what ``post_process_object_detection`` returns), or every image as a numpy array of one dtype, the
+per-image work is only the shape checks: the values are concatenated once and converted once.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +66,71 @@ def _column(value, dtype=None) -> np.ndarray:
     if type(value) is not np.ndarray:
         return to_numpy(value, dtype)
     return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+
+
+def _stackable(entries, key: str):
+    """How the values of ``key`` can be concatenated before any conversion: ``"torch"`` when every entry holds a
+    torch tensor, all of one dtype on one device; ``"numpy"`` when every entry holds a numpy array, all of one
+    dtype; else ``None`` (each value is converted on its own, as ``to_numpy`` does).
+
+    Malformed entries (not dicts, the key missing) give ``None``: the per-image path then names them."""
+    if not entries:
+        return None
+    first = entries[0].get(key) if type(entries[0]) is dict else None
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported; metrics/ never imports it itself
+    if torch is not None and isinstance(first, torch.Tensor):
+        dtype, device = first.dtype, first.device
+        for entry in entries:
+            value = entry.get(key) if type(entry) is dict else None
+            if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.device != device:
+                return None
+        return "torch"
+    if type(first) is np.ndarray:
+        dtype = first.dtype
+        for entry in entries:
+            value = entry.get(key) if type(entry) is dict else None
+            if type(value) is not np.ndarray or value.dtype != dtype:
+                return None
+        return "numpy"
+    return None
+
+
+def _size(value) -> int:
+    """Number of elements of a torch tensor or numpy array."""
+    return value.numel() if hasattr(value, "numel") else value.size
+
+
+def _raw_boxes(value, where: str):
+    """A tensor or array's shape check of ``_as_boxes`` without the conversion; an empty value as ``[0, 4]``."""
+    shape = value.shape
+    if len(shape) != 2 or shape[1] != 4:
+        if _size(value) == 0:
+            return value.reshape(0, 4)
+        raise ValueError(f"{where}['boxes'] must have shape [num_boxes, 4] (xyxy), got {tuple(shape)}")
+    return value
+
+
+def _raw_vector(value, where: str, key: str):
+    """A tensor or array's shape check of ``_as_vector`` without the conversion; an empty value as ``[0]``."""
+    shape = value.shape
+    if len(shape) != 1:
+        if _size(value) == 0:
+            return value.reshape(0)
+        raise ValueError(f"{where}['{key}'] must be one-dimensional, got shape {tuple(shape)}")
+    return value
+
+
+def _concatenate_raw(values: list, kind: str, dtype=None) -> np.ndarray:
+    """Per-image tensors (``kind="torch"``, one dtype and device) or arrays (``"numpy"``, one dtype), already
+    shape-checked, as one numpy array, with the values ``_column`` would give image by image: floating tensors
+    widened to float64 before leaving torch (numpy has no bfloat16), then ``dtype`` when given."""
+    if kind == "torch":
+        torch = sys.modules["torch"]
+        with torch.no_grad():
+            array = to_numpy(torch.cat(values))
+    else:
+        array = np.concatenate(values)
+    return array if dtype is None or array.dtype == dtype else array.astype(dtype)
 
 
 def _as_boxes(value, where: str) -> np.ndarray:
@@ -189,28 +257,39 @@ def flatten_boxes(entries, name: str, with_scores: bool, extra_keys: Sequence[st
     """
     _check_per_image_list(entries, name)
     keys = ["boxes", "labels"] + (["scores"] if with_scores else []) + list(extra_keys)
-    vector_dtypes = [(key, None if key == "labels" else np.float64) for key in keys[1:]]
+    dtypes = {key: None if key == "labels" else np.float64 for key in keys}
+    # Keys whose values are all tensors (or all arrays) of one dtype: checked per image, converted once.
+    stacked = {key: _stackable(entries, key) for key in keys}
+    raw_boxes = stacked["boxes"] is not None
+    vectors = [(key, dtypes[key], stacked[key] is not None) for key in keys[1:]]
     columns = {key: [] for key in keys}
+    counts = []
     for index, entry in enumerate(entries):
         where = f"{name}[{index}]"
         _check_entry(entry, keys, where)
-        boxes = _as_boxes(entry["boxes"], where)
+        boxes = _raw_boxes(entry["boxes"], where) if raw_boxes else _as_boxes(entry["boxes"], where)
+        num_boxes = boxes.shape[0]
         columns["boxes"].append(boxes)
-        for key, dtype in vector_dtypes:
-            vector = _as_vector(entry[key], where, key, dtype)
-            if len(vector) != len(boxes):
-                raise ValueError(f"{where} has {len(boxes)} boxes but {len(vector)} {key}")
+        counts.append(num_boxes)
+        for key, dtype, raw in vectors:
+            vector = _raw_vector(entry[key], where, key) if raw else _as_vector(entry[key], where, key, dtype)
+            if vector.shape[0] != num_boxes:
+                raise ValueError(f"{where} has {num_boxes} boxes but {vector.shape[0]} {key}")
             columns[key].append(vector)
 
-    counts = np.array([len(boxes) for boxes in columns["boxes"]], dtype=np.int64)
+    counts = np.array(counts, dtype=np.int64)
     image_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     starts = np.cumsum(counts) - counts
     position = np.arange(len(image_index), dtype=np.int64) - np.repeat(starts, counts)
 
     def concatenate(key, dtype):
-        return np.concatenate(columns[key]) if columns[key] else np.zeros((0,), dtype)
+        if not columns[key]:
+            return np.zeros((0,), dtype)
+        if stacked[key] is not None:
+            return _concatenate_raw(columns[key], stacked[key], dtypes[key])
+        return np.concatenate(columns[key])
 
-    boxes = np.concatenate(columns["boxes"]) if entries else np.zeros((0, 4))
+    boxes = concatenate("boxes", np.float64) if entries else np.zeros((0, 4))
     _check_boxes(boxes, image_index, name)
     labels = _integer_labels(concatenate("labels", np.int64), image_index, name)
     scores = None
@@ -252,6 +331,9 @@ def reference_crowd_flags(references, flat_references: FlatBoxes) -> np.ndarray 
     if not any("iscrowd" in reference for reference in references):
         return None
     counts = flat_references.counts_per_image
+    kind = _stackable(references, "iscrowd")
+    if kind is not None:
+        return _stacked_crowd_flags(references, counts, flat_references.image_index, kind)
     flags = []
     for index, reference in enumerate(references):
         if "iscrowd" not in reference:
@@ -267,6 +349,32 @@ def reference_crowd_flags(references, flat_references: FlatBoxes) -> np.ndarray 
             raise ValueError(f"references[{index}]['iscrowd'] must be 0 or 1 per box (1 marks a crowd region)")
         flags.append(crowd.astype(bool))
     return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+
+
+def _stacked_crowd_flags(references, counts: np.ndarray, image_index: np.ndarray, kind: str) -> np.ndarray:
+    """``reference_crowd_flags`` when every image's ``iscrowd`` is a tensor (or array) of one dtype: shapes checked
+    per image, values converted and checked once; the same errors, for the same (first) image."""
+    values = []
+
+    def check_binary(upto: int) -> np.ndarray:
+        """The flags of the first ``upto`` images; ``ValueError`` naming the first image with a value not 0/1."""
+        crowd = _concatenate_raw(values[:upto], kind) if upto else np.zeros(0)
+        bad = ~np.isin(crowd, (0, 1))
+        if bad.any():
+            image = _first_bad_image(bad, image_index)
+            raise ValueError(f"references[{image}]['iscrowd'] must be 0 or 1 per box (1 marks a crowd region)")
+        return crowd
+
+    for index, reference in enumerate(references):
+        crowd = reference["iscrowd"]
+        if counts[index] == 0 and _size(crowd) == 0:
+            crowd = crowd.reshape(0)
+        if len(crowd.shape) != 1 or crowd.shape[0] != counts[index]:
+            check_binary(index)  # an earlier image's bad value comes first, as image by image
+            raise ValueError(f"references[{index}] has {counts[index]} boxes but 'iscrowd' of shape "
+                             f"{tuple(crowd.shape)}: give one 0/1 flag per box")
+        values.append(crowd)
+    return check_binary(len(values)).astype(bool)
 
 
 def image_sizes_array(image_sizes, num_images: int) -> np.ndarray:

@@ -88,6 +88,8 @@ def lrp_error(predictions, references, categories, iou_threshold: float = 0.5, s
 def optimal_lrp_of_evaluation(evaluation: ClassEvaluation) -> dict:
     """oLRP, its components and the LRP-optimal thresholds of evaluated detections (all of them, no cut)."""
     tau = _check_tau(evaluation.iou_threshold)
+    if not evaluation.ranked:
+        raise ValueError("oLRP scans each class's detections by descending score: evaluate them with ranked=True")
     num_classes = len(evaluation.categories)
     values = {key: np.full(num_classes, -1.0) for key in (*COMPONENTS, "threshold")}
     tp_all = np.cumsum(evaluation.matched)

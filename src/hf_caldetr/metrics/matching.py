@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +51,8 @@ from .inputs import FlatBoxes, flatten_pair, reference_crowd_flags
 
 # Pairs built at once (all-pairs chunks of small groups) and candidate pairs held at once (large groups).
 _MAX_PAIRS_PER_CHUNK = 4_000_000
+# Candidate pairs of small groups kept for every matching of a split (about 32 bytes each).
+_MAX_CACHED_PAIRS = 8_000_000
 # (image, class) groups with at least this many detection x box pairs use the centre sweep.
 _LARGE_GROUP_PAIRS = 1 << 18
 # Block shape of the centre sweep: detections x boxes compared at once (about 8 MB per float64 temporary).
@@ -238,7 +240,8 @@ def _all_pairs_candidates(dets, det_keys, det_boxes, gt_keys, gt_boxes, iou_thre
         yield pair_det[keep], pair_gt[keep], pair_iou[keep]
 
 
-def _settle(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken, last_wins: bool = True) -> None:
+def _settle(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken, last_wins: bool = True,
+            presorted: bool = False) -> None:
     """Settle candidate pairs exactly as the sequential greedy rule would, updating the outputs in place.
 
     Detection indices are priority ranks (image, then descending score). Every detection that could have
@@ -246,9 +249,11 @@ def _settle(pair_det, pair_gt, pair_iou, matched_gt, matched_iou, gt_taken, last
     ``gt_taken`` are simply gone for them (calls go group by group, each in priority order). Pairs are sorted
     by detection, then IoU descending, then box index (the preference order: ties to the box listed last when
     ``last_wins``, else first), and settled in windows of about ``_SETTLE_WINDOW`` pairs in priority order.
+    ``presorted``: the pairs come in that order already.
     """
-    order = np.lexsort((-pair_gt if last_wins else pair_gt, -pair_iou, pair_det))
-    pair_det, pair_gt, pair_iou = pair_det[order], pair_gt[order], pair_iou[order]
+    if not presorted:
+        order = np.lexsort((-pair_gt if last_wins else pair_gt, -pair_iou, pair_det))
+        pair_det, pair_gt, pair_iou = pair_det[order], pair_gt[order], pair_iou[order]
     live = ~gt_taken[pair_gt]
     pair_det, pair_gt, pair_iou = pair_det[live], pair_gt[live], pair_iou[live]
     if not len(pair_det):
@@ -451,6 +456,9 @@ class PreparedMatching:
         top_k: ``[N]`` bool, within the ``max_detections_per_class`` best of its (image, class), or ``None``.
         det_keys, gt_keys, crowd_keys: (image, class) keys of detections, boxes and crowd regions.
         has_gt: ``[num_images]`` bool, the image has a box or a crowd region.
+        has_box: ``[N]`` bool, an ordinary box of the detection's class lies in its image (the others are false
+            positives whatever the threshold, and are never matched).
+        near_crowd: ``[N]`` bool, a crowd region of the detection's class lies in its image, or ``None``.
     """
 
     detections: FlatBoxes
@@ -462,6 +470,87 @@ class PreparedMatching:
     gt_keys: np.ndarray
     crowd_keys: np.ndarray | None
     has_gt: np.ndarray
+    has_box: np.ndarray
+    near_crowd: np.ndarray | None
+    identity_order: bool = False  # the detections came in priority order already (``order`` is ``arange``)
+    det_has_gt: np.ndarray | None = None  # ``[N]`` ``has_gt`` of each detection's image
+    cache: dict = field(default_factory=dict)  # the candidate pairs of small groups, built on first use
+
+    @property
+    def rank(self) -> np.ndarray:
+        """``[N]`` each detection's position in the priority order."""
+        if "rank" not in self.cache:
+            rank = np.empty(len(self.order), dtype=np.int64)
+            rank[self.order] = np.arange(len(self.order))
+            self.cache["rank"] = rank
+        return self.cache["rank"]
+
+    def small_group_pairs(self, last_wins: bool):
+        """Every same-(image, class) (detection, box) pair of the groups small enough for all-pairs matching,
+        with its IoU, sorted in settling order (priority rank, IoU descending, box by the tie rule), computed once
+        and shared by every threshold: ``(small [N] bool, pair_rank, pair_det, pair_gt, pair_iou)``; ``None``
+        when there would be more than ``_MAX_CACHED_PAIRS`` (then each matching builds its own)."""
+        key = ("pairs", last_wins)
+        if key not in self.cache:
+            self.cache[key] = self._build_pairs(last_wins)
+        return self.cache[key]
+
+    def _build_pairs(self, last_wins: bool):
+        sorted_gt_keys = np.sort(self.gt_keys)
+        candidates = np.flatnonzero(self.has_box)
+        keys = self.det_keys[candidates]
+        boxes_per_det = (np.searchsorted(sorted_gt_keys, keys, side="right")
+                         - np.searchsorted(sorted_gt_keys, keys, side="left"))
+        _, group, dets_per_group = np.unique(keys, return_inverse=True, return_counts=True)
+        small_candidates = dets_per_group[group] * boxes_per_det < _LARGE_GROUP_PAIRS
+        if int(boxes_per_det[small_candidates].sum()) > _MAX_CACHED_PAIRS:
+            return None
+        small = np.zeros(len(self.det_keys), dtype=bool)
+        small[candidates[small_candidates]] = True
+        dets = candidates[small_candidates]
+        parts = list(_all_pairs_candidates(dets, self.det_keys, self.detections.boxes, self.gt_keys,
+                                           self.references.boxes, 0.0))
+        pair_det, pair_gt, pair_iou = (np.concatenate(column) if parts else np.zeros(0, dtype)
+                                       for column, dtype in zip(zip(*parts) if parts else ((), (), ()),
+                                                                (np.int64, np.int64, np.float64)))
+        pair_rank = self.rank[pair_det]
+        order = np.lexsort((-pair_gt if last_wins else pair_gt, -pair_iou, pair_rank))
+        return small, pair_rank[order], pair_det[order], pair_gt[order], pair_iou[order]
+
+
+def _priority_order(image_index: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Detections by image, then descending score, stable. Post-processed outputs usually come in that order
+    already (each image sorted by score): then no sort is needed."""
+    if len(scores) < 2:
+        return np.arange(len(scores))
+    same_image = image_index[1:] == image_index[:-1]
+    if np.all((image_index[1:] > image_index[:-1]) | (same_image & (scores[1:] <= scores[:-1]))):
+        return np.arange(len(scores))
+    return np.lexsort((-scores, image_index))
+
+
+def _keys(images: list[np.ndarray], labels: list[np.ndarray]) -> list[np.ndarray]:
+    """One int64 key per (image, class), shared by every array of ``images`` / ``labels``."""
+    all_labels = np.concatenate(labels)
+    if not len(all_labels):
+        return [np.zeros(0, dtype=np.int64) for _ in labels]
+    low, high = int(all_labels.min()), int(all_labels.max())
+    if high - low < 1 << 20:  # small ids (the usual case): no np.unique needed
+        span = high - low + 1
+        return [image * span + (label - low) for image, label in zip(images, labels)]
+    _, label_ids = np.unique(all_labels, return_inverse=True)
+    span = int(label_ids.max()) + 1
+    bounds = np.cumsum([0] + [len(label) for label in labels])
+    return [image * span + label_ids[start:stop] for image, start, stop in zip(images, bounds[:-1], bounds[1:])]
+
+
+def _present(keys: np.ndarray, in_keys: np.ndarray) -> np.ndarray:
+    """``[len(keys)]`` bool: the key occurs in ``in_keys``."""
+    if not len(in_keys):
+        return np.zeros(len(keys), dtype=bool)
+    table = np.unique(in_keys)
+    position = np.minimum(np.searchsorted(table, keys), len(table) - 1)
+    return table[position] == keys
 
 
 def _check_max_detections(max_detections_per_class) -> None:
@@ -490,31 +579,38 @@ def prepare_matching(detections: FlatBoxes, references: FlatBoxes, crowd: np.nda
     has_gt = references.counts_per_image > 0
     if crowd_regions is not None:
         has_gt |= crowd_regions.counts_per_image > 0
-    # Priority order: by image, then descending score; lexsort is stable, so equal scores keep list order.
-    order = np.lexsort((-detections.scores, detections.image_index))
-    top_k = None
-    if max_detections_per_class is not None:
-        top_k = np.empty(len(order), dtype=bool)
-        top_k[order] = top_per_image_and_class(detections.image_index[order], detections.labels[order],
-                                               int(max_detections_per_class))
+    # Priority order: by image, then descending score; stable, so equal scores keep list order.
+    order = _priority_order(detections.image_index, detections.scores)
     # One key per (image, class) shared by detections, boxes and crowd regions.
-    parts = [detections.labels, references.labels] + ([crowd_regions.labels] if crowd_regions is not None else [])
-    images = [detections.image_index, references.image_index] + (
-        [crowd_regions.image_index] if crowd_regions is not None else [])
-    _, label_ids = np.unique(np.concatenate(parts), return_inverse=True)
-    num_label_ids = int(label_ids.max()) + 1 if len(label_ids) else 1
-    keys = np.concatenate(images) * num_label_ids + label_ids
-    bounds = np.cumsum([len(part) for part in parts])
-    det_keys, gt_keys = keys[:bounds[0]], keys[bounds[0]:bounds[1]]
-    crowd_keys = keys[bounds[1]:] if crowd_regions is not None else None
+    images = [detections.image_index, references.image_index]
+    labels = [detections.labels, references.labels]
+    if crowd_regions is not None:
+        images.append(crowd_regions.image_index)
+        labels.append(crowd_regions.labels)
+    keys = _keys(images, labels)
+    det_keys, gt_keys = keys[0], keys[1]
+    crowd_keys = keys[2] if crowd_regions is not None else None
+    top_k = None
+    if max_detections_per_class is not None and len(det_keys):
+        # Only needed when some (image, class) holds more detections than the limit.
+        _, group_sizes = np.unique(det_keys, return_counts=True)
+        if group_sizes.max() > max_detections_per_class:
+            top_k = np.empty(len(order), dtype=bool)
+            top_k[order] = top_per_image_and_class(detections.image_index[order], detections.labels[order],
+                                                   int(max_detections_per_class))
+    has_box = _present(det_keys, gt_keys)
+    near_crowd = _present(det_keys, crowd_keys) if crowd_keys is not None else None
+    identity = bool(len(order) == 0 or (order[-1] == len(order) - 1 and np.all(np.diff(order) == 1)))
     return PreparedMatching(detections, references, crowd_regions, order, top_k, det_keys, gt_keys, crowd_keys,
-                            has_gt)
+                            has_gt, has_box, near_crowd, identity, has_gt[detections.image_index])
 
 
-def match_prepared(prepared: PreparedMatching, score_threshold: float = 0.3, iou_threshold: float = 0.5,
-                   include_images_without_gt: bool = False, iou_ties: str = "last",
-                   keep: np.ndarray | None = None, top_k: bool = True) -> DetectionMatches:
-    """``match_flat`` on a ``prepare_matching`` result; ``top_k=False`` ignores the top-k it was prepared with."""
+def match_kept(prepared: PreparedMatching, score_threshold: float = 0.3, iou_threshold: float = 0.5,
+               include_images_without_gt: bool = False, iou_ties: str = "last", keep: np.ndarray | None = None,
+               top_k: bool = True):
+    """The matching itself: ``(kept, matched_gt, matched_iou, num_ignored)``, ``kept`` the flat indices of the
+    evaluated detections in priority order (crowd-ignored ones removed), ``matched_gt`` the matched ordinary box
+    (index into ``prepared.references``) or -1, ``matched_iou`` its IoU (0 when unmatched)."""
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
     if not 0.0 <= iou_threshold <= 1.0:
@@ -523,27 +619,68 @@ def match_prepared(prepared: PreparedMatching, score_threshold: float = 0.3, iou
     threshold = min(iou_threshold, _MAX_IOU_THRESHOLD)
     detections, references, crowd_regions = prepared.detections, prepared.references, prepared.crowd_regions
     # The top-k before or after a score cut keeps the same detections (both keep the highest scores).
-    kept_mask = detections.scores >= score_threshold
-    if keep is not None:
-        kept_mask &= keep
-    if top_k and prepared.top_k is not None:
-        kept_mask &= prepared.top_k
-    if not include_images_without_gt:
-        kept_mask &= prepared.has_gt[detections.image_index]
-    kept = prepared.order[kept_mask[prepared.order]]
+    kept_mask = detections.scores >= score_threshold if score_threshold > 0 else None
+    for mask in (keep, prepared.top_k if top_k else None,
+                 None if include_images_without_gt else prepared.det_has_gt):
+        if mask is not None:
+            kept_mask = mask.copy() if kept_mask is None else kept_mask & mask
+    if kept_mask is None:
+        kept = prepared.order
+    elif prepared.identity_order:
+        kept = np.flatnonzero(kept_mask)
+    else:
+        kept = prepared.order[kept_mask[prepared.order]]
 
-    det_keys, det_boxes = prepared.det_keys[kept], detections.boxes[kept]
-    matched_gt, matched_iou = _match_all(det_keys, det_boxes, prepared.gt_keys, references.boxes, threshold,
-                                         last_wins)
-    matched = matched_gt >= 0
+    # Only detections with a same-class box in their image can match: the rest stay false positives.
+    matched_gt = np.full(len(kept), -1, dtype=np.int64)
+    matched_iou = np.zeros(len(kept))
+    cached = prepared.small_group_pairs(last_wins) if len(kept) else None
+    if cached is None:
+        candidates = np.flatnonzero(prepared.has_box[kept])
+        chosen = kept[candidates]
+        matched_gt[candidates], matched_iou[candidates] = _match_all(
+            prepared.det_keys[chosen], detections.boxes[chosen], prepared.gt_keys, references.boxes, threshold,
+            last_wins)
+    else:
+        small, pair_rank, pair_det, pair_gt, pair_iou = cached
+        is_kept = np.zeros(len(detections.scores), dtype=bool)
+        is_kept[kept] = True
+        selected = is_kept[pair_det] & (pair_iou >= threshold)
+        by_rank_gt = np.full(len(detections.scores), -1, dtype=np.int64)
+        by_rank_iou = np.zeros(len(detections.scores))
+        _settle(pair_rank[selected], pair_gt[selected], pair_iou[selected], by_rank_gt, by_rank_iou,
+                np.zeros(len(prepared.gt_keys), dtype=bool), last_wins, presorted=True)
+        kept_rank = prepared.rank[kept]
+        matched_gt, matched_iou = by_rank_gt[kept_rank], by_rank_iou[kept_rank]
+        # Groups too large for all pairs (e.g. one image with a million detections): the centre sweep, per call.
+        large = np.flatnonzero(prepared.has_box[kept] & ~small[kept])
+        if len(large):
+            chosen = kept[large]
+            matched_gt[large], matched_iou[large] = _match_all(
+                prepared.det_keys[chosen], detections.boxes[chosen], prepared.gt_keys, references.boxes, threshold,
+                last_wins)
     num_ignored = 0
     if crowd_regions is not None:
-        ignored = ~matched & _on_crowd_regions(det_keys, det_boxes, prepared.crowd_keys, crowd_regions.boxes,
-                                               threshold)
+        near = np.flatnonzero((matched_gt < 0) & prepared.near_crowd[kept])
+        ignored = np.zeros(len(kept), dtype=bool)
+        chosen = kept[near]
+        ignored[near] = _on_crowd_regions(prepared.det_keys[chosen], detections.boxes[chosen], prepared.crowd_keys,
+                                          crowd_regions.boxes, threshold)
         num_ignored = int(ignored.sum())
         if num_ignored:
             stay = ~ignored
-            kept, matched, matched_gt, matched_iou = kept[stay], matched[stay], matched_gt[stay], matched_iou[stay]
+            kept, matched_gt, matched_iou = kept[stay], matched_gt[stay], matched_iou[stay]
+    return kept, matched_gt, matched_iou, num_ignored
+
+
+def match_prepared(prepared: PreparedMatching, score_threshold: float = 0.3, iou_threshold: float = 0.5,
+                   include_images_without_gt: bool = False, iou_ties: str = "last",
+                   keep: np.ndarray | None = None, top_k: bool = True) -> DetectionMatches:
+    """``match_flat`` on a ``prepare_matching`` result; ``top_k=False`` ignores the top-k it was prepared with."""
+    kept, matched_gt, matched_iou, num_ignored = match_kept(prepared, score_threshold, iou_threshold,
+                                                            include_images_without_gt, iou_ties, keep, top_k)
+    detections, references = prepared.detections, prepared.references
+    matched = matched_gt >= 0
     matched_reference = np.full(len(kept), -1, dtype=np.int64)
     matched_reference[matched] = references.position[matched_gt[matched]]
     images_evaluated = detections.num_images if include_images_without_gt else int(prepared.has_gt.sum())

@@ -100,15 +100,16 @@ def calibration_protocol(detections: FlatBoxes, references: FlatBoxes, crowd: np
     result["oce"] = oce_flat(detections, references, crowd, score_threshold=score_threshold)["oce"]
     if categories is None:
         return result
-    fixed = evaluate_prepared(context, iou_threshold, score_threshold)
+    fixed = evaluate_prepared(context, iou_threshold, score_threshold, ranked=False)
     laece = laece_of_evaluation(fixed, laece_bins)
     result["laece"] = laece["laece"]
     result["laece_calibration"] = _pooled_laece_bins(laece)
     lrp = lrp_components(fixed)
     result.update({key: lrp[key] for key in LRP_KEYS})
-    result["laece_iou_0.1"] = laece_of_evaluation(evaluate_prepared(context, 0.1, score_threshold),
+    result["laece_iou_0.1"] = laece_of_evaluation(evaluate_prepared(context, 0.1, score_threshold, ranked=False),
                                                   laece_bins)["laece"]
-    at_zero = errors_at_iou_0_of_evaluation(evaluate_prepared(context, 0.0, score_threshold), laece_bins)
+    at_zero = errors_at_iou_0_of_evaluation(evaluate_prepared(context, 0.0, score_threshold, ranked=False),
+                                            laece_bins)
     result["laece_0"], result["laace_0"] = at_zero["laece_0"], at_zero["laace_0"]
 
     olrp = optimal_lrp_of_evaluation(evaluate_prepared(context, iou_threshold))
@@ -116,7 +117,8 @@ def calibration_protocol(detections: FlatBoxes, references: FlatBoxes, crowd: np
     result["lrp_optimal_thresholds"] = optimal_lrp_of_evaluation(evaluate_prepared(context, 0.0))["thresholds"]
 
     if class_thresholds is not None:
-        errors = errors_at_iou_0_of_evaluation(evaluate_prepared(context, 0.0, thresholds=class_thresholds),
+        errors = errors_at_iou_0_of_evaluation(evaluate_prepared(context, 0.0, thresholds=class_thresholds,
+                                                                 ranked=False),
                                                laece_bins)
         keep = class_threshold_mask(detections, context.categories, class_thresholds, context.detection_class)
         cut = _fixed_cut_metrics(detections, prepared, **{**common, "score_threshold": 0.0}, keep=keep)

@@ -1,4 +1,5 @@
-"""Reliability diagrams: precision against confidence per bin, from ``detection_ece`` results.
+"""Reliability diagrams: precision against confidence per bin, from ``detection_ece`` results; and D-UCE
+diagrams, error rate against uncertainty per bin, from ``detection_uce`` results (``plot_uncertainty_diagram``).
 
 Drawn on a bare matplotlib ``Figure`` with the Agg canvas, so it never touches pyplot's global state or the
 user's interactive backend.
@@ -72,54 +73,69 @@ def _bars(axes, lefts, bottoms, heights, widths, style, zorder, linewidth=0.6):
                  **style)
 
 
-def _draw_panel(axes, result: Mapping, title: str | None) -> None:
-    """One diagram: a bar per non-empty bin at its precision, the gap to its mean confidence hatched."""
-    edges = np.asarray(result["bin_edges"], dtype=float)
-    counts = np.asarray(result["bin_counts"])
-    precisions = np.asarray(result["bin_precisions"], dtype=float)
-    confidences = np.asarray(result["bin_confidences"], dtype=float)
+def _draw_bins(axes, edges, counts, observed, claimed, over_confident_above: bool, labels: Mapping) -> None:
+    """The bars of one panel: a bar per non-empty bin up to its ``observed`` value (precision, error rate), the
+    gap to its ``claimed`` value (mean confidence, mean uncertainty) hatched, the diagonal, and the legend below.
+
+    ``over_confident_above``: the gap is over-confident where the claim lies above the bar (a confidence above
+    the precision); otherwise where it lies below (an uncertainty below the error rate).
+    """
+    edges = np.asarray(edges, dtype=float)
+    counts = np.asarray(counts)
+    observed = np.asarray(observed, dtype=float)
+    claimed = np.asarray(claimed, dtype=float)
     occupied = counts > 0
     sparse = sparse_bins(counts)
     lefts, widths = edges[:-1], np.diff(edges)
     zeros = np.zeros_like(lefts)
     legend = {}
 
-    # The precision bars: full colour where the bin holds enough detections, pale and dotted where it does not.
+    # The observed bars: full colour where the bin holds enough detections, pale and dotted where it does not.
     for kind, chosen, style in (("precision", occupied & ~sparse, _PRECISION), ("sparse", sparse, _SPARSE)):
-        _bars(axes, lefts[chosen], zeros[chosen], precisions[chosen], widths[chosen], style, zorder=2)
+        _bars(axes, lefts[chosen], zeros[chosen], observed[chosen], widths[chosen], style, zorder=2)
         if chosen.any():
             legend[kind] = style
-    # The gap between what the detector claimed (mean confidence) and what it achieved (precision), opaque on top
-    # of the bar (under-confident) or above it (over-confident).
-    gap = np.where(occupied, confidences - precisions, 0.0)
-    bottoms = np.minimum(precisions, confidences)
-    for kind, chosen, style in (("over", gap > 0, _OVER_CONFIDENT), ("under", gap < 0, _UNDER_CONFIDENT)):
+    # The gap between what the detector claimed and what it achieved, opaque on top of the bar (claim below it)
+    # or above it (claim above it).
+    gap = np.where(occupied, claimed - observed, 0.0)
+    bottoms = np.minimum(observed, claimed)
+    above, below = gap > 0, gap < 0
+    over, under = (above, below) if over_confident_above else (below, above)
+    for kind, chosen, style in (("over", over, _OVER_CONFIDENT), ("under", under, _UNDER_CONFIDENT)):
         _bars(axes, lefts[chosen], bottoms[chosen], np.abs(gap)[chosen], widths[chosen], style, zorder=3)
         if chosen.any():
             legend[kind] = style
-    # The bars' outlines last, so that the precision reads off the black outline whatever covers the bar.
-    _bars(axes, lefts[occupied], zeros[occupied], precisions[occupied], widths[occupied],
+    # The bars' outlines last, so that the observed value reads off the black outline whatever covers the bar.
+    _bars(axes, lefts[occupied], zeros[occupied], observed[occupied], widths[occupied],
           {"facecolor": "none", "edgecolor": "black"}, zorder=4, linewidth=0.8)
     for left, width, top, count, is_sparse in zip(lefts[occupied], widths[occupied],
-                                                  np.maximum(precisions, confidences)[occupied], counts[occupied],
+                                                  np.maximum(observed, claimed)[occupied], counts[occupied],
                                                   sparse[occupied]):
         axes.text(left + width / 2, min(top, 1.0) + 0.015, f"n={count}", ha="center", va="bottom", fontsize=7,
                   rotation=90, color=_SPARSE["edgecolor"] if is_sparse else "black")
     (diagonal,) = axes.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, zorder=5,
                             label="perfect calibration")
-
-    d_ece = result["d_ece"]
-    d_ece_text = "D-ECE = n/a (no detections)" if not np.isfinite(d_ece) else f"D-ECE = {100 * d_ece:.2f} %"
-    axes.set_title(d_ece_text if title is None else f"{title}\n{d_ece_text}")
     axes.set_xlim(0, 1)
     axes.set_ylim(0, 1.15)
-    axes.set_xlabel("confidence")
-    axes.set_ylabel("precision")
     # One entry per style drawn in this panel, each a patch styled exactly as the bars it names.
-    handles = [diagonal] + [Patch(linewidth=0.6, label=_LABELS[kind], **style) for kind, style in legend.items()]
+    handles = [diagonal] + [Patch(linewidth=0.6, label=labels[kind], **style) for kind, style in legend.items()]
     # Below the panel: inside it, it would hide the bars of a detector confident and right at low scores.
     axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7, handlelength=2.5,
                 frameon=False)
+
+
+def _titled(name: str, value: float, title: str | None) -> str:
+    text = f"{name} = n/a (no detections)" if not np.isfinite(value) else f"{name} = {100 * value:.2f} %"
+    return text if title is None else f"{title}\n{text}"
+
+
+def _draw_panel(axes, result: Mapping, title: str | None) -> None:
+    """One reliability diagram: a bar per non-empty bin at its precision, the gap to its mean confidence hatched."""
+    _draw_bins(axes, result["bin_edges"], result["bin_counts"], result["bin_precisions"], result["bin_confidences"],
+               over_confident_above=True, labels=_LABELS)
+    axes.set_title(_titled("D-ECE", result["d_ece"], title))
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("precision")
 
 
 def reliability_figure(results, titles: Sequence[str] | None = None) -> Figure:
@@ -161,6 +177,87 @@ def plot_reliability_diagram(results, path, titles: Sequence[str] | None = None)
         ``path`` as a ``Path``.
     """
     figure = reliability_figure(results, titles)
+    path = Path(path)
+    figure.savefig(path, format="png")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ D-UCE diagrams
+
+_UNCERTAINTY_REQUIRED_KEYS = ("d_uce", "bin_counts", "bin_error_rates", "bin_uncertainties", "bin_edges")
+_UNCERTAINTY_LABELS = {
+    "precision": "error rate (black outline)",
+    "sparse": _LABELS["sparse"],
+    "over": "gap: over-confident (error rate > uncertainty)",
+    "under": "gap: under-confident (error rate < uncertainty)",
+}
+
+
+def _uncertainty_result(result, index: int) -> Mapping:
+    """The D-UCE result of ``results[index]``: an ``uncertainty_calibration_error`` / ``detection_uce`` result,
+    or an evaluation result holding one as ``uncertainty_calibration`` (``DetectionCalibrationMetric``)."""
+    if not isinstance(result, Mapping):
+        raise ValueError(f"results[{index}] must be a detection_uce result dict, got {type(result).__name__}")
+    result = result.get("uncertainty_calibration", result)
+    missing = [key for key in _UNCERTAINTY_REQUIRED_KEYS if key not in result]
+    if missing:
+        raise ValueError(f"results[{index}] is missing {missing} (pass what detection_uce returns, or an evaluation "
+                         "result computed with an uncertainty_key)")
+    if len(result["bin_edges"]) != len(result["bin_counts"]) + 1:
+        raise ValueError(f"results[{index}] has {len(result['bin_counts'])} bins but "
+                         f"{len(result['bin_edges'])} edges")
+    return result
+
+
+def _draw_uncertainty_panel(axes, result: Mapping, title: str | None) -> None:
+    """One D-UCE diagram: a bar per non-empty bin at its error rate, the gap to its mean uncertainty hatched."""
+    _draw_bins(axes, result["bin_edges"], result["bin_counts"], result["bin_error_rates"],
+               result["bin_uncertainties"], over_confident_above=False, labels=_UNCERTAINTY_LABELS)
+    axes.set_title(_titled("D-UCE", result["d_uce"], title))
+    axes.set_xlabel("uncertainty  tanh(Var_l(z))")
+    axes.set_ylabel("error rate (1 - precision)")
+
+
+def uncertainty_figure(results, titles: Sequence[str] | None = None) -> Figure:
+    """The D-UCE diagram of ``results`` as a matplotlib ``Figure`` (Agg canvas, no pyplot), one panel per
+    result; ``plot_uncertainty_diagram`` writes it as a PNG. Arguments as there."""
+    results = [results] if isinstance(results, Mapping) else list(results)
+    if not results:
+        raise ValueError("results is empty: pass at least one detection_uce result")
+    results = [_uncertainty_result(result, index) for index, result in enumerate(results)]
+    if titles is not None and len(titles) != len(results):
+        raise ValueError(f"{len(titles)} titles for {len(results)} results")
+
+    figure = Figure(figsize=(5 * len(results), 6), dpi=120)  # a 5 x 5 inch panel and its legend below
+    FigureCanvasAgg(figure)
+    for index, result in enumerate(results):
+        axes = figure.add_subplot(1, len(results), index + 1)
+        _draw_uncertainty_panel(axes, result, None if titles is None else titles[index])
+    figure.tight_layout()
+    return figure
+
+
+def plot_uncertainty_diagram(results, path, titles: Sequence[str] | None = None) -> Path:
+    """Write a D-UCE diagram (the Cal-DETR paper's Fig. 4) as a PNG: per uncertainty bin, the error rate
+    (``1 - precision``) of the kept detections against their mean uncertainty.
+
+    Drawn as the reliability diagram is: each non-empty bin is a bar up to its error rate (black outline); the
+    gap to the bin's mean uncertainty is hatched red inside the bar where the detections are wrong more often
+    than their uncertainty says (over-confident) and orange above it where less often (under-confident); sparse
+    bins are pale and dotted, and every bar is labelled with its number of detections. Points on the diagonal
+    are calibrated uncertainties. ``uncertainty_figure`` gives the same ``Figure`` undrawn.
+
+    Args:
+        results: one ``uncertainty_calibration_error`` / ``detection_uce`` result dict (or an evaluation result
+            holding one as ``uncertainty_calibration``, see ``DetectionCalibrationMetric``), or a list of them to
+            draw side by side.
+        path: the PNG file to write; its folder must exist.
+        titles: one panel title per result (optional).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    figure = uncertainty_figure(results, titles)
     path = Path(path)
     figure.savefig(path, format="png")
     return path

@@ -40,6 +40,25 @@ class CalDetrObjectDetectionOutput(DetrObjectDetectionOutput):
     logit_uncertainty: torch.Tensor | None = None
 
 
+def decoder_layer_states(model, outputs) -> torch.Tensor:
+    """Every decoder layer's output as its class head sees it, ``[B, L, Q, d_model]``, of a DETR model (stock or
+    Cal) run with ``output_hidden_states=True``.
+
+    DETR keeps per-layer states only with `auxiliary_loss`, and switching that on changes the decoder itself
+    (each layer then receives the previous one's layer-normed output), so it cannot be forced. The recorded
+    decoder hidden states exist either way: the decoder's input queries first, then each layer's output (the
+    last one replaced by the final state). The decoder's final layer norm turns a layer's output into what
+    DETR's auxiliary heads see; the last layer is the final state itself, which the model's heads use. (With
+    `auxiliary_loss` the recorded outputs are the layers' own, before the layer norm, so the same holds.)
+    """
+    if outputs.decoder_hidden_states is None:
+        raise ValueError("DETR's per-layer states need the decoder's hidden states: run the model with "
+                         "output_hidden_states=True")
+    layer_outputs = outputs.decoder_hidden_states[1:-1]
+    intermediate = [model.model.decoder.layernorm(hidden_state) for hidden_state in layer_outputs]
+    return torch.stack([*intermediate, outputs.last_hidden_state], dim=1)
+
+
 class CalDetrImageLoss(CalImageLossMixin, ImageLoss):
     """Differs from `ImageLoss` in a `"logit_mixing"` loss (soft-target cross-entropy of the matched queries' mixed
     logits, final layer only, over `num_boxes`) and in the normalisation across processes (see `CalImageLossMixin`).
@@ -93,17 +112,9 @@ class CalDetrForObjectDetection(CalibratedDetectorMixin, DetrForObjectDetection)
     cal_loss_function = staticmethod(CalDetrForObjectDetectionLoss)
 
     def _decoder_layer_states(self, outputs) -> torch.Tensor:
-        """Every decoder layer's output as its class head sees it, ``[B, L, Q, d_model]``.
-
-        DETR keeps per-layer states only with `auxiliary_loss`, and switching that on changes the decoder itself
-        (each layer then receives the previous one's layer-normed output), so it cannot be forced. The recorded
-        decoder hidden states exist either way: the decoder's input queries first, then each layer's output (the
-        last one replaced by the final state). The decoder's final layer norm turns a layer's output into what
-        DETR's auxiliary heads see; the last layer is the final state itself, which the parent's heads use.
-        """
-        layer_outputs = outputs.decoder_hidden_states[1:-1]
-        intermediate = [self.model.decoder.layernorm(hidden_state) for hidden_state in layer_outputs]
-        return torch.stack([*intermediate, outputs.last_hidden_state], dim=1)
+        """Every decoder layer's output as its class head sees it, ``[B, L, Q, d_model]``
+        (see :func:`decoder_layer_states`)."""
+        return decoder_layer_states(self, outputs)
 
     @can_return_tuple
     def forward(
