@@ -18,7 +18,7 @@ from .d_ece import (
 from .laece import calibration_errors_at_iou_0, localisation_aware_calibration_error
 from .lrp import apply_class_thresholds, lrp_error, lrp_optimal_thresholds, optimal_lrp
 from .matching import DetectionMatches, match_detections
-from .reliability import plot_reliability_diagram, plot_uncertainty_diagram
+from .reliability import plot_laece_diagram, plot_reliability_diagram, plot_uncertainty_diagram
 from .streaming import DetectionCalibrationMetric, evaluate_detections
 from .synthetic import synthetic_detections
 from .uncertainty import detection_uce, uncertainty_calibration_error
@@ -44,6 +44,7 @@ __all__ = [
     "lrp_optimal_thresholds",
     "match_detections",
     "optimal_lrp",
+    "plot_laece_diagram",
     "plot_reliability_diagram",
     "plot_uncertainty_diagram",
     "position_calibration_error",

@@ -55,6 +55,14 @@ def category_ids(categories) -> np.ndarray:
 
 def class_positions(labels: np.ndarray, categories: np.ndarray, what: str) -> np.ndarray:
     """Position of each label in ``categories``; ``ValueError`` naming ``what`` for a label not in the list."""
+    if len(labels) and categories[0] >= 0 and categories[-1] < 1 << 20:  # small ids: a lookup table
+        table = np.full(int(categories[-1]) + 1, -1, dtype=np.int64)
+        table[categories] = np.arange(len(categories))
+        inside = (labels >= 0) & (labels <= categories[-1])
+        position = np.where(inside, table[np.clip(labels, 0, categories[-1])], -1)
+        unknown = position < 0
+        if not unknown.any():
+            return position
     position = np.searchsorted(categories, labels)
     unknown = (position >= len(categories)) | (categories[np.minimum(position, len(categories) - 1)] != labels)
     if unknown.any():
@@ -197,7 +205,8 @@ def evaluate_prepared(context: ClasswiseContext, iou_threshold: float, score_thr
                                                   include_images_without_gt, iou_ties, keep)
     counts = np.bincount(context.detection_class[kept], minlength=len(ids))
     if not ranked:  # class-major by a stable integer sort: each class keeps the priority order
-        order = np.argsort(context.detection_class[kept], kind="stable")
+        classes = context.detection_class[kept]
+        order = np.argsort(classes.astype(np.int16) if len(ids) < 1 << 15 else classes, kind="stable")
         return ClassEvaluation(ids, context.num_gt, np.r_[0, np.cumsum(counts)],
                                context.matching.detections.scores[kept[order]], (matched_gt >= 0)[order],
                                matched_iou[order], float(iou_threshold), ranked=False)

@@ -496,13 +496,19 @@ class PreparedMatching:
         return self.cache[key]
 
     def _build_pairs(self, last_wins: bool):
-        sorted_gt_keys = np.sort(self.gt_keys)
         candidates = np.flatnonzero(self.has_box)
         keys = self.det_keys[candidates]
-        boxes_per_det = (np.searchsorted(sorted_gt_keys, keys, side="right")
-                         - np.searchsorted(sorted_gt_keys, keys, side="left"))
-        _, group, dets_per_group = np.unique(keys, return_inverse=True, return_counts=True)
-        small_candidates = dets_per_group[group] * boxes_per_det < _LARGE_GROUP_PAIRS
+        bound = max(int(keys.max(initial=0)), int(self.gt_keys.max(initial=0))) + 1
+        if bound <= _DENSE_KEYS:
+            boxes_per_det = np.bincount(self.gt_keys, minlength=bound)[keys]
+            dets_in_group = np.bincount(keys, minlength=bound)[keys]
+        else:
+            sorted_gt_keys = np.sort(self.gt_keys)
+            boxes_per_det = (np.searchsorted(sorted_gt_keys, keys, side="right")
+                             - np.searchsorted(sorted_gt_keys, keys, side="left"))
+            _, group, dets_per_group = np.unique(keys, return_inverse=True, return_counts=True)
+            dets_in_group = dets_per_group[group]
+        small_candidates = dets_in_group * boxes_per_det < _LARGE_GROUP_PAIRS
         if int(boxes_per_det[small_candidates].sum()) > _MAX_CACHED_PAIRS:
             return None
         small = np.zeros(len(self.det_keys), dtype=bool)
@@ -513,7 +519,7 @@ class PreparedMatching:
         pair_det, pair_gt, pair_iou = (np.concatenate(column) if parts else np.zeros(0, dtype)
                                        for column, dtype in zip(zip(*parts) if parts else ((), (), ()),
                                                                 (np.int64, np.int64, np.float64)))
-        pair_rank = self.rank[pair_det]
+        pair_rank = pair_det if self.identity_order else self.rank[pair_det]
         order = np.lexsort((-pair_gt if last_wins else pair_gt, -pair_iou, pair_rank))
         return small, pair_rank[order], pair_det[order], pair_gt[order], pair_iou[order]
 
@@ -544,10 +550,19 @@ def _keys(images: list[np.ndarray], labels: list[np.ndarray]) -> list[np.ndarray
     return [image * span + label_ids[start:stop] for image, start, stop in zip(images, bounds[:-1], bounds[1:])]
 
 
+# Keys below this bound are counted and looked up in dense tables (bincount, indexing) instead of sorting.
+_DENSE_KEYS = 1 << 25
+
+
 def _present(keys: np.ndarray, in_keys: np.ndarray) -> np.ndarray:
     """``[len(keys)]`` bool: the key occurs in ``in_keys``."""
     if not len(in_keys):
         return np.zeros(len(keys), dtype=bool)
+    bound = max(int(keys.max(initial=0)), int(in_keys.max())) + 1
+    if bound <= _DENSE_KEYS:
+        table = np.zeros(bound, dtype=bool)
+        table[in_keys] = True
+        return table[keys]
     table = np.unique(in_keys)
     position = np.minimum(np.searchsorted(table, keys), len(table) - 1)
     return table[position] == keys
@@ -593,7 +608,8 @@ def prepare_matching(detections: FlatBoxes, references: FlatBoxes, crowd: np.nda
     top_k = None
     if max_detections_per_class is not None and len(det_keys):
         # Only needed when some (image, class) holds more detections than the limit.
-        _, group_sizes = np.unique(det_keys, return_counts=True)
+        bound = int(det_keys.max()) + 1
+        group_sizes = np.bincount(det_keys) if bound <= _DENSE_KEYS else np.unique(det_keys, return_counts=True)[1]
         if group_sizes.max() > max_detections_per_class:
             top_k = np.empty(len(order), dtype=bool)
             top_k[order] = top_per_image_and_class(detections.image_index[order], detections.labels[order],
@@ -650,7 +666,7 @@ def match_kept(prepared: PreparedMatching, score_threshold: float = 0.3, iou_thr
         by_rank_iou = np.zeros(len(detections.scores))
         _settle(pair_rank[selected], pair_gt[selected], pair_iou[selected], by_rank_gt, by_rank_iou,
                 np.zeros(len(prepared.gt_keys), dtype=bool), last_wins, presorted=True)
-        kept_rank = prepared.rank[kept]
+        kept_rank = kept if prepared.identity_order else prepared.rank[kept]
         matched_gt, matched_iou = by_rank_gt[kept_rank], by_rank_iou[kept_rank]
         # Groups too large for all pairs (e.g. one image with a million detections): the centre sweep, per call.
         large = np.flatnonzero(prepared.has_box[kept] & ~small[kept])

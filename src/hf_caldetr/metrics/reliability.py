@@ -261,3 +261,66 @@ def plot_uncertainty_diagram(results, path, titles: Sequence[str] | None = None)
     path = Path(path)
     figure.savefig(path, format="png")
     return path
+
+
+# ------------------------------------------------------------------------------------------ LaECE diagrams
+
+_LAECE_LABELS = {
+    "precision": "IoU-weighted precision (black outline)",
+    "sparse": _LABELS["sparse"],
+    "over": "gap: over-confident (IoU-weighted precision < confidence)",
+    "under": "gap: under-confident (IoU-weighted precision > confidence)",
+}
+
+
+def _laece_result(result, index: int) -> Mapping:
+    """The pooled LaECE bins of ``results[index]``: an evaluation result holding them as ``laece_calibration``
+    (``protocol.calibration_protocol``), or that dict itself."""
+    if not isinstance(result, Mapping):
+        raise ValueError(f"results[{index}] must be an evaluation result dict, got {type(result).__name__}")
+    result = result.get("laece_calibration", result)
+    missing = [key for key in _REQUIRED_KEYS if key not in result]
+    if missing:
+        raise ValueError(f"results[{index}] is missing {missing} (pass an evaluation result computed with the "
+                         "dataset's categories: it holds laece_calibration)")
+    return result
+
+
+def laece_figure(results, titles: Sequence[str] | None = None) -> Figure:
+    """The LaECE reliability diagram of ``results`` as a ``Figure``; ``plot_laece_diagram`` writes it."""
+    results = [results] if isinstance(results, Mapping) else list(results)
+    if not results:
+        raise ValueError("results is empty: pass at least one evaluation result")
+    results = [_laece_result(result, index) for index, result in enumerate(results)]
+    if titles is not None and len(titles) != len(results):
+        raise ValueError(f"{len(titles)} titles for {len(results)} results")
+    figure = Figure(figsize=(5 * len(results), 6), dpi=120)
+    FigureCanvasAgg(figure)
+    for index, result in enumerate(results):
+        axes = figure.add_subplot(1, len(results), index + 1)
+        _draw_bins(axes, result["bin_edges"], result["bin_counts"], result["bin_precisions"],
+                   result["bin_confidences"], over_confident_above=True, labels=_LAECE_LABELS)
+        title = None if titles is None else titles[index]
+        axes.set_title(_titled("LaECE (class mean)", result["d_ece"], title))
+        axes.set_xlabel("confidence")
+        axes.set_ylabel("IoU-weighted precision (summed TP IoU / detections)")
+    figure.tight_layout()
+    return figure
+
+
+def plot_laece_diagram(results, path, titles: Sequence[str] | None = None) -> Path:
+    """Write the LaECE reliability diagram as a PNG: per confidence bin (25 by default), pooled over classes, the
+    IoU-weighted precision (the summed IoU of the bin's true positives over its detections, LaECE's accuracy)
+    against the mean confidence, drawn as the reliability diagram is. The title gives LaECE itself, the mean of
+    the per-class errors (the pooled bars show where, not how much per class).
+
+    Args:
+        results: evaluation results holding ``laece_calibration`` (``evaluate_detections(..., categories=...)``),
+            one or a list drawn side by side.
+        path: the PNG file to write; its folder must exist.
+        titles: one panel title per result (optional).
+    """
+    figure = laece_figure(results, titles)
+    path = Path(path)
+    figure.savefig(path, format="png")
+    return path
