@@ -244,6 +244,26 @@ def unit_interval_vector(values, name: str, upper_open: bool = False) -> np.ndar
     return array
 
 
+def _well_formed_columns(entries, keys: list[str]) -> dict | None:
+    """When every entry is a dict holding every key, ``boxes`` of shape ``[n_i, 4]`` and each other key of shape
+    ``[n_i]`` (the usual case), the values per key, read with one pass per key instead of the per-image checks;
+    ``None`` as soon as anything differs (the per-image path then handles it, or names the problem)."""
+    if not entries or not all(type(entry) is dict for entry in entries):
+        return None
+    try:
+        columns = {key: [entry[key] for entry in entries] for key in keys}
+    except KeyError:
+        return None
+    box_shapes = [value.shape for value in columns["boxes"]]
+    if not all(len(shape) == 2 and shape[1] == 4 for shape in box_shapes):
+        return None
+    expected = [(shape[0],) for shape in box_shapes]
+    for key in keys[1:]:
+        if [value.shape for value in columns[key]] != expected:
+            return None
+    return columns
+
+
 def flatten_boxes(entries, name: str, with_scores: bool, extra_keys: Sequence[str] = ()) -> FlatBoxes:
     """Check and concatenate per-image dicts.
 
@@ -262,9 +282,14 @@ def flatten_boxes(entries, name: str, with_scores: bool, extra_keys: Sequence[st
     stacked = {key: _stackable(entries, key) for key in keys}
     raw_boxes = stacked["boxes"] is not None
     vectors = [(key, dtypes[key], stacked[key] is not None) for key in keys[1:]]
-    columns = {key: [] for key in keys}
-    counts = []
-    for index, entry in enumerate(entries):
+    # The usual case (every value a tensor or array of the right shape) is read key by key; anything else goes
+    # through the per-image checks, which name the problem.
+    well_formed = _well_formed_columns(entries, keys) if all(stacked.values()) else None
+    if well_formed is not None:
+        columns, counts = well_formed, [len(value) for value in well_formed["boxes"]]
+    else:
+        columns, counts = {key: [] for key in keys}, []
+    for index, entry in enumerate(entries if well_formed is None else ()):
         where = f"{name}[{index}]"
         _check_entry(entry, keys, where)
         boxes = _raw_boxes(entry["boxes"], where) if raw_boxes else _as_boxes(entry["boxes"], where)
