@@ -63,6 +63,7 @@ from hf_caldetr.evaluation import (
     fit_calibrator,
     iter_detections,
     make_calibrator,
+    lrp_thresholds,
     measure_detections,
     model_categories,
     plot_uncertainty_panels,
@@ -76,7 +77,11 @@ from hf_caldetr.training import MODEL_FAMILIES, check_checkpoint
 logger = logging.getLogger("evaluate")
 
 FITTABLE = tuple(kind for kind in CALIBRATOR_KINDS if kind not in ("none", "auto"))
-COMPARED_METRICS = (("map", "AP"), ("map_50", "AP50"), ("d_ece", "D-ECE"), ("laece", "LaECE"), ("d_uce", "D-UCE"))
+COMPARED_METRICS = (("map", "AP"), ("map_50", "AP50"), ("d_ece", "D-ECE"), ("laece", "LaECE"), ("lrp", "LRP"),
+                    ("olrp", "oLRP"), ("laece_0", "LaECE_0"), ("laace_0", "LaACE_0"), ("oce", "OCE"),
+                    ("d_uce", "D-UCE"), ("at_lrp_optimal_thresholds.laece_0", "LaECE_0, LRP-optimal thresholds"),
+                    ("at_lrp_optimal_thresholds.laace_0", "LaACE_0, LRP-optimal thresholds"),
+                    ("at_lrp_optimal_thresholds.d_ece", "D-ECE, LRP-optimal thresholds"))
 SPLIT_TITLES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 
 
@@ -121,13 +126,24 @@ def is_onnx(name_or_path: str) -> bool:
     return Path(name_or_path).suffix == ".onnx" and Path(name_or_path).is_file()
 
 
+def flatten_summary(summary: dict) -> dict:
+    """A ``summarize`` dict with its nested protocol under dotted keys (``at_lrp_optimal_thresholds.laece_0``)."""
+    flat = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def comparison_table(first: str, second: str, results: dict, compared: dict) -> str:
-    """A side-by-side table (percent) of two models' AP, AP50, D-ECE, LaECE and D-UCE per split, with the
+    """A side-by-side table (percent) of two models' ``COMPARED_METRICS`` per split (both protocols), with the
     difference; a metric neither model has (D-UCE of ONNX models) is left out, one only one has is n/a."""
     a, b = display_name(first), display_name(second)
     lines = [f"| split | metric | {a} | {b} | {b} - {a} |", "|---|---|---|---|---|"]
     for split in results:
-        left, right = summarize(results[split]), summarize(compared[split])
+        left, right = (flatten_summary(summarize(side[split])) for side in (results, compared))
         for key, label in COMPARED_METRICS:
             if key not in left and key not in right:
                 continue
@@ -207,6 +223,10 @@ class EvaluationArguments:
     include_images_without_gt: bool = field(
         default=False, metadata={"help": "keep detections of images without ground truth (all false positives; "
                                          "default: off, the protocol's choice)"})
+    lrp_optimal_thresholds: bool = field(
+        default=True, metadata={"help": "also report the second protocol (Kuzucu et al.): per-class LRP-optimal "
+                                        "thresholds found on the held-out calibration images (--calibration_split, "
+                                        "--num_calibration_images), applied to the evaluated splits (default: on)"})
 
 
 @dataclass
@@ -327,12 +347,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Phase 4: the post-hoc calibrator of the first model: fitted on held-out images, or loaded.
     main_name = names[0]
-    calibration_record, folded = None, False
-    if calibration_args.fit_calibrator:
+    calibration_record, folded, calibration_dataset = None, False, None
+    if calibration_args.fit_calibrator or eval_args.lrp_optimal_thresholds:
         with accelerator.main_process_first():
             calibration_dataset = load_calibration_split(data_args, calibration_args.calibration_split,
                                                          calibration_args.num_calibration_images,
                                                          calibration_args.calibration_seed)
+    if calibration_args.fit_calibrator:
         softmax_head = models[main_name].config.model_type == "detr"
         calibrator = make_calibrator(calibration_args.fit_calibrator, calibration_args.class_wise, softmax_head,
                                      fold_required=False)
@@ -350,6 +371,20 @@ def main(argv: list[str] | None = None) -> dict:
                                            calibration_args.save_calibrated_model, eval_args.output_dir)
             folded = True
 
+    # The second protocol's per-class LRP-optimal thresholds, found on the held-out images for each set of scores
+    # measured: the model's own, the raw ones of a folded model, the score-calibrated ones, the compared model's.
+    thresholds = {}
+    if eval_args.lrp_optimal_thresholds:
+        for key, name, model, score_map in (
+                ("main", main_name, models[main_name], None),
+                ("raw", main_name, raw_models.get(main_name), None),
+                ("calibrated", main_name, models[main_name] if calibrator is not None and not folded else None,
+                 calibrator),
+                ("compare_with", names[-1], models[names[-1]] if len(names) > 1 else None, None)):
+            if model is not None:
+                thresholds[key] = lrp_thresholds(model, dataloader(calibration_dataset, name), processors[name],
+                                                 accelerator, calibrator=score_map, **metric_options)
+
     # Phase 5: evaluate. A model runs once per split; raw and calibrated scores are measured on its detections
     # (a folded model runs once more, unfolded, for its raw scores).
     results, before, compared = {}, {}, {}
@@ -357,16 +392,19 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             batches = list(iter_detections(models[name], dataloader(dataset, name), processors[name], accelerator,
                                            progress=True))
-            raw = measure_detections(batches, **metric_options)
+            own = thresholds.get("main" if name == main_name else "compare_with")
+            raw = measure_detections(batches, class_thresholds=own, **metric_options)
             if name == main_name:
                 if folded:  # the folded model's own scores are calibrated; its raw ones come from the raw model
                     raw_batches = list(iter_detections(raw_models[main_name], dataloader(dataset, name),
                                                        processors[name], accelerator, progress=True))
-                    before[split], results[split] = measure_detections(raw_batches, **metric_options), raw
+                    before[split] = measure_detections(raw_batches, class_thresholds=thresholds.get("raw"),
+                                                       **metric_options)
+                    results[split] = raw
                     continue
                 before[split] = raw
-                results[split] = raw if calibrator is None else measure_detections(batches, calibrator,
-                                                                                   **metric_options)
+                results[split] = raw if calibrator is None else measure_detections(
+                    batches, calibrator, class_thresholds=thresholds.get("calibrated"), **metric_options)
             else:
                 compared[split] = raw
             shown = summarize(results[split] if name == main_name else raw)
@@ -385,6 +423,11 @@ def main(argv: list[str] | None = None) -> dict:
                                 "fitted_on": calibration_record},
                             "num_processes": accelerator.num_processes,
                             "arguments": {**asdict(eval_args), **asdict(data_args), **asdict(calibration_args)}}}
+    if thresholds:
+        extra["lrp_optimal_thresholds"] = {
+            "found_on": {"split": calibration_args.calibration_split or "train", "num_images": len(calibration_dataset),
+                         "seed": calibration_args.calibration_seed},
+            **{key: {str(k): v for k, v in values.items()} for key, values in thresholds.items()}}
     if calibrator is not None:
         extra["before_calibration"] = {split: summarize(result) for split, result in before.items()}
     if compared:

@@ -49,6 +49,7 @@ from hf_caldetr.evaluation import (
     UNCERTAINTY_DIAGRAM,
     evaluate_model,
     fit_and_fold,
+    lrp_thresholds,
     make_calibrator,
     plot_uncertainty_panels,
     summarize,
@@ -483,7 +484,16 @@ def main():
             corrupted, manifest = corrupt_dataset(eval_dataset, base_seed=data_args.corruption_seed)
         splits["out_of_domain"] = accelerator.prepare(DataLoader(
             corrupted, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collate, **loader_options))
-    raw = {split: evaluate_model(model, loader, image_processor, accelerator, progress=True)
+    # The second protocol (Kuzucu et al.): per-class LRP-optimal thresholds found on the held-out images (never
+    # the evaluated ones), applied to every evaluated split; raw and calibrated scores each get their own.
+    calibration_loader, thresholds = None, {}
+    if calibration_dataset is not None:
+        calibration_loader = accelerator.prepare(DataLoader(
+            calibration_dataset, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collate,
+            **loader_options))
+        thresholds["raw"] = lrp_thresholds(model, calibration_loader, image_processor, accelerator)
+    raw = {split: evaluate_model(model, loader, image_processor, accelerator, progress=True,
+                                 class_thresholds=thresholds.get("raw"))
            for split, loader in splits.items()}
 
     # Phase 7: fit the post-hoc calibrator on the held-out images, fold it into the weights when it is affine,
@@ -491,9 +501,6 @@ def main():
     unwrapped = accelerator.unwrap_model(model)
     results, calibration = raw, None
     if calibrator is not None:
-        calibration_loader = accelerator.prepare(DataLoader(
-            calibration_dataset, batch_size=train_args.per_device_eval_batch_size, collate_fn=eval_collate,
-            **loader_options))
         fitted_on = {"images": len(calibration_dataset), "source": calibration_args.calibration_split or (
             "held-out training images" if (data_args.dataset_name or data_args.train_annotations)
             else f"fresh digit scenes, generation seed {calibration_args.calibration_seed}"),
@@ -508,8 +515,11 @@ def main():
             calibrator, calibration = None, {"skipped": str(error)}
     if calibrator is not None:
         # A folded model's own scores are calibrated; otherwise the calibrator maps the post-processed scores.
+        score_map = None if folded else calibrator
+        thresholds["calibrated"] = lrp_thresholds(model, calibration_loader, image_processor, accelerator,
+                                                  calibrator=score_map)
         results = {split: evaluate_model(model, loader, image_processor, accelerator, progress=True,
-                                         calibrator=None if folded else calibrator)
+                                         calibrator=score_map, class_thresholds=thresholds["calibrated"])
                    for split, loader in splits.items()}
         calibration = {"type": type(calibrator).__name__, "class_wise": calibrator.class_wise, "folded": folded,
                        "params": calibrator.params_,
@@ -550,6 +560,11 @@ def main():
                     "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1),
                     "num_processes": accelerator.num_processes, "threads_per_process": threads, "arguments": args}
         extra = {"run": run_info, "calibration": calibration}
+        if thresholds:
+            extra["lrp_optimal_thresholds"] = {
+                "found_on": calibration["fitted_on"] if calibration and "fitted_on" in calibration else
+                f"{len(calibration_dataset)} held-out images",
+                **{kind: {str(k): v for k, v in values.items()} for kind, values in thresholds.items()}}
         if calibrator is not None:
             extra["before_calibration"] = {split: summarize(result) for split, result in raw.items()}
             calibrator.save(output_dir / "calibrator.json")

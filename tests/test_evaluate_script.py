@@ -20,11 +20,12 @@ from hf_caldetr.data import (
     corrupt_dataset,
     make_collate_fn,
 )
-from hf_caldetr.data.splits import DataArguments, load_splits
+from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
 from hf_caldetr.evaluation import (
     evaluate_model,
     fit_calibrator,
     iter_detections,
+    lrp_thresholds,
     summarize,
 )
 from hf_caldetr.training import build_model
@@ -50,18 +51,28 @@ def run(*args, launcher=False):
         raise AssertionError(f"evaluate.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
 
 
-def oracle(model_dir, dataset, image_processor=None, calibrator=None) -> dict:
-    """``summarize(evaluate_model(...))`` in this process: the checkpoint as the stock Auto class loads it."""
+def oracle(model_dir, dataset, image_processor=None, calibrator=None, thresholds_on=None) -> dict:
+    """``summarize(evaluate_model(...))`` in this process: the checkpoint as the stock Auto class loads it; with
+    ``thresholds_on`` (a held-out dataset) also the second protocol, at the LRP-optimal thresholds found there."""
     model = AutoModelForObjectDetection.from_pretrained(model_dir)
     image_processor = image_processor or AutoImageProcessor.from_pretrained(model_dir)
-    loader = DataLoader(dataset, batch_size=32, collate_fn=make_collate_fn(image_processor))
-    return summarize(evaluate_model(model, loader, image_processor, calibrator=calibrator))
+
+    def loader(data):
+        return DataLoader(data, batch_size=32, collate_fn=make_collate_fn(image_processor))
+
+    thresholds = None
+    if thresholds_on is not None:
+        thresholds = lrp_thresholds(model, loader(thresholds_on), image_processor, calibrator=calibrator)
+    return summarize(evaluate_model(model, loader(dataset), image_processor, calibrator=calibrator,
+                                    class_thresholds=thresholds))
 
 
 def assert_same_metrics(actual: dict, expected: dict):
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
-        if np.isnan(value):
+        if isinstance(value, dict):
+            assert_same_metrics(actual[key], value)
+        elif np.isnan(value):
             assert np.isnan(actual[key]), key
         else:
             assert actual[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
@@ -143,11 +154,17 @@ def test_fit_calibrator_and_compare_with_agree_with_the_in_process_oracle(folder
     assert (folders["trained"] / "calibrator.json").read_text() == (output / "calibrator.json").read_text()
     assert metrics["evaluation"]["calibrator"]["fitted_on"]["num_images"] == NUM_IMAGES
 
-    # The model before and after calibration, in-domain and corrupted: evaluate_model here gives the same numbers.
+    # The model before and after calibration, in-domain and corrupted: evaluate_model here gives the same numbers,
+    # the second protocol's included (its thresholds found on the held-out train split, raw and folded apart).
+    held_out = load_calibration_split(DataArguments(dataset_name=str(folders["self_labelled"])), None, 500, 1)
     for split, dataset in (("in_domain", validation_split), ("out_of_domain", corrupted)):
-        assert_same_metrics(metrics["before_calibration"][split], oracle(folders["trained"], dataset))
-        assert_same_metrics(metrics[split], oracle(folders["trained"], dataset, calibrator=saved))
+        assert_same_metrics(metrics["before_calibration"][split],
+                            oracle(folders["trained"], dataset, thresholds_on=held_out))
+        assert_same_metrics(metrics[split], oracle(folders["trained"], dataset, calibrator=saved,
+                                                   thresholds_on=held_out))
         assert metrics[split]["num_images"] == NUM_IMAGES
+        assert np.isfinite(metrics[split]["at_lrp_optimal_thresholds"]["laece_0"])
+    assert set(metrics["lrp_optimal_thresholds"]) >= {"found_on", "main", "raw", "compare_with"}
     # Temperature scaling keeps the ranking, so the AP; the confidences, and so the D-ECE, change.
     before, after = metrics["before_calibration"]["in_domain"], metrics["in_domain"]
     assert after["map"] == before["map"] > 0
@@ -156,7 +173,7 @@ def test_fit_calibrator_and_compare_with_agree_with_the_in_process_oracle(folder
     # The baseline saved no image processor: the script falls back to build_image_processor(--image_size).
     assert metrics["compare_with"]["model"] == str(folders["baseline"])
     assert_same_metrics(metrics["compare_with"]["in_domain"],
-                        oracle(folders["baseline"], validation_split, build_image_processor(96)))
+                        oracle(folders["baseline"], validation_split, build_image_processor(96), thresholds_on=held_out))
     assert metrics["compare_with"]["in_domain"]["d_ece"] != before["d_ece"]
 
     for name in ("reliability_diagram.png", "reliability_comparison.png", "reliability_before_after.png",
@@ -175,7 +192,8 @@ def test_saved_calibrator_applies_on_the_train_py_evaluation(folders, compared):
     output = folders["root"] / "applied"
     calibrator_path = compared[0] / "calibrator.json"
     run("--model_name_or_path", folders["trained"], "--calibrator", calibrator_path,
-        "--num_validation_images", NUM_IMAGES, "--skip_out_of_domain", "true", "--output_dir", output)
+        "--num_validation_images", NUM_IMAGES, "--skip_out_of_domain", "true", "--output_dir", output,
+        "--lrp_optimal_thresholds", "false")  # train.py ran with --calibrator none: no held-out images
     metrics = json.loads((output / "metrics.json").read_text())
     trained_metrics = json.loads((folders["trained"] / "metrics.json").read_text())
     assert_same_metrics(metrics["before_calibration"]["in_domain"], trained_metrics["in_domain"])

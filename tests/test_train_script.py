@@ -36,12 +36,21 @@ def launch(output_dir, *args, processes=1, check=True):
 def test_default_outputs_are_a_stock_checkpoint_with_metrics(tmp_path):
     launch(tmp_path, "--max_train_steps", "4")
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "metrics.json",
-                 "reliability_diagram.png", "uncertainty_diagram.png", "corruption_manifest.json"):
+                 "reliability_diagram.png", "uncertainty_diagram.png", "laece_diagram.png", "corruption_manifest.json"):
         assert (tmp_path / name).is_file(), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for split in ("in_domain", "out_of_domain"):
-        assert {"map", "map_50", "d_ece", "laece", "d_uce"} <= set(metrics[split])
+        assert {"map", "map_50", "d_ece", "laece", "laece_iou_0.1", "lrp", "olrp", "laece_0", "laace_0", "oce",
+                "d_uce"} <= set(metrics[split])
         assert metrics[split]["num_images"] == 16
+        # The second protocol, at thresholds found on the held-out calibration images.
+        assert {"laece_0", "laace_0", "lrp", "d_ece", "oce"} <= set(metrics[split]["at_lrp_optimal_thresholds"])
+    thresholds = metrics["lrp_optimal_thresholds"]
+    assert thresholds["found_on"]["source"].startswith("fresh digit scenes")
+    for kind in ("raw", "calibrated"):
+        values = thresholds[kind]
+        assert sorted(values, key=int) == [str(k) for k in range(10)]
+        assert all(v == -1 or v != v or 0 <= v <= 1 for v in values.values())  # -1: no ground truth, NaN: no TP
     assert metrics["run"]["method"] == "cal-detr" and metrics["run"]["train_steps"] == 4
     manifest = json.loads((tmp_path / "corruption_manifest.json").read_text())
     assert len(manifest["images"]) == 16 and {"corruption", "severity"} <= set(manifest["images"][0])

@@ -29,7 +29,7 @@ from .metrics import (
     match_detections,
     plot_reliability_diagram,
 )
-from .metrics.reliability import plot_uncertainty_diagram
+from .metrics.reliability import plot_laece_diagram, plot_uncertainty_diagram
 
 TOP_K = 100
 UNCERTAINTY_KEY = "uncertainties"
@@ -413,21 +413,40 @@ def fit_calibrator(model, dataloader, image_processor, calibrator, accelerator=N
     return calibrator.fit(outcomes.scores, outcomes.matched, outcomes.labels)
 
 
-SUMMARY_KEYS = ("map", "map_50", "map_75", "d_ece", "laece", "position_d_ece", "d_uce", "precision",
-                "mean_confidence", "num_detections", "num_images", "num_images_evaluated")
+SUMMARY_KEYS = ("map", "map_50", "map_75", "d_ece", "laece", "laece_iou_0.1", "lrp", "lrp_loc", "lrp_fp", "lrp_fn",
+                "olrp", "olrp_loc", "olrp_fp", "olrp_fn", "laece_0", "laace_0", "oce", "position_d_ece", "d_uce",
+                "precision", "mean_confidence", "num_detections", "num_images", "num_images_evaluated", "num_ignored")
+# The LRP-optimal-threshold protocol (Kuzucu et al.), a nested dict of the result when thresholds were given.
+THRESHOLD_PROTOCOL_KEY = "at_lrp_optimal_thresholds"
+
+
+def _plain(value):
+    return int(value) if isinstance(value, (int, np.integer)) else float(value)
 
 
 def summarize(result: dict) -> dict:
-    """The scalar metrics of an ``evaluate_model`` result, as plain floats/ints for JSON."""
-    summary = {}
-    for key in SUMMARY_KEYS:
-        if key in result:
-            value = result[key]
-            summary[key] = int(value) if isinstance(value, (int, np.integer)) else float(value)
+    """The scalar metrics of an ``evaluate_model`` result, as plain floats/ints for JSON; the LRP-optimal-threshold
+    protocol's values (when measured) under ``at_lrp_optimal_thresholds``."""
+    summary = {key: _plain(result[key]) for key in SUMMARY_KEYS if key in result and result[key] is not None}
+    nested = result.get(THRESHOLD_PROTOCOL_KEY)
+    if nested:
+        summary[THRESHOLD_PROTOCOL_KEY] = {key: _plain(value) for key, value in nested.items() if value is not None}
     return summary
 
 
+def lrp_thresholds(model, dataloader, image_processor, accelerator=None, calibrator=None, progress: bool = False,
+                   **metric_options) -> dict[int, float]:
+    """Per-class LRP-optimal score thresholds (Kuzucu et al., ECCV 2024: IoU 0, as fiveai/detection_calibration)
+    of ``model``'s detections, scores calibrated by ``calibrator`` when given, on a **validation** split
+    (``dataloader``, never the split the thresholds are then evaluated on). Pass the result as
+    ``evaluate_model(..., class_thresholds=...)`` for the second protocol."""
+    result = evaluate_model(model, dataloader, image_processor, accelerator, progress=progress, calibrator=calibrator,
+                            uncertainties=False, compute_ap=False, **metric_options)
+    return result["lrp_optimal_thresholds"]
+
+
 UNCERTAINTY_DIAGRAM = "uncertainty_diagram.png"
+LAECE_DIAGRAM = "laece_diagram.png"
 
 
 def plot_uncertainty_panels(results: list[dict], path, titles: list[str] | None = None) -> bool:
@@ -459,6 +478,8 @@ def write_metrics(results: dict[str, dict], output_dir, extra: dict | None = Non
     plot_reliability_diagram([results[name] for name in names], output_dir / "reliability_diagram.png",
                              titles=panel_titles)
     plot_uncertainty_panels([results[name] for name in names], output_dir / UNCERTAINTY_DIAGRAM, panel_titles)
+    if all("laece_calibration" in results[name] for name in names):
+        plot_laece_diagram([results[name] for name in names], output_dir / LAECE_DIAGRAM, panel_titles)
     return metrics
 
 

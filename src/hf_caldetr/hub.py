@@ -36,7 +36,12 @@ REQUIRED_METRIC_KEYS = ("map", "map_50", "map_75", "d_ece", "laece")
 SPLITS = {"in_domain": "in-domain", "out_of_domain": "out-of-domain, corrupted"}
 MODEL_INDEX_METRICS = {"map": "AP", "map_50": "AP50", "d_ece": "D-ECE", "laece": "LaECE"}
 TABLE_METRICS = {"map": "AP", "map_50": "AP50", "map_75": "AP75", "d_ece": "D-ECE", "laece": "LaECE",
-                 "position_d_ece": "position D-ECE", "d_uce": "D-UCE"}
+                 "laece_iou_0.1": "LaECE (IoU 0.1)", "lrp": "LRP", "olrp": "oLRP", "laece_0": "LaECE_0",
+                 "laace_0": "LaACE_0", "oce": "OCE", "position_d_ece": "position D-ECE", "d_uce": "D-UCE",
+                 "at_lrp_optimal_thresholds.laece_0": "LaECE_0, LRP-optimal thresholds",
+                 "at_lrp_optimal_thresholds.laace_0": "LaACE_0, LRP-optimal thresholds",
+                 "at_lrp_optimal_thresholds.lrp": "LRP (IoU 0), LRP-optimal thresholds",
+                 "at_lrp_optimal_thresholds.d_ece": "D-ECE, LRP-optimal thresholds"}
 
 # The template must use these: without them a card has no metadata, no usage, no results or no training record.
 REQUIRED_TEMPLATE_FIELDS = ("card_data", "model_id", "results_table", "training_table")
@@ -236,12 +241,22 @@ def eval_results(metrics: dict, dataset: dict) -> list:
     return results
 
 
+def _lookup(values: dict, key: str):
+    """``values[key]``, a dotted key reading a nested dict; ``None`` when absent."""
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return None
+        values = values[part]
+    return values
+
+
 def results_table(metrics: dict, score_threshold: float) -> str:
     splits = [split for split in SPLITS if split in metrics]
     rows = []
     for key, name in TABLE_METRICS.items():
-        if any(key in metrics[split] for split in splits):
-            cells = [_percent(metrics[split][key]) if key in metrics[split] else None for split in splits]
+        if any(_lookup(metrics[split], key) is not None for split in splits):
+            cells = [None if _lookup(metrics[split], key) is None else _percent(_lookup(metrics[split], key))
+                     for split in splits]
             rows.append((name, *("n/a" if cell is None else f"{cell:.2f}" for cell in cells)))
     for key, name in (("num_detections", f"detections kept (score >= {score_threshold})"),
                       ("num_images_evaluated", "images evaluated"), ("num_images", "images")):
