@@ -63,6 +63,7 @@ from hf_caldetr.evaluation import (
     fit_calibrator,
     iter_detections,
     make_calibrator,
+    flatten_summary,
     lrp_thresholds,
     measure_detections,
     model_categories,
@@ -124,17 +125,6 @@ def load_detector(name_or_path: str, raw: bool = False):
 
 def is_onnx(name_or_path: str) -> bool:
     return Path(name_or_path).suffix == ".onnx" and Path(name_or_path).is_file()
-
-
-def flatten_summary(summary: dict) -> dict:
-    """A ``summarize`` dict with its nested protocol under dotted keys (``at_lrp_optimal_thresholds.laece_0``)."""
-    flat = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
-        else:
-            flat[key] = value
-    return flat
 
 
 def comparison_table(first: str, second: str, results: dict, compared: dict) -> str:
@@ -408,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 compared[split] = raw
             shown = summarize(results[split] if name == main_name else raw)
-            logger.info("%s %s: %s", display_name(name), split, {k: round(v, 4) for k, v in shown.items()})
+            logger.info("%s %s: %s", display_name(name), split,
+                        {k: round(v, 4) for k, v in flatten_summary(shown).items()})
 
     # Phase 6: write metrics, diagrams, calibrator and manifest.
     accelerator.wait_for_everyone()

@@ -49,6 +49,7 @@ from hf_caldetr.evaluation import (
     UNCERTAINTY_DIAGRAM,
     evaluate_model,
     fit_and_fold,
+    flatten_summary,
     lrp_thresholds,
     make_calibrator,
     plot_uncertainty_panels,
@@ -468,7 +469,8 @@ def main():
         if checkpoint_every == "epoch":
             save_checkpoint(accelerator, train_args.output_dir, f"epoch_{epoch}", completed_steps, args)
         if train_args.eval_every_epoch and completed_steps < max_train_steps:
-            epoch_result = summarize(evaluate_model(model, eval_dataloader, image_processor, accelerator))
+            epoch_result = flatten_summary(summarize(evaluate_model(model, eval_dataloader, image_processor,
+                                                                    accelerator)))
             logger.info("epoch %d in-domain: %s", epoch, {k: round(v, 4) for k, v in epoch_result.items()})
             if accelerator.log_with:
                 accelerator.log({f"eval/in_domain/{k}": v for k, v in epoch_result.items()}, step=completed_steps)
@@ -528,16 +530,21 @@ def main():
         logger.info("calibrator %s fitted on %d held-out images%s", type(calibrator).__name__,
                     len(calibration_dataset), ", folded into the weights" if folded else " (saved as calibrator.json)")
     for split in results:
-        summary = summarize(results[split])
+        summary = flatten_summary(summarize(results[split]))
         if accelerator.log_with:
             accelerator.log({f"eval/{split}/{k}": v for k, v in summary.items()}, step=completed_steps)
         if calibrator is None:
             logger.info("%s: %s", split, {k: round(v, 4) for k, v in summary.items()})
             continue
-        before = summarize(raw[split])
+        before = flatten_summary(summarize(raw[split]))
         logger.info("%s: D-ECE raw %.2f %% -> calibrated %.2f %%; LaECE %.2f -> %.2f %%; AP %.2f -> %.2f %%", split,
                     100 * before["d_ece"], 100 * summary["d_ece"], 100 * before["laece"], 100 * summary["laece"],
                     100 * before["map"], 100 * summary["map"])
+        key = "at_lrp_optimal_thresholds.laece_0"
+        if key in before and key in summary:
+            logger.info("%s, at LRP-optimal thresholds: LaECE_0 raw %.2f %% -> calibrated %.2f %%; LRP (IoU 0) "
+                        "%.2f -> %.2f %%", split, 100 * before[key], 100 * summary[key],
+                        100 * before["at_lrp_optimal_thresholds.lrp"], 100 * summary["at_lrp_optimal_thresholds.lrp"])
 
     # Phase 8: save the Hub folder (and push).
     accelerator.wait_for_everyone()

@@ -31,7 +31,8 @@ from hf_caldetr.hub import (
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "someone/cal-detr-tiny"
-TOP_LEVEL_FILES = ["README.md", "config.json", "corruption_manifest.json", "example.png", "metrics.json",
+TOP_LEVEL_FILES = ["README.md", "config.json", "corruption_manifest.json", "example.png", "laece_diagram.png",
+                   "metrics.json",
                    "model.safetensors", "preprocessor_config.json", "reliability_diagram.png",
                    "uncertainty_diagram.png"]
 

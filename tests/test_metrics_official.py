@@ -226,3 +226,23 @@ def test_crowd_regions_are_ignored_by_laece_and_lrp():
     assert lrp["lrp"] == pytest.approx(0.0) and lrp["per_class"][0]["num_fp"] == 0
     assert lrp["per_class"][0]["num_gt"] == 1
     assert localisation_aware_calibration_error(predictions, references, 1)["laece"] == pytest.approx(1e-9)
+
+
+def test_laece_diagram_bins_by_hand(tmp_path):
+    # Class 0: a TP with IoU 0.5 at 0.9 and an FP at 0.5; class 1: a TP with IoU 1 at 0.95. Pooled 25-bin table:
+    # [0.48, 0.52): 1 detection, IoU-weighted precision 0, confidence 0.5; [0.88, 0.92): 1, 0.5, 0.9;
+    # [0.92, 0.96): 1, 1.0, 0.95. The panel's value is LaECE itself: class 0 = (0.5 + 0.4) / 2 = 0.45, class 1 =
+    # 0.05, mean 0.25.
+    from hf_caldetr.metrics import evaluate_detections, plot_laece_diagram
+
+    predictions = [{"boxes": np.array([[0, 0, 5, 10], [50, 50, 60, 60], [20, 0, 30, 10]], float),
+                    "scores": [0.9, 0.5, 0.95], "labels": [0, 0, 1]}]
+    references = [{"boxes": np.array([SQUARE, [20, 0, 30, 10]], float), "labels": [0, 1]}]
+    result = evaluate_detections(predictions, references, categories=2, compute_ap=False)
+    bins = result["laece_calibration"]
+    occupied = {k: (bins["bin_counts"][k], bins["bin_precisions"][k], bins["bin_confidences"][k])
+                for k in range(25) if bins["bin_counts"][k]}
+    assert occupied == {12: (1, 0.0, 0.5), 22: (1, 0.5, 0.9), 23: (1, 1.0, 0.95)}
+    assert bins["d_ece"] == result["laece"] == pytest.approx(0.25)
+    path = plot_laece_diagram([result, result], tmp_path / "laece.png", titles=["a", "b"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -43,14 +43,8 @@ def test_default_outputs_are_a_stock_checkpoint_with_metrics(tmp_path):
         assert {"map", "map_50", "d_ece", "laece", "laece_iou_0.1", "lrp", "olrp", "laece_0", "laace_0", "oce",
                 "d_uce"} <= set(metrics[split])
         assert metrics[split]["num_images"] == 16
-        # The second protocol, at thresholds found on the held-out calibration images.
-        assert {"laece_0", "laace_0", "lrp", "d_ece", "oce"} <= set(metrics[split]["at_lrp_optimal_thresholds"])
-    thresholds = metrics["lrp_optimal_thresholds"]
-    assert thresholds["found_on"]["source"].startswith("fresh digit scenes")
-    for kind in ("raw", "calibrated"):
-        values = thresholds[kind]
-        assert sorted(values, key=int) == [str(k) for k in range(10)]
-        assert all(v == -1 or v != v or 0 <= v <= 1 for v in values.values())  # -1: no ground truth, NaN: no TP
+    # --calibrator none holds no images out, so there is no split to find LRP-optimal thresholds on.
+    assert "lrp_optimal_thresholds" not in metrics and "at_lrp_optimal_thresholds" not in metrics["in_domain"]
     assert metrics["run"]["method"] == "cal-detr" and metrics["run"]["train_steps"] == 4
     manifest = json.loads((tmp_path / "corruption_manifest.json").read_text())
     assert len(manifest["images"]) == 16 and {"corruption", "severity"} <= set(manifest["images"][0])
@@ -163,6 +157,32 @@ def test_the_run_ends_calibrated(tmp_path, scoring_checkpoint, calibrator):
         assert "folded_calibration" not in config
     card = (tmp_path / "README.md").read_text()
     assert "Raw scores, before the post-hoc calibration" in card
+
+    # The second protocol: per-class LRP-optimal thresholds found on the held-out split, for the raw and the
+    # calibrated scores apart, then applied to the evaluated splits. The calibrated ones equal those found here, in
+    # this process, for the saved checkpoint (its folded scores, or the saved calibrator on its scores).
+    assert "LaECE_0, LRP-optimal thresholds" in card
+    recorded = metrics["lrp_optimal_thresholds"]
+    assert recorded["found_on"]["images"] == 32 and {"raw", "calibrated"} <= set(recorded)
+    for split in ("in_domain", "out_of_domain"):
+        for result in (metrics[split], metrics["before_calibration"][split]):
+            assert {"laece_0", "laace_0", "lrp", "d_ece", "oce"} <= set(result["at_lrp_optimal_thresholds"])
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    from hf_caldetr.calibrators import load_calibrator
+    from hf_caldetr.data import make_collate_fn
+    from hf_caldetr.data.splits import DataArguments, load_calibration_split
+    from hf_caldetr.evaluation import lrp_thresholds
+
+    held_out = load_calibration_split(DataArguments(dataset_name=str(scoring_checkpoint / "data")), "calibration", 0, 1)
+    model = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    loader = torch.utils.data.DataLoader(held_out, batch_size=8, collate_fn=make_collate_fn(processor))
+    score_map = None if calibrator == "platt" else load_calibrator(tmp_path / "calibrator.json")
+    expected = lrp_thresholds(model, loader, processor, calibrator=score_map)
+    assert recorded["calibrated"].keys() == {str(k) for k in expected}
+    for key, value in expected.items():
+        assert recorded["calibrated"][str(key)] == pytest.approx(value, rel=1e-6, nan_ok=True), key
 
 
 def test_calibrators_a_softmax_head_cannot_take_are_refused_before_training(tmp_path):

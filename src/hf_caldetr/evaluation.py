@@ -434,6 +434,18 @@ def summarize(result: dict) -> dict:
     return summary
 
 
+def flatten_summary(summary: dict) -> dict:
+    """A ``summarize`` dict with its nested protocol under dotted keys (``at_lrp_optimal_thresholds.laece_0``), for
+    logs, trackers and tables."""
+    flat = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def lrp_thresholds(model, dataloader, image_processor, accelerator=None, calibrator=None, progress: bool = False,
                    **metric_options) -> dict[int, float]:
     """Per-class LRP-optimal score thresholds (Kuzucu et al., ECCV 2024: IoU 0, as fiveai/detection_calibration)
