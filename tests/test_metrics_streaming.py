@@ -131,3 +131,28 @@ def test_reset_and_empty(data):
     assert result["num_images"] == 0 and result["num_detections"] == 0
     for key in ("d_ece", "laece", "lrp", "olrp", "laece_0", "laace_0", "oce", "map"):
         assert math.isnan(result[key]), key
+
+
+def test_values_are_checked_together_and_named_by_their_position_among_all_images(data, monkeypatch):
+    from hf_caldetr.metrics import streaming
+
+    predictions, references, sizes = data
+    # Flushing every 5 images (the default is every FLUSH_IMAGES) gives the one-call result.
+    monkeypatch.setattr(streaming, "FLUSH_IMAGES", 5)
+    expected = evaluate_detections(predictions, references, sizes, categories=CATEGORIES)
+    np.testing.assert_equal(batched_result(predictions, references, sizes, 3, categories=CATEGORIES), expected)
+    assert batched_result(predictions, references, sizes, 3).keys() <= expected.keys()
+
+    # A NaN score in the third image of the fifth batch of 3: named as image 14 of all those given.
+    broken = [dict(prediction) for prediction in predictions]
+    broken[14]["scores"] = np.where(np.arange(len(broken[14]["scores"])) == 0, np.nan, broken[14]["scores"])
+    metric = DetectionCalibrationMetric()
+    with pytest.raises(ValueError, match=r"predictions\[14\]\['scores'\] contains NaN"):
+        for start in range(0, 18, 3):
+            metric.update(broken[start:start + 3], references[start:start + 3], sizes[start:start + 3])
+        metric.compute()
+    metric = DetectionCalibrationMetric()
+    metric.update(predictions[:2], references[:2])
+    assert metric.num_images == 2
+    with pytest.raises(ValueError, match="predictions cover 2 images but references cover 1"):
+        metric.update(predictions[:2], references[:1])

@@ -1,7 +1,9 @@
 """Accuracy and calibration of a detector in one pass: batch by batch, on one process or many.
 
-``DetectionCalibrationMetric.update`` checks and flattens each batch as it arrives and keeps every detection (box,
-score, label, and the uncertainty and box position when given) with the ground truth and its crowd flags;
+``DetectionCalibrationMetric.update`` collects the batches; every ``FLUSH_IMAGES`` images (and at ``compute``) they
+are checked and flattened together (one pass over many images is much cheaper than one per small batch; an error
+names the image by its position among all the images given) and every detection is kept (box, score, label, and
+the uncertainty and box position when given) with the ground truth and its crowd flags;
 ``compute`` pools them and runs every metric once (``protocol.calibration_protocol``: D-ECE, LaECE, LRP, oLRP,
 LaECE_0, LaACE_0, OCE, and when available position-dependent D-ECE and D-UCE; both protocols when per-class
 thresholds are given), plus COCO AP when ``compute_ap`` is on. Matching is per image, so pooling first gives
@@ -15,12 +17,26 @@ images seen, never on how they were batched.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from .coco import COCO_SUMMARY_KEYS, average_precision_flat, crowd_and_area
 from .d_ece import box_position_features
 from .inputs import FlatBoxes, flatten_pair, image_sizes_array, reference_crowd_flags
 from .protocol import calibration_protocol
+
+
+# Images collected before they are checked and flattened together.
+FLUSH_IMAGES = 1024
+
+
+def _shifted(error: ValueError, offset: int) -> ValueError:
+    """``error`` with the image positions it names (``predictions[3]``) counted among all the images given."""
+    message = re.sub(r"\b(predictions|references)\[(\d+)\]",
+                     lambda match: f"{match.group(1)}[{int(match.group(2)) + offset}]", str(error))
+    return ValueError(message)
 
 
 def _concatenate_flat(parts: list[FlatBoxes], with_scores: bool) -> FlatBoxes:
@@ -81,8 +97,14 @@ class DetectionCalibrationMetric:
         self._areas: list[np.ndarray] = []
         self._box_features: list[np.ndarray] = []
         self._uncertainties: list[np.ndarray] = []
+        self._pending: tuple[list, list, list] = ([], [], [])
         self._sizes_given: bool | None = None
-        self.num_images = 0
+        self._num_flushed = 0
+
+    @property
+    def num_images(self) -> int:
+        """Images added so far."""
+        return self._num_flushed + len(self._pending[0])
 
     def update(self, predictions, references, image_sizes=None) -> None:
         """Add a batch.
@@ -94,18 +116,43 @@ class DetectionCalibrationMetric:
                 (crowd regions, ignored by every metric as COCO ignores them) and ``area`` for AP).
             image_sizes: ``(height, width)`` per image, for the position-dependent D-ECE. Give it for every
                 batch or for none.
+
+        The batch's structure is checked here; its values with the next ``FLUSH_IMAGES`` images (or at
+        ``compute``), each problem named with the image's position among all the images given.
         """
         sizes_given = image_sizes is not None
         if self._sizes_given is not None and sizes_given != self._sizes_given:
             raise ValueError("image_sizes must be given for every batch or for none")
-        extra_keys = (self.uncertainty_key,) if self.uncertainty_key else ()
-        flat_predictions, flat_references = flatten_pair(predictions, references, extra_keys=extra_keys)
-        sizes = image_sizes_array(image_sizes, flat_predictions.num_images) if sizes_given else None
-        crowd = reference_crowd_flags(references, flat_references)
-        _, areas = crowd_and_area(references, flat_references) if self.compute_ap else (None, None)
-
+        for value, name in ((predictions, "predictions"), (references, "references")):
+            if isinstance(value, Mapping) or not isinstance(value, Sequence):
+                raise ValueError(f"{name} must be a list of per-image dicts, got {type(value).__name__}")
+        if len(predictions) != len(references):
+            raise ValueError(f"predictions cover {len(predictions)} images but references cover {len(references)}")
+        sizes = image_sizes_array(image_sizes, len(predictions)) if sizes_given else None
         self._sizes_given = sizes_given
+        pending_predictions, pending_references, pending_sizes = self._pending
+        pending_predictions.extend(predictions)
+        pending_references.extend(references)
         if sizes_given:
+            pending_sizes.append(sizes)
+        if len(pending_predictions) >= FLUSH_IMAGES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Check and flatten the collected images together, then keep their flat arrays."""
+        predictions, references, sizes = self._pending
+        if not predictions:
+            return
+        self._pending = ([], [], [])
+        extra_keys = (self.uncertainty_key,) if self.uncertainty_key else ()
+        try:
+            flat_predictions, flat_references = flatten_pair(predictions, references, extra_keys=extra_keys)
+            crowd = reference_crowd_flags(references, flat_references)
+            _, areas = crowd_and_area(references, flat_references) if self.compute_ap else (None, None)
+        except ValueError as error:
+            raise _shifted(error, self._num_flushed) from None
+        if self._sizes_given:
+            sizes = np.concatenate(sizes)
             self._box_features.append(box_position_features(flat_predictions.boxes,
                                                             sizes[flat_predictions.image_index]))
         if self.uncertainty_key:
@@ -115,12 +162,12 @@ class DetectionCalibrationMetric:
         self._crowd.append(np.zeros(len(flat_references.labels), dtype=bool) if crowd is None else crowd)
         if self.compute_ap:
             self._areas.append(areas)
-        self.num_images += flat_predictions.num_images
+        self._num_flushed += flat_predictions.num_images
 
     def _offset(self, flat: FlatBoxes, with_scores: bool) -> FlatBoxes:
         """The boxes with image indices made global."""
         return FlatBoxes(flat.boxes, flat.labels, flat.scores if with_scores else None,
-                         flat.image_index + self.num_images, flat.position, flat.num_images, {})
+                         flat.image_index + self._num_flushed, flat.position, flat.num_images, {})
 
     def compute(self) -> dict:
         """Pool every batch.
@@ -134,6 +181,7 @@ class DetectionCalibrationMetric:
             (``uncertainty_calibration``) with ``uncertainty_key``; with ``compute_ap`` the COCO keys (``map``,
             ``map_50``, ...). No data at all gives NaN calibration values.
         """
+        self._flush()
         predictions = _concatenate_flat(self._predictions, with_scores=True)
         references = _concatenate_flat(self._references, with_scores=False)
         crowd = np.concatenate(self._crowd) if self._crowd else np.zeros(0, dtype=bool)
