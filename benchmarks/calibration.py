@@ -276,7 +276,7 @@ def reevaluate(folder, datasets: dict, calibration_dataset, batch_size: int) -> 
 
     from hf_caldetr.calibrators import IsotonicCalibrator, TemperatureScaling
     from hf_caldetr.data import make_collate_fn
-    from hf_caldetr.evaluation import collect_matches, iter_detections, measure_detections
+    from hf_caldetr.evaluation import collect_matches, iter_detections, measure_detections, model_categories
 
     model = AutoModelForObjectDetection.from_pretrained(folder)
     if getattr(model.config, "modulate_at_inference", False):
@@ -300,9 +300,10 @@ def reevaluate(folder, datasets: dict, calibration_dataset, batch_size: int) -> 
     results = {row: {} for row in ("raw", *calibrators)}
     for split, dataset in datasets.items():
         batches = list(iter_detections(model, loader(dataset), processor, accelerator))
-        results["raw"][split] = measure_detections(batches)
+        categories = model_categories(model, accelerator)  # what LaECE and the other class means average over
+        results["raw"][split] = measure_detections(batches, categories=categories)
         for name, calibrator in calibrators.items():
-            results[name][split] = measure_detections(batches, calibrator)
+            results[name][split] = measure_detections(batches, calibrator, categories=categories)
     return results, failures
 
 

@@ -13,6 +13,7 @@ from test_folding import build, fitted
 
 from hf_caldetr import fold_calibrator
 from hf_caldetr.data import build_image_processor
+from hf_caldetr.evaluation import flatten_summary
 from hf_caldetr.export import OnnxDetector, export_onnx, fold_into_onnx, quantize_onnx
 from hf_caldetr.training import MODEL_FAMILIES
 
@@ -109,13 +110,16 @@ def test_export_script_int8_and_evaluate_script(tmp_path):
     assert metrics["evaluation"]["calibrator"]["folded"] is True
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["in_domain"].keys() == metrics["in_domain"].keys()
-    np.testing.assert_array_equal(list(saved["in_domain"].values()), list(metrics["in_domain"].values()))
+    np.testing.assert_array_equal(list(flatten_summary(saved["in_domain"]).values()),
+                                  list(flatten_summary(metrics["in_domain"]).values()))
     calibrated = OnnxDetector(tmp_path / "int8-calibrated" / "model.onnx")
     assert calibrated.config.folded_calibration[0]["kind"] == "PlattScaling"
     # The saved calibrated int8 model, evaluated again, gives the calibrated numbers.
     again = evaluate.main(["--model_name_or_path", str(tmp_path / "int8-calibrated" / "model.onnx"),
-                           "--output_dir", str(tmp_path / "eval2"), "--skip_out_of_domain", *data])
-    np.testing.assert_allclose(list(again["in_domain"].values()), list(metrics["in_domain"].values()), atol=1e-9)
+                           "--output_dir", str(tmp_path / "eval2"), "--skip_out_of_domain",
+                           "--num_calibration_images", "40", *data])  # the same held-out images for the thresholds
+    np.testing.assert_allclose(list(flatten_summary(again["in_domain"]).values()),
+                               list(flatten_summary(metrics["in_domain"]).values()), atol=1e-9)
 
 
 @pytest.mark.slow
@@ -134,11 +138,13 @@ def test_evaluate_refits_a_calibrated_checkpoint_on_its_raw_scores(tmp_path):
     with pytest.raises(ValueError, match="checkpoint's own folder"):
         evaluate.main(["--model_name_or_path", str(tmp_path / "shipped"), "--fit_calibrator", "platt",
                        "--save_calibrated_model", str(tmp_path / "shipped"), "--output_dir", str(tmp_path / "x"), *data])
-    raw = evaluate.main(["--model_name_or_path", str(tmp_path / "raw"), "--output_dir", str(tmp_path / "e0"), *data])
+    # The same 40 held-out images for both, so that the LRP-optimal thresholds (the second protocol) agree too.
+    raw = evaluate.main(["--model_name_or_path", str(tmp_path / "raw"), "--output_dir", str(tmp_path / "e0"),
+                         "--num_calibration_images", "40", *data])
     refit = evaluate.main(["--model_name_or_path", str(tmp_path / "shipped"), "--fit_calibrator", "platt",
                            "--num_calibration_images", "40", "--save_calibrated_model", str(tmp_path / "refit"),
                            "--output_dir", str(tmp_path / "e1"), *data])
-    np.testing.assert_allclose(list(refit["before_calibration"]["in_domain"].values()),
-                               list(raw["in_domain"].values()), atol=1e-6)
+    np.testing.assert_allclose(list(flatten_summary(refit["before_calibration"]["in_domain"]).values()),
+                               list(flatten_summary(raw["in_domain"]).values()), atol=1e-6)
     records = json.loads((tmp_path / "refit" / "config.json").read_text())["folded_calibration"]
     assert [record["kind"] for record in records] == ["PlattScaling"]

@@ -2,17 +2,16 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from oracles import ORACLES  # the shared folder, or the project's copy
 
 from hf_caldetr.metrics import oce as oce_module
 from hf_caldetr.metrics import synthetic_detections
 from hf_caldetr.metrics.oce import object_calibration_error
 
-ORACLES = Path(__file__).resolve().parents[2] / "shared" / "calibration_oracles"
 PROBLEMS = [f"p{number:02d}" for number in range(1, 9)]
 DETECTION_SETS = ["score_ge_0.3", "all_detections"]
 VARIANTS = [(aggregation, thresholds) for aggregation in ("mean", "max_iou", "iou_weighted")
