@@ -49,7 +49,7 @@ _LABELS = {
 }
 
 
-def _check_result(result, index: int) -> None:
+def _checked_result(result, index: int) -> Mapping:
     if not isinstance(result, Mapping):
         raise ValueError(f"results[{index}] must be a detection_ece result dict, got {type(result).__name__}")
     missing = [key for key in _REQUIRED_KEYS if key not in result]
@@ -58,6 +58,7 @@ def _check_result(result, index: int) -> None:
     if len(result["bin_edges"]) != len(result["bin_counts"]) + 1:
         raise ValueError(f"results[{index}] has {len(result['bin_counts'])} bins but "
                          f"{len(result['bin_edges'])} edges")
+    return result
 
 
 def sparse_bins(counts) -> np.ndarray:
@@ -138,24 +139,34 @@ def _draw_panel(axes, result: Mapping, title: str | None) -> None:
     axes.set_ylabel("precision")
 
 
-def reliability_figure(results, titles: Sequence[str] | None = None) -> Figure:
-    """The reliability diagram of ``results`` as a matplotlib ``Figure`` (Agg canvas, no pyplot), one panel per
-    result; ``plot_reliability_diagram`` writes it as a PNG. Arguments as there."""
+def _panels_figure(results, titles, checked, draw_panel, what: str) -> Figure:
+    """One panel per result side by side on a bare ``Figure`` (Agg canvas, no pyplot): ``checked(result, index)``
+    validates (and may unwrap) each result, ``draw_panel(axes, result, title)`` draws it."""
     results = [results] if isinstance(results, Mapping) else list(results)
     if not results:
-        raise ValueError("results is empty: pass at least one detection_ece result")
-    for index, result in enumerate(results):
-        _check_result(result, index)
+        raise ValueError(f"results is empty: pass at least one {what}")
+    results = [checked(result, index) for index, result in enumerate(results)]
     if titles is not None and len(titles) != len(results):
         raise ValueError(f"{len(titles)} titles for {len(results)} results")
-
     figure = Figure(figsize=(5 * len(results), 6), dpi=120)  # a 5 x 5 inch panel and its legend below
     FigureCanvasAgg(figure)
     for index, result in enumerate(results):
         axes = figure.add_subplot(1, len(results), index + 1)
-        _draw_panel(axes, result, None if titles is None else titles[index])
+        draw_panel(axes, result, None if titles is None else titles[index])
     figure.tight_layout()
     return figure
+
+
+def _save(figure: Figure, path) -> Path:
+    path = Path(path)
+    figure.savefig(path, format="png")
+    return path
+
+
+def reliability_figure(results, titles: Sequence[str] | None = None) -> Figure:
+    """The reliability diagram of ``results`` as a matplotlib ``Figure`` (Agg canvas, no pyplot), one panel per
+    result; ``plot_reliability_diagram`` writes it as a PNG. Arguments as there."""
+    return _panels_figure(results, titles, _checked_result, _draw_panel, "detection_ece result")
 
 
 def plot_reliability_diagram(results, path, titles: Sequence[str] | None = None) -> Path:
@@ -176,10 +187,7 @@ def plot_reliability_diagram(results, path, titles: Sequence[str] | None = None)
     Returns:
         ``path`` as a ``Path``.
     """
-    figure = reliability_figure(results, titles)
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
+    return _save(reliability_figure(results, titles), path)
 
 
 # ------------------------------------------------------------------------------------------ D-UCE diagrams
@@ -221,20 +229,7 @@ def _draw_uncertainty_panel(axes, result: Mapping, title: str | None) -> None:
 def uncertainty_figure(results, titles: Sequence[str] | None = None) -> Figure:
     """The D-UCE diagram of ``results`` as a matplotlib ``Figure`` (Agg canvas, no pyplot), one panel per
     result; ``plot_uncertainty_diagram`` writes it as a PNG. Arguments as there."""
-    results = [results] if isinstance(results, Mapping) else list(results)
-    if not results:
-        raise ValueError("results is empty: pass at least one detection_uce result")
-    results = [_uncertainty_result(result, index) for index, result in enumerate(results)]
-    if titles is not None and len(titles) != len(results):
-        raise ValueError(f"{len(titles)} titles for {len(results)} results")
-
-    figure = Figure(figsize=(5 * len(results), 6), dpi=120)  # a 5 x 5 inch panel and its legend below
-    FigureCanvasAgg(figure)
-    for index, result in enumerate(results):
-        axes = figure.add_subplot(1, len(results), index + 1)
-        _draw_uncertainty_panel(axes, result, None if titles is None else titles[index])
-    figure.tight_layout()
-    return figure
+    return _panels_figure(results, titles, _uncertainty_result, _draw_uncertainty_panel, "detection_uce result")
 
 
 def plot_uncertainty_diagram(results, path, titles: Sequence[str] | None = None) -> Path:
@@ -257,10 +252,7 @@ def plot_uncertainty_diagram(results, path, titles: Sequence[str] | None = None)
     Returns:
         ``path`` as a ``Path``.
     """
-    figure = uncertainty_figure(results, titles)
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
+    return _save(uncertainty_figure(results, titles), path)
 
 
 # ------------------------------------------------------------------------------------------ LaECE diagrams
@@ -286,26 +278,18 @@ def _laece_result(result, index: int) -> Mapping:
     return result
 
 
+def _draw_laece_panel(axes, result: Mapping, title: str | None) -> None:
+    """One LaECE diagram: a bar per non-empty bin at its IoU-weighted precision, the gap to its confidence hatched."""
+    _draw_bins(axes, result["bin_edges"], result["bin_counts"], result["bin_precisions"], result["bin_confidences"],
+               over_confident_above=True, labels=_LAECE_LABELS)
+    axes.set_title(_titled("LaECE (class mean)", result["d_ece"], title))
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("IoU-weighted precision (summed TP IoU / detections)")
+
+
 def laece_figure(results, titles: Sequence[str] | None = None) -> Figure:
     """The LaECE reliability diagram of ``results`` as a ``Figure``; ``plot_laece_diagram`` writes it."""
-    results = [results] if isinstance(results, Mapping) else list(results)
-    if not results:
-        raise ValueError("results is empty: pass at least one evaluation result")
-    results = [_laece_result(result, index) for index, result in enumerate(results)]
-    if titles is not None and len(titles) != len(results):
-        raise ValueError(f"{len(titles)} titles for {len(results)} results")
-    figure = Figure(figsize=(5 * len(results), 6), dpi=120)
-    FigureCanvasAgg(figure)
-    for index, result in enumerate(results):
-        axes = figure.add_subplot(1, len(results), index + 1)
-        _draw_bins(axes, result["bin_edges"], result["bin_counts"], result["bin_precisions"],
-                   result["bin_confidences"], over_confident_above=True, labels=_LAECE_LABELS)
-        title = None if titles is None else titles[index]
-        axes.set_title(_titled("LaECE (class mean)", result["d_ece"], title))
-        axes.set_xlabel("confidence")
-        axes.set_ylabel("IoU-weighted precision (summed TP IoU / detections)")
-    figure.tight_layout()
-    return figure
+    return _panels_figure(results, titles, _laece_result, _draw_laece_panel, "evaluation result")
 
 
 def plot_laece_diagram(results, path, titles: Sequence[str] | None = None) -> Path:
@@ -320,7 +304,4 @@ def plot_laece_diagram(results, path, titles: Sequence[str] | None = None) -> Pa
         path: the PNG file to write; its folder must exist.
         titles: one panel title per result (optional).
     """
-    figure = laece_figure(results, titles)
-    path = Path(path)
-    figure.savefig(path, format="png")
-    return path
+    return _save(laece_figure(results, titles), path)

@@ -10,10 +10,10 @@ feature would otherwise truncate 2.7 to class 2, and a missing or extra dict key
 feature keys (an extra key is named, with the expected ones).
 """
 
-import datasets
 import evaluate
 
 from hf_caldetr.metrics.d_ece import detection_ece
+from hf_caldetr.metrics.evaluate_features import detection_features
 from hf_caldetr.metrics.inputs import check_exact_keys, flatten_boxes, flatten_pair
 
 _CITATION = """\
@@ -83,8 +83,6 @@ def check_inputs(predictions, references) -> None:
         flatten_boxes(references, "references", with_scores=False)
 
 
-_BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
-_LABELS = datasets.Sequence(datasets.Value("int64"))
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -96,11 +94,7 @@ class DetectionECE(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": {"boxes": _BOXES, "scores": datasets.Sequence(datasets.Value("float64")),
-                                "labels": _LABELS},
-                "references": {"boxes": _BOXES, "labels": _LABELS},
-            }),
+            features=detection_features(),
             reference_urls=["https://arxiv.org/abs/2311.03570",
                             "https://github.com/EFS-OpenSource/calibration-framework"],
         )

@@ -21,10 +21,10 @@ What the wrapper adds, and why:
 
 from collections.abc import Mapping, Sequence
 
-import datasets
 import evaluate
 import numpy as np
 
+from hf_caldetr.metrics.evaluate_features import detection_features
 from hf_caldetr.metrics.inputs import check_exact_keys, flatten_boxes, flatten_pair, reference_crowd_flags
 from hf_caldetr.metrics.streaming import evaluate_detections
 
@@ -190,8 +190,6 @@ def check_options(options: dict) -> None:
     evaluate_detections([], [], **options)
 
 
-_BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
-_LABELS = datasets.Sequence(datasets.Value("int64"))
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -203,12 +201,8 @@ class DetectionCalibration(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({
-                "predictions": {"boxes": _BOXES, "scores": datasets.Sequence(datasets.Value("float64")),
-                                "labels": _LABELS},
-                # iscrowd is optional for the caller: add / add_batch fill in zeros (module docstring).
-                "references": {"boxes": _BOXES, "labels": _LABELS, "iscrowd": _LABELS},
-            }),
+            # iscrowd is optional for the caller: add / add_batch fill in zeros (module docstring).
+            features=detection_features(with_crowd=True),
             reference_urls=["https://arxiv.org/abs/2311.03570",
                             "https://github.com/EFS-OpenSource/calibration-framework",
                             "https://arxiv.org/abs/2307.00934",

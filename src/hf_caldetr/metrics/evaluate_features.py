@@ -1,0 +1,17 @@
+"""The ``datasets`` features of the library's ``evaluate`` modules: one definition of the per-image dicts they take."""
+
+from __future__ import annotations
+
+import datasets
+
+BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4))
+LABELS = datasets.Sequence(datasets.Value("int64"))
+SCORES = datasets.Sequence(datasets.Value("float64"))
+
+
+def detection_features(with_crowd: bool = False) -> datasets.Features:
+    """``predictions`` ``{boxes, scores, labels}`` and ``references`` ``{boxes, labels}`` (plus ``iscrowd`` when
+    ``with_crowd``), one dict per image, boxes absolute xyxy."""
+    references = {"boxes": BOXES, "labels": LABELS, **({"iscrowd": LABELS} if with_crowd else {})}
+    return datasets.Features({"predictions": {"boxes": BOXES, "scores": SCORES, "labels": LABELS},
+                              "references": references})
