@@ -1,8 +1,11 @@
-"""Detection calibration metrics: D-ECE (Cal-DETR protocol), position-dependent D-ECE, LaECE, D-UCE, COCO AP,
-reliability diagrams, a streaming metric and an ``evaluate`` module.
+"""Detection calibration metrics: D-ECE (Cal-DETR protocol), position-dependent D-ECE, LaECE (official SAOD
+conventions), LRP Error and oLRP with per-class LRP-optimal thresholds, LaECE_0 / LaACE_0, OCE, D-UCE, COCO AP,
+reliability diagrams (D-ECE, LaECE, D-UCE), a streaming metric and two ``evaluate`` modules. The README's Metrics
+section lists each with its definition, reference and the official code it equals.
 
-``D_ECE_MODULE`` is the folder of the ``evaluate`` module: ``evaluate.load(D_ECE_MODULE)`` works offline. (The
-folder has no ``__init__.py``, so ``hf_caldetr.metrics.d_ece`` still imports the module ``d_ece.py``.)
+``D_ECE_MODULE`` and ``DETECTION_CALIBRATION_MODULE`` are the folders of the ``evaluate`` modules:
+``evaluate.load(D_ECE_MODULE)`` works offline. (The folders have no ``__init__.py``, so ``hf_caldetr.metrics.d_ece``
+still imports the module ``d_ece.py``.)
 """
 
 from pathlib import Path
