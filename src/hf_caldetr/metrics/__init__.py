@@ -21,6 +21,7 @@ from .d_ece import (
 from .laece import calibration_errors_at_iou_0, localisation_aware_calibration_error
 from .lrp import apply_class_thresholds, lrp_error, lrp_optimal_thresholds, optimal_lrp
 from .matching import DetectionMatches, match_detections
+from .oce import object_calibration_error
 from .reliability import plot_laece_diagram, plot_reliability_diagram, plot_uncertainty_diagram
 from .streaming import DetectionCalibrationMetric, evaluate_detections
 from .synthetic import synthetic_detections
@@ -46,6 +47,7 @@ __all__ = [
     "lrp_error",
     "lrp_optimal_thresholds",
     "match_detections",
+    "object_calibration_error",
     "optimal_lrp",
     "plot_laece_diagram",
     "plot_reliability_diagram",
