@@ -123,10 +123,14 @@ def comparable(arguments: list[str]) -> list[str]:
             for previous, value in zip([None, *arguments], arguments)]
 
 
-def ensure_run(arm: str, seed: int, work_dir, train_args, cal_settings: dict | None = None) -> bool:
+def ensure_run(arm: str, seed: int, work_dir, train_args, cal_settings: dict | None = None, folder=None,
+               resume: bool = False) -> bool:
     """Train (arm, seed) unless its ``metrics.json`` exists; True when it trained. Refuses to reuse a run made
-    with other arguments, whose numbers would silently join this benchmark's."""
-    folder = run_folder(work_dir, arm, seed, cal_settings)
+    with other arguments, whose numbers would silently join this benchmark's. ``folder``: the run's folder
+    (default ``run_folder(work_dir, arm, seed, cal_settings)``); ``resume``: pass train.py
+    ``--resume_from_checkpoint latest``, so an interrupted run continues from its newest complete checkpoint
+    (a fresh start when it has none)."""
+    folder = Path(folder) if folder is not None else run_folder(work_dir, arm, seed, cal_settings)
     arguments = train_arguments(arm, seed, folder, train_args, cal_settings)
     recorded = folder / "benchmark_arguments.json"
     if (folder / "metrics.json").is_file():
@@ -139,7 +143,8 @@ def ensure_run(arm: str, seed: int, work_dir, train_args, cal_settings: dict | N
     # Without a GPU, `--cpu` lets accelerate give the process every physical core (it sets one thread otherwise).
     device = [] if torch.cuda.is_available() else ["--cpu"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *device, str(TRAIN_SCRIPT), *arguments]
+               "--mixed_precision", "no", "--dynamo_backend", "no", *device, str(TRAIN_SCRIPT), *arguments,
+               *(["--resume_from_checkpoint", "latest"] if resume else [])]
     log_path = folder / "train.log"
     with log_path.open("w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -189,14 +194,14 @@ def spread(values) -> Spread:
     return Spread(float(np.mean(values)), std, float(np.min(values)), float(np.max(values)), len(values))
 
 
-def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, Spread]]]:
+def aggregate(runs: dict[str, list[dict]], metrics=METRICS) -> dict[str, dict[str, dict[str, Spread]]]:
     """``{row: {split: {metric: Spread}}}`` over each row's runs (``metrics.json``-shaped dicts), for the splits
-    every run of the row has."""
+    every run of the row has; ``metrics``: the keys aggregated (default ``METRICS``)."""
     summary = {}
     for row, row_runs in runs.items():
-        splits = [split for split in SPLITS if all(split in metrics for metrics in row_runs)]
-        summary[row] = {split: {metric: spread([metrics[split][metric] for metrics in row_runs])
-                                for metric in METRICS} for split in splits}
+        splits = [split for split in SPLITS if all(split in run for run in row_runs)]
+        summary[row] = {split: {metric: spread([run[split][metric] for run in row_runs])
+                                for metric in metrics} for split in splits}
     return summary
 
 
@@ -251,9 +256,11 @@ def data_arguments(arguments: dict):
     return DataArguments(**{f.name: arguments[f.name] for f in fields(DataArguments) if f.name in arguments})
 
 
-def evaluation_data(arguments: dict, num_calibration_images: int, calibration_seed: int | None):
+def evaluation_data(arguments: dict, num_calibration_images: int, calibration_seed: int | None,
+                    calibration_split: str | None = None):
     """The runs' evaluation splits (``{split: dataset}``, as train.py built them) and the calibration images
-    (fresh train-split scenes, or a seeded subset of the train split; ``None`` without ``calibration_seed``)."""
+    (fresh train-split scenes, or a seeded subset of the train split, or of the Hub dataset split
+    ``calibration_split``; ``None`` without ``calibration_seed``)."""
     from hf_caldetr.data import corrupt_dataset
     from hf_caldetr.data.splits import load_calibration_split, load_splits
 
@@ -263,18 +270,35 @@ def evaluation_data(arguments: dict, num_calibration_images: int, calibration_se
     if not data_args.skip_out_of_domain:
         datasets["out_of_domain"], _ = corrupt_dataset(validation, base_seed=data_args.corruption_seed)
     calibration = None if calibration_seed is None else load_calibration_split(
-        data_args, None, num_calibration_images, calibration_seed)
+        data_args, calibration_split, num_calibration_images, calibration_seed)
     return datasets, calibration
+
+
+def default_calibrators() -> dict:
+    """The post-hoc rows of this benchmark: class-agnostic temperature scaling and isotonic regression, unfitted."""
+    from hf_caldetr.calibrators import IsotonicCalibrator, TemperatureScaling
+
+    return {"temperature scaling": TemperatureScaling(), "isotonic regression": IsotonicCalibrator()}
 
 
 def reevaluate(folder, datasets: dict, calibration_dataset, batch_size: int) -> tuple[dict, dict]:
     """Re-run a saved model over ``datasets``: ``({row: {split: evaluate_model-style result}}, {calibrator:
     why it could not be fitted})``, row ``"raw"`` the model's own scores, the others post-hoc calibrated."""
+    results, failures, _ = reevaluate_rows(folder, datasets, calibration_dataset, batch_size)
+    return results, failures
+
+
+def reevaluate_rows(folder, datasets: dict, calibration_dataset, batch_size: int, calibrators: dict | None = None,
+                    thresholds: bool = False) -> tuple[dict, dict, dict]:
+    """``reevaluate`` with a choice of rows: ``calibrators`` ``{row name: unfitted calibrator}`` (default
+    ``default_calibrators()``), each fitted on ``calibration_dataset``'s detections (score >= 0.3, D-ECE matching);
+    with ``thresholds``, every row also gets the LRP-optimal-threshold protocol (``at_lrp_optimal_thresholds``):
+    per-class thresholds found on ``calibration_dataset``'s detections with that row's scores, never on the
+    evaluated splits. Returns ``(results, failures, {row: the class thresholds used})``."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-    from hf_caldetr.calibrators import IsotonicCalibrator, TemperatureScaling
     from hf_caldetr.data import make_collate_fn
     from hf_caldetr.evaluation import collect_matches, iter_detections, measure_detections, model_categories
 
@@ -288,23 +312,28 @@ def reevaluate(folder, datasets: dict, calibration_dataset, batch_size: int) -> 
     def loader(dataset):
         return accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=make_collate_fn(processor)))
 
-    calibrators, failures = {}, {}
+    fitted, failures, class_thresholds = {}, {}, {}
+    categories = model_categories(model, accelerator)  # what LaECE and the other class means average over
     if calibration_dataset is not None:
         outcomes = collect_matches(model, loader(calibration_dataset), processor, accelerator)
-        for name, calibrator in (("temperature scaling", TemperatureScaling()), ("isotonic regression",
-                                                                                  IsotonicCalibrator())):
+        for name, calibrator in (default_calibrators() if calibrators is None else calibrators).items():
             try:
-                calibrators[name] = calibrator.fit(outcomes.scores, outcomes.matched, outcomes.labels)
+                fitted[name] = calibrator.fit(outcomes.scores, outcomes.matched, outcomes.labels)
             except ValueError as error:
                 failures[name] = str(error)
-    results = {row: {} for row in ("raw", *calibrators)}
+        if thresholds:
+            held_out = list(iter_detections(model, loader(calibration_dataset), processor, accelerator,
+                                            uncertainties=False))
+            class_thresholds = {row: measure_detections(held_out, fitted.get(row), categories=categories,
+                                                        compute_ap=False)["lrp_optimal_thresholds"]
+                                for row in ("raw", *fitted)}
+    results = {row: {} for row in ("raw", *fitted)}
     for split, dataset in datasets.items():
         batches = list(iter_detections(model, loader(dataset), processor, accelerator))
-        categories = model_categories(model, accelerator)  # what LaECE and the other class means average over
-        results["raw"][split] = measure_detections(batches, categories=categories)
-        for name, calibrator in calibrators.items():
-            results[name][split] = measure_detections(batches, calibrator, categories=categories)
-    return results, failures
+        for row in results:
+            results[row][split] = measure_detections(batches, fitted.get(row), categories=categories,
+                                                     class_thresholds=class_thresholds.get(row))
+    return results, failures, class_thresholds
 
 
 def reevaluation_notes(arm: str, seed: int, raw: dict, metrics: dict) -> list[str]:

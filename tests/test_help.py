@@ -26,6 +26,7 @@ SCRIPTS = [
     "benchmarks/calibration_diagnostics.py",
     "benchmarks/calibration_sweep.py",
     "benchmarks/calibrator_choice.py",
+    "benchmarks/finetune.py",
     "benchmarks/deployment.py",
     "benchmarks/matching_scale.py",
     "benchmarks/metrics.py",

@@ -10,6 +10,12 @@ a random scale. Digits are bright on a darker background, overlaps are limited, 
 Train and validation scenes draw from disjoint source digits (a fixed 80/20 split, stratified by class), and
 every scene is generated from its own random stream derived from ``(seed, split, index)``, so a scene does not
 depend on how many others are generated.
+
+``style`` restyles the canvas (``STYLES``): ``"default"`` is the above; ``"ink"`` is the same scene printed as
+coloured ink on paper: each pixel's brightness over black becomes ink darkness over a light, tinted paper, with one
+ink colour per scene, so digits (and clutter) are darker than the background. The ink style draws its colours after
+every draw of the default scene, so a scene's layout, digits and boxes are those of the default style's scene of
+the same ``(seed, split, index)``; a fine-tuning target task (``benchmarks/finetune.py``) uses it with another seed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from PIL import Image, ImageDraw
 
 DIGIT_NAMES = [str(digit) for digit in range(10)]
 SPLITS = ("train", "validation")
+STYLES = ("default", "ink")
+# The ink style: per-channel absorption of the scene's ink (one colour per scene) and the paper's brightness.
+INK_ABSORPTION = (0.35, 1.0)
+PAPER_BRIGHTNESS = (215.0, 255.0)
 
 # Fixed, independent of the generation seed: a source digit never appears in both splits for any seed.
 SOURCE_SPLIT_SEED = 20231106
@@ -147,13 +157,23 @@ def _ink_box(opacity: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
 
 
+def _ink_on_paper(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """The ``"ink"`` style of a finished channels-first canvas (values in [0, 255]): brightness over black becomes
+    the darkness of one per-scene ink colour over a light, tinted paper."""
+    absorption = rng.uniform(*INK_ABSORPTION, size=3).astype(np.float32)
+    paper = rng.uniform(*PAPER_BRIGHTNESS, size=3).astype(np.float32)
+    darkness = canvas * np.float32(1.0 / 255.0)
+    return paper[:, None, None] * (np.float32(1.0) - darkness * absorption[:, None, None])
+
+
 def render_scene(
     rng: np.random.Generator,
     pool: np.ndarray,
     image_size: int = 96,
     max_objects: int = 5,
+    style: str = "default",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one scene from the source digits ``pool`` (indices into ``load_digits``).
+    """Draw one scene from the source digits ``pool`` (indices into ``load_digits``), in canvas ``style``.
 
     Returns:
         The uint8 image ``[image_size, image_size, 3]``, float32 xywh boxes ``[n, 4]`` (tight around the ink)
@@ -188,7 +208,12 @@ def render_scene(
         categories.append(int(labels[source]))
     noise_scale = float(rng.uniform(3.0, 12.0))
     canvas += noise_scale * rng.standard_normal((1, image_size, image_size), dtype=np.float32)
-    image = np.ascontiguousarray(np.clip(canvas, 0, 255, out=canvas).astype(np.uint8).transpose(1, 2, 0))
+    np.clip(canvas, 0, 255, out=canvas)
+    if style == "ink":  # after every draw of the default scene, which it leaves as it is
+        canvas = np.clip(_ink_on_paper(rng, canvas), 0, 255)
+    elif style != "default":
+        raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+    image = np.ascontiguousarray(canvas.astype(np.uint8).transpose(1, 2, 0))
     return image, np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(categories, dtype=np.int64)
 
 
@@ -198,10 +223,12 @@ def generate_digit_scenes(
     image_size: int = 96,
     seed: int = 0,
     max_objects: int = 5,
+    style: str = "default",
 ) -> DigitScenes:
     """Generate ``num_images`` scenes of ``split`` as arrays: the fast path, under 1 ms per 96x96 scene.
 
-    Scene ``i`` depends only on ``(seed, split, i, image_size, max_objects)``; image ids are ``0..N-1``.
+    Scene ``i`` depends only on ``(seed, split, i, image_size, max_objects, style)``; image ids are ``0..N-1``.
+    ``style``: the canvas style (``STYLES``, see the module docstring).
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
@@ -209,13 +236,15 @@ def generate_digit_scenes(
         raise ValueError(f"image_size must be at least {MAX_DIGIT_PX} (the largest digit), got {image_size}")
     if max_objects < 0:
         raise ValueError(f"max_objects must be >= 0, got {max_objects}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
     pool = source_digit_indices(split)
     split_code = SPLITS.index(split)
     images = np.empty((num_images, image_size, image_size, 3), dtype=np.uint8)
     boxes, categories = [], []
     for index in range(num_images):
         rng = np.random.default_rng((seed, split_code, index))
-        images[index], scene_boxes, scene_categories = render_scene(rng, pool, image_size, max_objects)
+        images[index], scene_boxes, scene_categories = render_scene(rng, pool, image_size, max_objects, style)
         boxes.append(scene_boxes)
         categories.append(scene_categories)
     return DigitScenes(images, boxes, categories, np.arange(num_images, dtype=np.int64))
