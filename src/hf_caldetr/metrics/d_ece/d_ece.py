@@ -13,24 +13,10 @@ feature keys (an extra key is named, with the expected ones).
 import evaluate
 
 from hf_caldetr.metrics.d_ece import detection_ece
-from hf_caldetr.metrics.evaluate_features import detection_features
+from hf_caldetr.metrics.evaluate_features import D_ECE_CITATION, detection_features
 from hf_caldetr.metrics.inputs import check_exact_keys, flatten_boxes, flatten_pair
 
-_CITATION = """\
-@inproceedings{munir2023caldetr,
-  title     = {Cal-DETR: Calibrated Detection Transformer},
-  author    = {Munir, Muhammad Akhtar and Khan, Salman and Khan, Muhammad Haris and Ali, Mohsen and
-               Khan, Fahad Shahbaz},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year      = {2023}
-}
-@inproceedings{kuppers2020multivariate,
-  title     = {Multivariate Confidence Calibration for Object Detection},
-  author    = {K{\\"u}ppers, Fabian and Kronenberger, Jan and Shantia, Amirhossein and Haselhoff, Anselm},
-  booktitle = {CVPR Workshops},
-  year      = {2020}
-}
-"""
+_CITATION = D_ECE_CITATION
 
 _DESCRIPTION = """\
 Detection expected calibration error (D-ECE): how far a detector's confidence is from its precision. Detections

@@ -24,24 +24,11 @@ from collections.abc import Mapping, Sequence
 import evaluate
 import numpy as np
 
-from hf_caldetr.metrics.evaluate_features import detection_features
+from hf_caldetr.metrics.evaluate_features import D_ECE_CITATION, detection_features
 from hf_caldetr.metrics.inputs import check_exact_keys, flatten_boxes, flatten_pair, reference_crowd_flags
 from hf_caldetr.metrics.streaming import evaluate_detections
 
-_CITATION = """\
-@inproceedings{munir2023caldetr,
-  title     = {Cal-DETR: Calibrated Detection Transformer},
-  author    = {Munir, Muhammad Akhtar and Khan, Salman and Khan, Muhammad Haris and Ali, Mohsen and
-               Khan, Fahad Shahbaz},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year      = {2023}
-}
-@inproceedings{kuppers2020multivariate,
-  title     = {Multivariate Confidence Calibration for Object Detection},
-  author    = {K{\\"u}ppers, Fabian and Kronenberger, Jan and Shantia, Amirhossein and Haselhoff, Anselm},
-  booktitle = {CVPR Workshops},
-  year      = {2020}
-}
+_CITATION = D_ECE_CITATION + """\
 @inproceedings{oksuz2023saod,
   title     = {Towards Building Self-Aware Object Detectors via Reliable Uncertainty Quantification and
                Calibration},
