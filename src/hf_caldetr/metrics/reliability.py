@@ -49,16 +49,24 @@ _LABELS = {
 }
 
 
-def _checked_result(result, index: int) -> Mapping:
+def _diagram_result(result, index: int, required: tuple, kind: str, hint: str, nested: str | None = None) -> Mapping:
+    """``results[index]`` checked for a diagram: a dict (or, with ``nested``, an evaluation result holding one under
+    that key) with the ``required`` keys and one more bin edge than bins; ``ValueError`` naming what is wrong."""
     if not isinstance(result, Mapping):
-        raise ValueError(f"results[{index}] must be a detection_ece result dict, got {type(result).__name__}")
-    missing = [key for key in _REQUIRED_KEYS if key not in result]
+        raise ValueError(f"results[{index}] must be a {kind} dict, got {type(result).__name__}")
+    if nested is not None:
+        result = result.get(nested, result)
+    missing = [key for key in required if key not in result]
     if missing:
-        raise ValueError(f"results[{index}] is missing {missing} (pass what detection_ece returns)")
+        raise ValueError(f"results[{index}] is missing {missing} ({hint})")
     if len(result["bin_edges"]) != len(result["bin_counts"]) + 1:
         raise ValueError(f"results[{index}] has {len(result['bin_counts'])} bins but "
                          f"{len(result['bin_edges'])} edges")
     return result
+
+
+def _checked_result(result, index: int) -> Mapping:
+    return _diagram_result(result, index, _REQUIRED_KEYS, "detection_ece result", "pass what detection_ece returns")
 
 
 def sparse_bins(counts) -> np.ndarray:
@@ -204,17 +212,9 @@ _UNCERTAINTY_LABELS = {
 def _uncertainty_result(result, index: int) -> Mapping:
     """The D-UCE result of ``results[index]``: an ``uncertainty_calibration_error`` / ``detection_uce`` result,
     or an evaluation result holding one as ``uncertainty_calibration`` (``DetectionCalibrationMetric``)."""
-    if not isinstance(result, Mapping):
-        raise ValueError(f"results[{index}] must be a detection_uce result dict, got {type(result).__name__}")
-    result = result.get("uncertainty_calibration", result)
-    missing = [key for key in _UNCERTAINTY_REQUIRED_KEYS if key not in result]
-    if missing:
-        raise ValueError(f"results[{index}] is missing {missing} (pass what detection_uce returns, or an evaluation "
-                         "result computed with an uncertainty_key)")
-    if len(result["bin_edges"]) != len(result["bin_counts"]) + 1:
-        raise ValueError(f"results[{index}] has {len(result['bin_counts'])} bins but "
-                         f"{len(result['bin_edges'])} edges")
-    return result
+    return _diagram_result(result, index, _UNCERTAINTY_REQUIRED_KEYS, "detection_uce result",
+                           "pass what detection_uce returns, or an evaluation result computed with an uncertainty_key",
+                           nested="uncertainty_calibration")
 
 
 def _draw_uncertainty_panel(axes, result: Mapping, title: str | None) -> None:
@@ -268,14 +268,9 @@ _LAECE_LABELS = {
 def _laece_result(result, index: int) -> Mapping:
     """The pooled LaECE bins of ``results[index]``: an evaluation result holding them as ``laece_calibration``
     (``protocol.calibration_protocol``), or that dict itself."""
-    if not isinstance(result, Mapping):
-        raise ValueError(f"results[{index}] must be an evaluation result dict, got {type(result).__name__}")
-    result = result.get("laece_calibration", result)
-    missing = [key for key in _REQUIRED_KEYS if key not in result]
-    if missing:
-        raise ValueError(f"results[{index}] is missing {missing} (pass an evaluation result computed with the "
-                         "dataset's categories: it holds laece_calibration)")
-    return result
+    return _diagram_result(result, index, _REQUIRED_KEYS, "evaluation result",
+                           "pass an evaluation result computed with the dataset's categories: it holds "
+                           "laece_calibration", nested="laece_calibration")
 
 
 def _draw_laece_panel(axes, result: Mapping, title: str | None) -> None:
