@@ -1,6 +1,9 @@
-"""DETR and RT-DETR: two processes (torch.distributed, gloo) on one batch give the loss and gradient of one process.
+"""Every registered family (the table of tests/tiny.py): two processes (torch.distributed, gloo) on one batch give
+the loss and gradient of one process; with ``num_boxes_normalization="transformers"`` and calibration off, each
+process's loss is the stock model's in the same two processes (the installed transformers' normaliser).
 
-One spawn runs both models (process start-up dominates the cost). Deformable DETR's case is tests/test_distributed.py.
+One spawn runs every family (process start-up dominates the cost). Deformable DETR's variants:
+tests/test_distributed.py.
 """
 
 import os
@@ -10,36 +13,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hf_caldetr.configuration import CalDetrConfig, CalRTDetrConfig
-from hf_caldetr.models import CalDetrForObjectDetection, CalRTDetrForObjectDetection
-from tiny import tiny_batch, tiny_detr_kwargs, tiny_rt_detr_kwargs
+from tiny import CASES, make_family_model, tiny_batch
 
 WORLD_SIZE = 2
-# name -> (config class, model class, tiny kwargs, overrides, boxes per image of the 4-image batch)
-CASES = {
-    # 3 boxes a shard: DETR's own loss_ce is a class-weighted mean over the shard's queries (transformers' and the
-    # original's), which averages to the whole batch's only when the shards weigh the same.
-    "detr": (CalDetrConfig, CalDetrForObjectDetection, tiny_detr_kwargs, {"auxiliary_loss": True}, (3, 0, 1, 2)),
-    # 4 boxes against 1: every RT-DETR loss is over num_boxes, so this checks the cross-process normaliser too.
-    # No denoising: its group count comes from each shard's largest box count, so differs between shards by design.
-    "rt_detr": (CalRTDetrConfig, CalRTDetrForObjectDetection, tiny_rt_detr_kwargs, {"num_denoising": 0}, (3, 1, 0, 1)),
-}
+CAL_OFF = {"uncertainty_modulation": "none", "use_logit_mixing": False, "num_boxes_normalization": "transformers"}
 
 
-def _model(name, state_dict=None):
-    config_class, model_class, kwargs, overrides, _ = CASES[name]
-    torch.manual_seed(0)
-    model = model_class(config_class(**kwargs(**overrides)))
+def _model(name, state_dict=None, cal=True, **overrides):
+    model = make_family_model(name, cal=cal, **{**CASES[name].distributed_overrides, **overrides})
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.train()
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()  # RT-DETR's encoder: per-shard batch statistics are SyncBatchNorm's business, not the loss's
+            module.eval()  # per-shard batch statistics are SyncBatchNorm's business, not the loss's
     return model
 
 
 def _loss_and_grads(model, pixel_values, labels):
+    torch.manual_seed(1)
     out = model(pixel_values=pixel_values, labels=labels)
     out.loss.backward()
     losses = {"loss": out.loss.detach(), **{k: v.detach() for k, v in out.loss_dict.items()}}
@@ -55,13 +47,18 @@ def _worker(rank, init_file, state_dicts, result_path):
         shard = slice(2 * rank, 2 * rank + 2)  # each process gets half the batch
         results = {}
         for name, state_dict in state_dicts.items():
-            pixel_values, labels = tiny_batch(batch_size=4, boxes_per_image=CASES[name][-1])
-            losses, grads = _loss_and_grads(_model(name, state_dict), pixel_values[shard], labels[shard])
+            pixel_values, labels = tiny_batch(batch_size=4, boxes_per_image=CASES[name].distributed_boxes)
+            pixel_values, labels = pixel_values[shard], labels[shard]
+            losses, grads = _loss_and_grads(_model(name, state_dict), pixel_values, labels)
             # What DDP does: average the per-process gradients; the logged loss is the per-process mean.
             for tensor in [*losses.values(), *grads.values()]:
                 dist.all_reduce(tensor)
                 tensor /= WORLD_SIZE
-            results[name] = {"losses": losses, "grads": grads}
+            stock, _ = _loss_and_grads(_model(name, state_dict, cal=False), pixel_values, labels)
+            off, _ = _loss_and_grads(_model(name, state_dict, **CAL_OFF), pixel_values, labels)
+            gathered = [None] * WORLD_SIZE
+            dist.all_gather_object(gathered, (stock["loss"], off["loss"]))
+            results[name] = {"losses": losses, "grads": grads, "stock_and_off": gathered}
         if rank == 0:
             torch.save(results, result_path)
     finally:
@@ -75,14 +72,16 @@ def test_two_processes_equal_one(tmp_path):
     results = torch.load(result_path)
 
     for name in CASES:
-        pixel_values, labels = tiny_batch(batch_size=4, boxes_per_image=CASES[name][-1])
+        pixel_values, labels = tiny_batch(batch_size=4, boxes_per_image=CASES[name].distributed_boxes)
         single_losses, single_grads = _loss_and_grads(_model(name, state_dicts[name]), pixel_values, labels)
         result = results[name]
         for key, value in single_losses.items():
             if key.startswith("cardinality_error"):
                 continue  # a logging metric, not a loss
-            assert torch.allclose(result["losses"][key], value, rtol=1e-5, atol=1e-6), (name, key)
+            torch.testing.assert_close(result["losses"][key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
         assert result["losses"]["loss_logit_mixing"] > 0
         assert single_grads.keys() == result["grads"].keys()
         for key, grad in single_grads.items():
-            assert torch.allclose(result["grads"][key], grad, rtol=1e-4, atol=1e-6), (name, key)
+            torch.testing.assert_close(result["grads"][key], grad, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+        for stock, off in result["stock_and_off"]:
+            torch.testing.assert_close(off, stock, rtol=0, atol=0, msg=f"{name}: transformers' normaliser")

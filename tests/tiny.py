@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import ResNetConfig
 
@@ -107,3 +109,42 @@ def tiny_rt_detr_kwargs(**overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+# ---------------------------------------------------------------------------------- every registered family
+
+
+@dataclass(frozen=True)
+class Case:
+    """A row of the family table: overrides of the family's tiny preset, and what the 2-process test needs."""
+
+    overrides: dict = field(default_factory=dict)
+    distributed_overrides: dict = field(default_factory=dict)
+    distributed_boxes: tuple = (3, 1, 0, 1)  # boxes per image of the 4-image batch, shards of 2 images
+
+
+NUM_LABELS = 5
+# model_type -> its row. Adding a family: one row here (and its registration entry in hf_caldetr.families).
+CASES = {
+    "deformable_detr": Case({"decoder_layers": 3, "auxiliary_loss": True}),
+    # DETR's own loss_ce is a class-weighted mean over the shard's queries, which averages to the whole batch's
+    # only when the shards weigh the same: 3 boxes each.
+    "detr": Case({"decoder_layers": 3}, {"auxiliary_loss": True}, (3, 0, 1, 2)),
+    # Denoising groups come from each shard's largest box count, so differ between shards by design.
+    "rt_detr": Case({"decoder_layers": 3}, {"num_denoising": 0}),
+}
+
+
+def make_family_model(model_type, cal=True, seed=0, **overrides):
+    """A tiny random model of a registered family: the Cal class, or with ``cal=False`` the stock one."""
+    import torch
+
+    from hf_caldetr.configuration import CAL_FIELDS
+    from hf_caldetr.families import MODEL_FAMILIES, preset_config_kwargs
+
+    family = MODEL_FAMILIES[model_type]
+    kwargs = preset_config_kwargs(family, "tiny", num_labels=NUM_LABELS, **{**CASES[model_type].overrides, **overrides})
+    torch.manual_seed(seed)
+    if cal:
+        return family.cal_model_class(family.cal_config_class(**kwargs))
+    return family.model_class(family.config_class(**{k: v for k, v in kwargs.items() if k not in CAL_FIELDS}))

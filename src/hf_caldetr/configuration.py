@@ -8,14 +8,17 @@ ride along in ``config.json`` as extra keys, which stock configs keep and ignore
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import transformers
 from huggingface_hub.dataclasses import strict
-from transformers import DeformableDetrConfig, DetrConfig, RTDetrConfig
 
 from .calibration import MODULATION_MODES
+from .families import MODEL_FAMILIES
+
+NUM_BOXES_NORMALIZATIONS = ("global", "transformers")
 
 CAL_CLASS_PREFIX = "Cal"
 
@@ -47,6 +50,13 @@ class CalibrationConfigMixin:
             ``alpha`` of ``ztilde_i = alpha * z_i + (1 - alpha) * zbar`` and of the smoothed targets; in (0, 1].
         logit_mixing_loss_coefficient (`float`, defaults to 0.5):
             ``lambda`` of ``L = L_det + lambda * L_R`` (the released code's weight; its first upload used 1.0).
+        num_boxes_normalization (`str`, defaults to `"global"`):
+            What the box-normalised losses are divided by when training runs in several processes. `"global"`: the
+            boxes of the whole batch (summed over processes) over the process count, so 2 processes train as 1.
+            `"transformers"`: the installed transformers loss's own rule (DETR-style losses average the boxes over
+            processes and divide by the process count again; RT-DETR-style ones use each process's own boxes).
+            One process: both are the same. Set it alike for every arm of a comparison
+            (``examples/train.py --num_boxes_normalization``, which the baseline arm follows too).
     """
 
     uncertainty_modulation: str = "multiplicative"
@@ -54,6 +64,7 @@ class CalibrationConfigMixin:
     use_logit_mixing: bool = True
     logit_mixing_alpha: float | int = 0.9
     logit_mixing_loss_coefficient: float | int = 0.5
+    num_boxes_normalization: str = "global"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -69,6 +80,9 @@ class CalibrationConfigMixin:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.num_boxes_normalization not in NUM_BOXES_NORMALIZATIONS:
+            raise ValueError(f"num_boxes_normalization must be one of {NUM_BOXES_NORMALIZATIONS}, got "
+                             f"{self.num_boxes_normalization!r}")
         if self.uncertainty_modulation not in MODULATION_MODES:
             raise ValueError(
                 f"uncertainty_modulation must be one of {MODULATION_MODES}, got {self.uncertainty_modulation!r}"
@@ -94,16 +108,18 @@ class CalibrationConfigMixin:
         return output
 
 
-@strict
-class CalDeformableDetrConfig(CalibrationConfigMixin, DeformableDetrConfig):
-    """Differs from `DeformableDetrConfig` in the Cal-DETR fields of :class:`CalibrationConfigMixin`."""
+CAL_FIELDS = tuple(field.name for field in dataclasses.fields(CalibrationConfigMixin))
 
 
-@strict
-class CalDetrConfig(CalibrationConfigMixin, DetrConfig):
-    """Differs from `DetrConfig` in the Cal-DETR fields of :class:`CalibrationConfigMixin`."""
+def _cal_config_class(parent: type) -> type:
+    """``Cal`` + ``parent``'s name: ``parent`` with the fields of :class:`CalibrationConfigMixin`."""
+    name = CAL_CLASS_PREFIX + parent.__name__
+    namespace = {"__module__": __name__, "__qualname__": name,
+                 "__doc__": f"Differs from `{parent.__name__}` in the Cal-DETR fields of :class:`CalibrationConfigMixin`."}
+    return strict(type(name, (CalibrationConfigMixin, parent), namespace))
 
 
-@strict
-class CalRTDetrConfig(CalibrationConfigMixin, RTDetrConfig):
-    """Differs from `RTDetrConfig` in the Cal-DETR fields of :class:`CalibrationConfigMixin`."""
+CAL_CONFIG_CLASSES = {model_type: _cal_config_class(family.config_class) for model_type, family in MODEL_FAMILIES.items()}
+globals().update({cls.__name__: cls for cls in CAL_CONFIG_CLASSES.values()})
+__all__ = ["CAL_FIELDS", "CalibrationConfigMixin", "stock_architecture_name",
+           *(cls.__name__ for cls in CAL_CONFIG_CLASSES.values())]

@@ -1,21 +1,9 @@
-"""One thin file per architecture: each gathers its decoder-layer logits and wires its own classification loss."""
+"""The Cal models: ``Cal`` + each registered parent's name (``hf_caldetr.families.MODEL_FAMILIES``), all made by
+``hf_caldetr.models.calibrated`` from one registration entry each."""
 
-from .deformable_detr import (
-    CalDeformableDetrForObjectDetection,
-    CalDeformableDetrImageLoss,
-    CalDeformableDetrObjectDetectionOutput,
-)
-from .detr import CalDetrForObjectDetection, CalDetrImageLoss, CalDetrObjectDetectionOutput
-from .rt_detr import CalRTDetrForObjectDetection, CalRTDetrLoss, CalRTDetrObjectDetectionOutput
+from .calibrated import CAL_MODEL_CLASSES, CalibratedDetectorMixin, calibrated_loss
 
-__all__ = [
-    "CalDeformableDetrForObjectDetection",
-    "CalDeformableDetrImageLoss",
-    "CalDeformableDetrObjectDetectionOutput",
-    "CalDetrForObjectDetection",
-    "CalDetrImageLoss",
-    "CalDetrObjectDetectionOutput",
-    "CalRTDetrForObjectDetection",
-    "CalRTDetrLoss",
-    "CalRTDetrObjectDetectionOutput",
-]
+globals().update({cls.__name__: cls for cls in CAL_MODEL_CLASSES.values()})
+
+__all__ = ["CAL_MODEL_CLASSES", "CalibratedDetectorMixin", "calibrated_loss",
+           *(cls.__name__ for cls in CAL_MODEL_CLASSES.values())]

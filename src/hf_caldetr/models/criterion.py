@@ -1,16 +1,14 @@
-"""Criterion pieces every Cal model shares: the two forms of the mixing loss, and the DETR-style criterion loop.
+"""The two forms of the logit-mixing loss: sigmoid heads (focal loss) and softmax heads with a no-object column.
 
-A model file picks the mixing loss that matches its head (sigmoid or softmax) and wires it into its own
-transformers criterion; the matching, the positives and the cross-process pooling are the same for all.
+The matching, the positives and the cross-process pooling are the same for both.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.loss.loss_for_object_detection import _set_aux_loss, sigmoid_focal_loss
+from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 
 from ..calibration import gather_positives, pooled_logit_mixing, soft_target_cross_entropy
-from ..distributed import num_boxes_across_processes
 
 
 def _mixed_positives(logits, targets, indices, alpha):
@@ -74,96 +72,3 @@ def softmax_logit_mixing_loss(
     if total_positives == 0:
         return logits.sum() * 0.0
     return soft_target_cross_entropy(mixed, soft_targets, num_boxes)
-
-
-class CalImageLossMixin:
-    """The Cal-DETR criterion loop for transformers' DETR-style `ImageLoss` subclasses. Put it first among the bases.
-
-    Differs from `ImageLoss.forward` in two points:
-
-    - losses named in `final_layer_only_losses` (the mixing loss: the spec applies it to the final layer) are not
-      repeated on the auxiliary layers;
-    - `num_boxes` is summed over processes then divided by the world size (transformers averages, then divides
-      again), so two processes on one batch give the loss of one process.
-
-    The subclass provides `loss_logit_mixing(outputs, targets, indices, num_boxes)`.
-    """
-
-    final_layer_only_losses = ("logit_mixing",)
-
-    def get_loss(self, loss, outputs, targets, indices, num_boxes):
-        if loss == "logit_mixing":
-            return self.loss_logit_mixing(outputs, targets, indices, num_boxes)
-        return super().get_loss(loss, outputs, targets, indices, num_boxes)
-
-    def forward(self, outputs, targets):
-        outputs_without_aux = {k: v for k, v in outputs.items() if k != "auxiliary_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
-        num_boxes = num_boxes_across_processes(targets, outputs["logits"].device)
-
-        losses = {}
-        for loss in self.losses:
-            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
-        for i, auxiliary_outputs in enumerate(outputs.get("auxiliary_outputs", [])):
-            aux_indices = self.matcher(auxiliary_outputs, targets)
-            for loss in self.losses:
-                if loss in self.final_layer_only_losses or loss == "masks":
-                    continue  # masks: too costly on every layer, as in transformers
-                aux_losses = self.get_loss(loss, auxiliary_outputs, targets, aux_indices, num_boxes)
-                losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
-        return losses
-
-
-def detr_style_loss(criterion, logits, labels, pred_boxes, config, outputs_class=None, outputs_coord=None):
-    """Steps three and four of transformers' DETR-style loss functions, with the mixing loss added.
-
-    Three: the criterion on the final layer (and on the auxiliary layers' raw logits with `auxiliary_loss`).
-    Four: the weighted sum, ``loss_ce + bbox * loss_bbox + giou * loss_giou`` per layer plus
-    ``logit_mixing_loss_coefficient * loss_logit_mixing``; the mixing loss stays unweighted in `loss_dict`.
-
-    Returns:
-        ``(loss, loss_dict, auxiliary_outputs)``, as transformers' loss functions do.
-    """
-    outputs_loss = {"logits": logits, "pred_boxes": pred_boxes}
-    auxiliary_outputs = None
-    if config.auxiliary_loss:
-        auxiliary_outputs = _set_aux_loss(outputs_class, outputs_coord)
-        outputs_loss["auxiliary_outputs"] = auxiliary_outputs
-    loss_dict = criterion(outputs_loss, labels)
-    layer_weights = {"loss_ce": 1, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
-    weight_dict = dict(layer_weights)
-    if config.auxiliary_loss:
-        for i in range(config.decoder_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in layer_weights.items()})
-    weight_dict["loss_logit_mixing"] = config.logit_mixing_loss_coefficient
-    loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
-    return loss, loss_dict, auxiliary_outputs
-
-
-def criterion_losses(config, base=("labels", "boxes", "cardinality")) -> list[str]:
-    """The criterion's loss names: the detector's own, plus `"logit_mixing"` when `use_logit_mixing`."""
-    return [*base, "logit_mixing"] if config.use_logit_mixing else list(base)
-
-
-class CalibratedDetectorMixin:
-    """What every Cal model adds to its transformers parent's construction. Put it first among the bases.
-
-    - The Cal settings are checked again: `from_pretrained(..., field=value)` sets config attributes after the
-      config's own checks.
-    - The loss function is set explicitly (`cal_loss_function`): transformers picks a loss by matching the class
-      name, and "Cal..." would silently get the wrong one, or none.
-    """
-
-    cal_loss_function = None
-
-    def __init__(self, config):
-        config.validate_calibration_settings()
-        super().__init__(config)
-
-    @property
-    def loss_function(self):
-        return getattr(self, "_loss_function", type(self).cal_loss_function)
-
-    @loss_function.setter
-    def loss_function(self, value):
-        self._loss_function = value

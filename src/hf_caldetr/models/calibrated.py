@@ -1,0 +1,205 @@
+"""Cal-DETR on any registered DETR: the method as a wrapper of the parent's own loss function.
+
+Every transformers DETR hands its loss function (``self.loss_function``) the final layer's logits and boxes and,
+for the auxiliary losses, every decoder layer's logits. :class:`CalibratedDetectorMixin` puts
+:func:`calibrated_loss` in front of the installed parent's loss, which
+
+1. takes every decoder layer's class logits of the matching queries from those arguments (RT-DETR and its
+   descendants: denoising queries, which come first, are left out; DETR without ``auxiliary_loss``: from a forward
+   hook, see :meth:`CalibratedDetectorMixin._record_layer_output`),
+2. computes their uncertainty ``U = Var_l(Z)`` and hands the parent's loss the modulated final logits
+   (``config.uncertainty_modulation``) in place of the raw ones; the auxiliary layers keep their raw logits,
+3. calls the parent's own loss function, unchanged,
+4. when ``config.num_boxes_normalization == "global"``, rescales the box-normalised losses from the parent's
+   normaliser to the whole batch's (a no-op in one process),
+5. adds ``logit_mixing_loss_coefficient * L_R``, the logit-mixing loss of the final layer's Hungarian-matched
+   queries (the parent's own matcher, run again on the modulated logits: it is deterministic, so these are the
+   matches the parent's loss used), reported unweighted as ``loss_dict["loss_logit_mixing"]``.
+
+The forward is the parent's: its outputs are the stock ones (``logits`` raw unless ``modulate_at_inference``).
+Every layer's logits and the uncertainty of any output: :func:`hf_caldetr.families.decoder_layer_logits` and
+:func:`hf_caldetr.calibration.logit_uncertainty`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from functools import partial
+
+import torch
+from transformers.loss.loss_utils import LOSS_MAPPING
+
+from ..calibration import logit_uncertainty, modulate_logits
+from ..distributed import num_boxes_across_processes
+from ..families import MODEL_FAMILIES, ModelFamily
+from .criterion import sigmoid_logit_mixing_loss, softmax_logit_mixing_loss
+
+
+def stock_loss_function(parent: type):
+    """The loss function transformers gives ``parent`` (its rule: the class name, else the longest-known suffix)."""
+    if parent.__name__ in LOSS_MAPPING:
+        return LOSS_MAPPING[parent.__name__]
+    found = re.findall(f"({'|'.join(LOSS_MAPPING)})", parent.__name__)
+    if not found:
+        raise ValueError(f"transformers has no loss function for {parent.__name__}")
+    return LOSS_MAPPING[found[0]]
+
+
+def _num_denoising(arguments: dict) -> int:
+    meta = arguments.get("denoising_meta_values")
+    return int(meta["dn_num_split"][0]) if meta is not None else 0
+
+
+def matching_layer_logits(model, family: ModelFamily, arguments: dict) -> torch.Tensor:
+    """Every decoder layer's class logits of the matching queries, ``[B, L, Q, C]``, from the arguments of a loss
+    call. The final layer is ``arguments["logits"]`` itself (what the parent's final-layer loss sees)."""
+    num_denoising = _num_denoising(arguments)
+    final = arguments["logits"][:, num_denoising:]
+    layers = arguments.get("outputs_class")
+    if layers is not None:
+        earlier = layers[:-1] if family.layers_first else layers[:, :-1]
+        earlier = earlier.transpose(0, 1) if family.layers_first else earlier
+        earlier = earlier[:, :, num_denoising:]
+    elif family.recorded_layers is not None:
+        earlier = family.recorded_layer_logits(model, model._recorded_layer_outputs())
+    else:
+        raise ValueError(f"{type(model).__name__}: the parent's loss received no per-layer logits")
+    return torch.cat([earlier, final.unsqueeze(1)], dim=1)
+
+
+def _rescale_to_global_normaliser(family: ModelFamily, loss, loss_dict: dict, targets: list[dict], device):
+    """The parent's box-normalised losses divided by the whole batch's normaliser instead of its own."""
+    factor = family.stock_num_boxes(targets) / num_boxes_across_processes(targets, device)
+    if factor == 1.0:
+        return loss, loss_dict
+    unnormalised = [key for key in loss_dict if key.startswith(family.unnormalised_losses or ("\0",))]
+    fixed = sum((loss_dict[key] for key in unnormalised), torch.zeros((), device=device))
+    loss = fixed + factor * (loss - fixed)
+    rescaled = {key: value if key in unnormalised or key.startswith("cardinality") else value * factor
+                for key, value in loss_dict.items()}
+    return loss, rescaled
+
+
+def logit_mixing_loss(family: ModelFamily, config, logits, pred_boxes, targets, num_boxes) -> torch.Tensor:
+    """``L_R`` of the final layer's matched queries: sigmoid focal loss of the mixed logits against the smoothed
+    targets (sigmoid heads), or their soft-target cross-entropy (DETR's softmax head), over ``num_boxes``."""
+    indices = family.matcher(config)({"logits": logits, "pred_boxes": pred_boxes}, targets)
+    if family.softmax_head:
+        return softmax_logit_mixing_loss(logits, targets, indices, num_boxes, config.logit_mixing_alpha)
+    focal_alpha, focal_gamma = family.mixing_focal(config)
+    return sigmoid_logit_mixing_loss(logits, targets, indices, num_boxes, config.logit_mixing_alpha, focal_alpha,
+                                     focal_gamma)
+
+
+def calibrated_loss(model, loss_function, *args, **kwargs):
+    """The parent's ``loss_function(*args, **kwargs)`` with the Cal-DETR method around it (module docstring).
+
+    Returns ``(loss, loss_dict, auxiliary_outputs)``, as transformers' loss functions do.
+    """
+    config, family = model.config, model.cal_family
+    call = inspect.signature(loss_function).bind(*args, **kwargs)
+    arguments = call.arguments
+    num_denoising = _num_denoising(arguments)
+    logits, targets = arguments["logits"], arguments["labels"]
+    final = logits[:, num_denoising:]
+    if config.uncertainty_modulation != "none":
+        layers = matching_layer_logits(model, family, arguments)
+        final = modulate_logits(final, logit_uncertainty(layers), config.uncertainty_modulation)
+        arguments["logits"] = torch.cat([logits[:, :num_denoising], final], dim=1) if num_denoising else final
+    loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
+    device = logits.device
+    if config.num_boxes_normalization == "global":
+        loss, loss_dict = _rescale_to_global_normaliser(family, loss, loss_dict, targets, device)
+    if config.use_logit_mixing:
+        pred_boxes = arguments["pred_boxes"][:, num_denoising:]
+        mixing = logit_mixing_loss(family, config, final, pred_boxes, targets,
+                                   num_boxes_across_processes(targets, device))
+        loss = loss + config.logit_mixing_loss_coefficient * mixing
+        loss_dict = {**loss_dict, "loss_logit_mixing": mixing}
+    return loss, loss_dict, auxiliary_outputs
+
+
+class CalibratedDetectorMixin:
+    """What a Cal model adds to its transformers parent. Put it first among the bases:
+    ``class CalXForObjectDetection(CalibratedDetectorMixin, XForObjectDetection)``, with ``cal_family`` set.
+
+    - The Cal settings are checked again: ``from_pretrained(..., field=value)`` sets config attributes after the
+      config's own checks.
+    - ``loss_function`` is the parent's (or one the user sets), wrapped by :func:`calibrated_loss`.
+    - With ``config.modulate_at_inference``, the returned ``logits`` are modulated outside training too.
+    - Families whose parent keeps no per-layer state (DETR without ``auxiliary_loss``) get a forward hook on the
+      layers that hold it (:meth:`_record_layer_output`).
+    """
+
+    cal_family: ModelFamily
+
+    def __init__(self, config):
+        config.validate_calibration_settings()
+        super().__init__(config)
+        self._layer_outputs = {}
+        if self.cal_family.recorded_layers is not None:
+            for layer in self.cal_family.recorded_layers(self):
+                layer.register_forward_hook(self._record_layer_output)
+
+    def _record_layer_output(self, module, args, output):
+        """Forward hook: keeps a reference to ``module``'s output (no copy, nothing added to the autograd graph).
+
+        Why a hook: DETR without ``auxiliary_loss`` keeps no per-layer decoder state, and switching it on changes
+        the decoder; ``output_hidden_states=True`` would also record every encoder layer on every step.
+        """
+        self._layer_outputs[module] = output[0] if isinstance(output, tuple) else output
+
+    def _recorded_layer_outputs(self) -> list[torch.Tensor]:
+        try:
+            return [self._layer_outputs[layer] for layer in self.cal_family.recorded_layers(self)]
+        except KeyError:
+            raise RuntimeError("a decoder layer's output was not recorded: the Cal model hooks its decoder layers "
+                               "when it is built; were the layers replaced?") from None
+
+    @property
+    def loss_function(self):
+        loss_function = getattr(self, "_loss_function", None) or stock_loss_function(self.cal_family.model_class)
+        return partial(calibrated_loss, self, loss_function)
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self._loss_function = value
+
+    def forward(self, *args, **kwargs):
+        config = self.config
+        if self.training or not config.modulate_at_inference or config.uncertainty_modulation == "none":
+            return super().forward(*args, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = super().forward(*args, return_dict=True, **kwargs)
+        family = self.cal_family
+        if family.recorded_layers is not None and getattr(outputs, "decoder_hidden_states", None) is None:
+            earlier = family.recorded_layer_logits(self, self._recorded_layer_outputs())
+            layers = torch.cat([earlier, outputs.logits.unsqueeze(1)], dim=1)
+        else:
+            layers = family.layer_logits(self, outputs)
+        outputs.logits = modulate_logits(outputs.logits, logit_uncertainty(layers), config.uncertainty_modulation)
+        use_return_dict = config.use_return_dict if return_dict is None else return_dict
+        return outputs if use_return_dict else outputs.to_tuple()
+
+
+def _cal_model_class(model_type: str, family: ModelFamily) -> type:
+    """``Cal`` + the parent's name: the parent with :class:`CalibratedDetectorMixin` and its Cal config."""
+    from ..configuration import CAL_CONFIG_CLASSES
+
+    parent = family.model_class
+    name = "Cal" + parent.__name__
+    namespace = {
+        "__module__": "hf_caldetr.models",
+        "__qualname__": name,
+        "__doc__": f"Differs from `{parent.__name__}` in its loss (Cal-DETR's uncertainty-guided logit modulation "
+                   "of the final layer in training, and the logit-mixing loss; see `hf_caldetr.models.calibrated`) "
+                   "and, with `modulate_at_inference`, its returned logits. The parameters are exactly the "
+                   "parent's, so checkpoints load both ways.",
+        "config_class": CAL_CONFIG_CLASSES[model_type],
+        "cal_family": family,
+    }
+    return type(name, (CalibratedDetectorMixin, parent), namespace)
+
+
+CAL_MODEL_CLASSES = {model_type: _cal_model_class(model_type, family) for model_type, family in MODEL_FAMILIES.items()}

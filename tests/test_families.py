@@ -1,0 +1,200 @@
+"""One table, every registered family: the Cal model against the installed stock transformers model.
+
+A row of ``CASES`` per family (``hf_caldetr.families.MODEL_FAMILIES``): the tiny preset's overrides for these tests.
+Each test runs for every row:
+
+- with calibration off, loss, loss terms and gradients are the stock model's (the stock model is the oracle);
+- the modulation and the mixing loss equal an independent computation (``torch.var``, the family's own matcher,
+  prototype and smoothed targets by loops, transformers' focal loss or a hand-written cross-entropy), and the
+  total is the stock loss of the modulated logits plus ``0.5 * L_R``;
+- outputs outside training are the stock ones (modulation is training-only), unless ``modulate_at_inference``;
+- checkpoints: a Cal folder loads in the stock class with identical outputs, and a stock folder in the Cal class;
+- every layer's logits through ``hf_caldetr.decoder_layer_logits``, their last layer the returned logits;
+- images without boxes train; the variance term back-propagates into the earlier layers' heads.
+
+Two processes against one: tests/test_distributed_models.py, over the same table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
+
+from hf_caldetr.families import MODEL_FAMILIES, decoder_layer_logits, layer_logits_options
+from tiny import CASES, NUM_LABELS, make_family_model as make, tiny_batch
+
+CAL_OFF = {"uncertainty_modulation": "none", "use_logit_mixing": False}
+
+
+def test_every_registered_family_has_a_row():
+    assert set(CASES) == set(MODEL_FAMILIES)
+
+
+def run(model, pixel_values, labels=None, seed=1, **kwargs):
+    """A forward with a fixed seed (dropout, denoising noise)."""
+    torch.manual_seed(seed)
+    return model(pixel_values=pixel_values, labels=labels, **kwargs)
+
+
+def num_denoising(outputs) -> int:
+    meta = getattr(outputs, "denoising_meta_values", None)
+    return int(meta["dn_num_split"][0]) if meta is not None else 0
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", CASES)
+@pytest.mark.parametrize("boxes_per_image", [(3, 2), (3, 0)])
+def test_without_calibration_the_loss_is_the_stock_loss(model_type, boxes_per_image):
+    cal, stock = make(model_type, **CAL_OFF).train(), make(model_type, cal=False).train()
+    stock.load_state_dict(cal.state_dict())
+    pixel_values, labels = tiny_batch(num_labels=NUM_LABELS, boxes_per_image=boxes_per_image)
+    out_cal, out_stock = run(cal, pixel_values, labels), run(stock, pixel_values, labels)
+    assert out_cal.loss_dict.keys() == out_stock.loss_dict.keys()
+    for key in out_stock.loss_dict:
+        torch.testing.assert_close(out_cal.loss_dict[key], out_stock.loss_dict[key], rtol=0, atol=0)
+    torch.testing.assert_close(out_cal.loss, out_stock.loss, rtol=0, atol=0)
+    out_cal.loss.backward()
+    out_stock.loss.backward()
+    stock_grads = grads(stock)
+    for name, grad in grads(cal).items():
+        torch.testing.assert_close(grad, stock_grads[name], rtol=0, atol=0)
+
+
+def _independent_mixing_loss(model_type, config, logits, boxes, labels):
+    """``L_R`` by loops: the family's matcher on the (modulated) final logits, the prototype and smoothed targets
+    of the matched queries, then transformers' sigmoid focal loss (sigmoid heads) or cross-entropy (softmax)."""
+    family = MODEL_FAMILIES[model_type]
+    indices = family.matcher(config)({"logits": logits, "pred_boxes": boxes}, labels)
+    positives = [(b, int(q), int(labels[b]["class_labels"][t])) for b, (qs, ts) in enumerate(indices)
+                 for q, t in zip(qs, ts)]
+    count = len(positives)
+    prototype = sum(logits[b, q] for b, q, _ in positives) / count
+    alpha = config.logit_mixing_alpha
+    mixed = logits.clone()
+    targets = torch.zeros_like(logits)
+    for i, (b, q, c) in enumerate(positives):
+        mixed[b, q] = alpha * logits[b, q] + (1 - alpha) * prototype
+        targets[b, q, c] += alpha
+        for j, (_, _, other) in enumerate(positives):
+            if j != i:
+                targets[b, q, other] += (1 - alpha) / (count - 1)
+    num_boxes = sum(len(t["class_labels"]) for t in labels)
+    if family.softmax_head:
+        return -sum((targets[b, q] * torch.log_softmax(mixed[b, q], -1)).sum() for b, q, _ in positives) / num_boxes
+    focal_alpha, focal_gamma = family.mixing_focal(config)
+    return sigmoid_focal_loss(mixed, targets, num_boxes, alpha=focal_alpha, gamma=focal_gamma) * logits.shape[1]
+
+
+@pytest.mark.parametrize("model_type", CASES)
+@pytest.mark.parametrize("mode", ["multiplicative", "subtractive"])
+def test_modulation_and_mixing_loss_equal_an_independent_computation(model_type, mode):
+    cal = make(model_type, uncertainty_modulation=mode).train()
+    stock = make(model_type, cal=False).train()
+    stock.load_state_dict(cal.state_dict())
+    pixel_values, labels = tiny_batch(num_labels=NUM_LABELS, boxes_per_image=(3, 2))
+    labels[1]["class_labels"] = labels[0]["class_labels"][:2].clone()  # a class repeated across images
+    out_cal = run(cal, pixel_values, labels)
+
+    # The stock model's own forward, its loss function handed the modulated final logits by a spy.
+    with torch.no_grad():
+        reference = run(stock, pixel_values, labels=labels, **layer_logits_options(stock))
+    dn = num_denoising(reference)
+    stock.eval()
+    layers = decoder_layer_logits(stock, reference)[:, :, dn:]  # from the stock outputs, [B, L, Q, C]
+    stock.train()
+    final = layers[:, -1]
+    uncertainty = layers.var(dim=1)
+    modulated = final * (1 - torch.tanh(uncertainty)) if mode == "multiplicative" else final - torch.tanh(uncertainty)
+    stock_loss_function = stock.loss_function
+
+    def spy(logits, *args, **kwargs):
+        return stock_loss_function(torch.cat([logits[:, :dn], modulated], dim=1), *args, **kwargs)
+
+    stock.loss_function = spy
+    with torch.no_grad():
+        expected_stock = run(stock, pixel_values, labels)
+    mixing = _independent_mixing_loss(model_type, cal.config, modulated, reference.pred_boxes[:, dn:], labels)
+
+    torch.testing.assert_close(out_cal.loss_dict["loss_logit_mixing"], mixing, rtol=1e-5, atol=1e-6)
+    for key, value in expected_stock.loss_dict.items():
+        torch.testing.assert_close(out_cal.loss_dict[key], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_cal.loss, expected_stock.loss + 0.5 * mixing, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_modulation_is_training_only_unless_asked(model_type):
+    cal, stock = make(model_type).eval(), make(model_type, cal=False).eval()
+    stock.load_state_dict(cal.state_dict())
+    pixel_values, _ = tiny_batch(num_labels=NUM_LABELS)
+    with torch.no_grad():
+        out_cal, out_stock = run(cal, pixel_values), run(stock, pixel_values, **layer_logits_options(stock))
+        torch.testing.assert_close(out_cal.logits, out_stock.logits, rtol=0, atol=0)
+        torch.testing.assert_close(out_cal.pred_boxes, out_stock.pred_boxes, rtol=0, atol=0)
+        layers = decoder_layer_logits(stock, out_stock)
+        torch.testing.assert_close(layers[:, -1], out_stock.logits, rtol=1e-6, atol=1e-6)
+        cal.config.modulate_at_inference = True
+        modulated = run(cal, pixel_values)
+        expected = out_stock.logits * (1 - torch.tanh(layers.var(dim=1)))
+        torch.testing.assert_close(modulated.logits, expected, rtol=1e-5, atol=1e-6)
+        as_tuple = run(cal, pixel_values, return_dict=False)
+        torch.testing.assert_close(as_tuple[0], modulated.logits if as_tuple[0].shape == expected.shape
+                                   else as_tuple[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_checkpoints_load_both_ways_with_identical_outputs(tmp_path, model_type):
+    family = MODEL_FAMILIES[model_type]
+    cal = make(model_type, logit_mixing_alpha=0.8).eval()
+    cal.save_pretrained(tmp_path / "cal")
+    stock = family.model_class.from_pretrained(tmp_path / "cal").eval()
+    assert type(stock) is family.model_class
+    pixel_values, _ = tiny_batch(num_labels=NUM_LABELS)
+    with torch.no_grad():
+        torch.testing.assert_close(run(stock, pixel_values).logits, run(cal, pixel_values).logits, rtol=0, atol=0)
+    stock.save_pretrained(tmp_path / "stock")
+    again = family.cal_model_class.from_pretrained(tmp_path / "stock").eval()
+    assert again.config.logit_mixing_alpha == 0.8  # the Cal fields ride along in config.json
+    reloaded = family.cal_model_class.from_pretrained(tmp_path / "cal", uncertainty_modulation="subtractive")
+    assert reloaded.config.uncertainty_modulation == "subtractive"
+    with torch.no_grad():
+        torch.testing.assert_close(run(again, pixel_values).logits, run(stock, pixel_values).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="logit_mixing_alpha"):
+        family.cal_model_class.from_pretrained(tmp_path / "cal", logit_mixing_alpha=2.0)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+@pytest.mark.parametrize("boxes_per_image", [(0, 0), (3, 0)])
+def test_images_without_boxes(model_type, boxes_per_image):
+    model = make(model_type).train()
+    pixel_values, labels = tiny_batch(num_labels=NUM_LABELS, boxes_per_image=boxes_per_image)
+    out = run(model, pixel_values, labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    if boxes_per_image == (0, 0):
+        assert out.loss_dict["loss_logit_mixing"] == 0
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_variance_term_back_propagates_into_earlier_layers(model_type):
+    """Modulation only (no mixing): the final-layer loss reaches an earlier layer's class head only through
+    ``Var_l(Z)``; without modulation that head gets no gradient from the final layer at all."""
+    family = MODEL_FAMILIES[model_type]
+    pixel_values, labels = tiny_batch(num_labels=NUM_LABELS)
+    gradients = {}
+    for mode in ("multiplicative", "none"):
+        model = make(model_type, uncertainty_modulation=mode, use_logit_mixing=False, auxiliary_loss=False).train()
+        out = run(model, pixel_values, labels)
+        out.loss.backward()
+        heads = family.layer_class_heads(model)
+        if heads[0] is heads[-1]:  # one classifier for every layer (DETR): compare the whole head's gradient
+            gradients[mode] = heads[0].weight.grad.clone()
+        else:
+            gradients[mode] = heads[0].weight.grad
+    if gradients["none"] is None:
+        assert gradients["multiplicative"] is not None and gradients["multiplicative"].abs().sum() > 0
+    else:
+        assert not torch.allclose(gradients["multiplicative"], gradients["none"])
