@@ -2,7 +2,7 @@
 fold the calibration into its weights, then evaluate it raw and calibrated, in-domain and on a corrupted copy.
 
     accelerate launch examples/train.py                       # the embedded digits default (see the README's timing)
-    accelerate launch examples/train.py --method baseline     # the stock transformers model, all else identical
+    accelerate launch examples/train.py --method baseline     # the stock transformers loss, all else identical
     accelerate launch examples/train.py --resume_from_checkpoint latest     # continue an interrupted run
     accelerate launch examples/train.py --train_annotations train.json --train_images imgs/ \
         --validation_annotations val.json --validation_images imgs/ --model_name_or_path SenseTime/deformable-detr
@@ -217,7 +217,7 @@ def _help(text: str) -> dict:
 @dataclass
 class ModelArguments:
     method: str = field(default="cal-detr", metadata=_help(
-        f"one of {sorted(METHODS)}; baseline is the stock transformers model"))
+        f"one of {sorted(METHODS)}; baseline trains with the stock transformers loss (the method off)"))
     model_name_or_path: str | None = field(default=None, metadata=_help(
         "plain or Cal checkpoint to fine-tune (Hub id or folder); default: a fresh model of --model_preset"))
     model_type: str | None = field(default=None, metadata=_help(
@@ -235,6 +235,9 @@ class ModelArguments:
     logit_mixing_alpha: float | None = field(default=None, metadata=_help("alpha of the logit mixing"))
     logit_mixing_loss_coefficient: float | None = field(default=None, metadata=_help(
         "lambda, the weight of the mixing loss"))
+    num_boxes_normalization: str | None = field(default=None, metadata=_help(
+        "global|transformers: what the box losses are divided by with several processes, for every method "
+        "(baseline included); global (default): the whole batch's boxes, so N processes train as 1"))
 
 
 @dataclass

@@ -103,9 +103,12 @@ def test_modulation_and_mixing_loss_equal_an_independent_computation(model_type,
     with torch.no_grad():
         reference = run(stock, pixel_values, labels=labels, **layer_logits_options(stock))
     dn = num_denoising(reference)
-    stock.eval()
-    layers = decoder_layer_logits(stock, reference)[:, :, dn:]  # from the stock outputs, [B, L, Q, C]
-    stock.train()
+    family = MODEL_FAMILIES[model_type]
+    if family.layer_logits is None:  # D-FINE, DEIMv2: every layer's logits exist in training only, after "pre"
+        layers = reference.intermediate_logits[:, family.pre_layers:, dn:]
+    else:
+        layers = decoder_layer_logits(stock, reference)[:, :, dn:]  # from the stock outputs, [B, L, Q, C]
+    assert layers.shape[1] == cal.config.decoder_layers
     final = layers[:, -1]
     uncertainty = layers.var(dim=1)
     modulated = final * (1 - torch.tanh(uncertainty)) if mode == "multiplicative" else final - torch.tanh(uncertainty)
@@ -117,7 +120,8 @@ def test_modulation_and_mixing_loss_equal_an_independent_computation(model_type,
     stock.loss_function = spy
     with torch.no_grad():
         expected_stock = run(stock, pixel_values, labels)
-    mixing = _independent_mixing_loss(model_type, cal.config, modulated, reference.pred_boxes[:, dn:], labels)
+    boxes = reference.pred_boxes[:, dn:].clamp(0, 1)
+    mixing = _independent_mixing_loss(model_type, cal.config, modulated, boxes, labels)
 
     torch.testing.assert_close(out_cal.loss_dict["loss_logit_mixing"], mixing, rtol=1e-5, atol=1e-6)
     for key, value in expected_stock.loss_dict.items():
@@ -134,9 +138,15 @@ def test_modulation_is_training_only_unless_asked(model_type):
         out_cal, out_stock = run(cal, pixel_values), run(stock, pixel_values, **layer_logits_options(stock))
         torch.testing.assert_close(out_cal.logits, out_stock.logits, rtol=0, atol=0)
         torch.testing.assert_close(out_cal.pred_boxes, out_stock.pred_boxes, rtol=0, atol=0)
+        cal.config.modulate_at_inference = True
+        if MODEL_FAMILIES[model_type].layer_logits is None:  # the final layer only at inference
+            with pytest.raises(ValueError, match="modulate_at_inference"):
+                run(cal, pixel_values)
+            with pytest.raises(ValueError, match="final decoder layer"):
+                decoder_layer_logits(stock, out_stock)
+            return
         layers = decoder_layer_logits(stock, out_stock)
         torch.testing.assert_close(layers[:, -1], out_stock.logits, rtol=1e-6, atol=1e-6)
-        cal.config.modulate_at_inference = True
         modulated = run(cal, pixel_values)
         expected = out_stock.logits * (1 - torch.tanh(layers.var(dim=1)))
         torch.testing.assert_close(modulated.logits, expected, rtol=1e-5, atol=1e-6)

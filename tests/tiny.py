@@ -132,6 +132,10 @@ CASES = {
     "detr": Case({"decoder_layers": 3}, {"auxiliary_loss": True}, (3, 0, 1, 2)),
     # Denoising groups come from each shard's largest box count, so differ between shards by design.
     "rt_detr": Case({"decoder_layers": 3}, {"num_denoising": 0}),
+    "rt_detr_v2": Case({"decoder_layers": 3}, {"num_denoising": 0}),
+    "d_fine": Case({"decoder_layers": 3}, {"num_denoising": 0}),
+    # Dense one-to-one matching divides the box losses by each process's matched pairs (see the registry).
+    "deimv2": Case({"decoder_layers": 3}, {"num_denoising": 0, "use_dense_one_to_one": False}),
 }
 
 

@@ -109,6 +109,17 @@ class CalibrationConfigMixin:
 
 
 CAL_FIELDS = tuple(field.name for field in dataclasses.fields(CalibrationConfigMixin))
+# The method's own fields (every Cal config.json has them); ``num_boxes_normalization`` is a training choice.
+METHOD_FIELDS = CAL_FIELDS[:5]
+
+
+def calibration_is_on(config) -> bool:
+    """Whether a config (object or ``config.json`` dict) trains with Cal-DETR: it has the method's fields and
+    modulates or mixes. The baseline arm is the Cal class with both off: the stock transformers loss."""
+    values = config if isinstance(config, dict) else vars(config)
+    if not all(name in values for name in METHOD_FIELDS):
+        return False
+    return values["uncertainty_modulation"] != "none" or bool(values["use_logit_mixing"])
 
 
 def _cal_config_class(parent: type) -> type:
@@ -121,5 +132,5 @@ def _cal_config_class(parent: type) -> type:
 
 CAL_CONFIG_CLASSES = {model_type: _cal_config_class(family.config_class) for model_type, family in MODEL_FAMILIES.items()}
 globals().update({cls.__name__: cls for cls in CAL_CONFIG_CLASSES.values()})
-__all__ = ["CAL_FIELDS", "CalibrationConfigMixin", "stock_architecture_name",
+__all__ = ["CAL_FIELDS", "METHOD_FIELDS", "CalibrationConfigMixin", "calibration_is_on", "stock_architecture_name",
            *(cls.__name__ for cls in CAL_CONFIG_CLASSES.values())]

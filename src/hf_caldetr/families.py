@@ -101,13 +101,15 @@ class ModelFamily:
     model_class: type
     image_processor_class: str
     presets: dict
-    # The final decoder layer's class head (what post-processing reads), for folding a calibrator into it.
-    final_class_head: Callable
+    # The final decoder layer's class head (what post-processing reads), for folding a calibrator into it; None
+    # where the final logits are not an affine map of one head's input (D-FINE's LQE adds a term after the head).
+    final_class_head: Callable | None
     # ``model -> [L modules]``: the class head of each decoder layer (to undo a folded calibration on its logits).
     layer_class_heads: Callable
     # ``(model, outputs) -> [B, L, Q, C]``: every decoder layer's class logits, from the outputs of one inference
     # forward run with ``layer_logits_options`` (stock or Cal model, unwrapped); see ``decoder_layer_logits``.
-    layer_logits: Callable
+    # None where the parent's inference forward computes the final layer's logits only (D-FINE, DEIMv2).
+    layer_logits: Callable | None
     # The matcher the parent's loss builds, ``config -> module``: the mixing loss takes the final layer's matches.
     matcher: Callable
     # The normaliser the parent's loss divides by, ``targets -> float`` (for ``config.num_boxes_normalization``).
@@ -124,8 +126,11 @@ class ModelFamily:
     mixing_focal: Callable | None = None
     # The parent hands its loss every layer's logits as ``[L, B, Q, C]`` (DETR-style) rather than ``[B, L, Q, C]``.
     layers_first: bool = True
-    # Loss-dict entries (by prefix) the parent does not divide by the number of boxes (DETR's class-weighted mean).
-    unnormalised_losses: tuple = ()
+    # Entries of ``outputs_class`` before the first decoder layer's (D-FINE's "pre" output, before its LQE).
+    pre_layers: int = 0
+    # Loss-dict entries (by prefix) the parent does not divide by the number of boxes (DETR's class-weighted mean),
+    # or ``config -> such a tuple``.
+    unnormalised_losses: tuple | Callable = ()
     # Where the parent keeps no per-layer logits (DETR without ``auxiliary_loss``): the modules whose outputs the
     # Cal model records with a forward hook, and ``(model, recorded outputs) -> [B, L - 1, Q, C]``.
     recorded_layers: Callable | None = None
@@ -204,6 +209,42 @@ def _rt_detr_focal(config) -> tuple[float, float]:
     return 1 - config.focal_loss_alpha, config.focal_loss_gamma
 
 
+def _deimv2_focal(config) -> tuple[float, float]:
+    """DEIMv2's MAL weights a negative ``mal_alpha * p ** gamma``, or ``p ** gamma`` without ``mal_alpha`` (its
+    default): the focal alpha that gives the same (a negative alpha: no weighting in transformers' focal loss)."""
+    alpha = getattr(config, "mal_alpha", None)
+    return (-1.0 if alpha is None else 1 - alpha), config.focal_loss_gamma
+
+
+def _deimv2_unnormalised(config) -> tuple:
+    """With dense one-to-one matching (DEIMv2's default) the box and FGL losses are divided by each process's
+    count of matched pairs, which the parent keeps to itself: they keep transformers' per-process normaliser."""
+    dense = ("loss_bbox", "loss_giou", "loss_fgl") if getattr(config, "use_dense_one_to_one", False) else ()
+    return ("loss_ddf", *dense)
+
+
+def _hgnet_backbone(width: int):
+    """A small HGNetV2 (D-FINE's and DEIMv2's backbone family), random init; features from stages 2-4."""
+    inputs = [8 * width, 16 * width, 32 * width, 64 * width]
+    outputs = [2 * c for c in inputs]  # stage k feeds stage k + 1; stages 2-4 give 4, 8 and 16 x width channels
+    return transformers.HGNetV2Config(
+        stem_channels=[3, 8 * width, 8 * width], stage_in_channels=inputs, stage_mid_channels=inputs,
+        stage_out_channels=outputs, stage_num_blocks=[1, 1, 1, 1], stage_downsample=[False, True, True, True],
+        stage_light_block=[False, False, True, True], stage_kernel_size=[3, 3, 5, 5],
+        stage_numb_of_layers=[2, 2, 2, 2], hidden_sizes=outputs, depths=[1, 1, 1, 1],
+        out_indices=[2, 3, 4])
+
+
+_D_FINE_TINY = dict(encoder_in_channels=[32, 64, 128], encoder_hidden_dim=32, encoder_ffn_dim=64,
+                    encoder_attention_heads=2, encoder_layers=1, hidden_expansion=0.5, depth_mult=0.34, d_model=32,
+                    decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64, decoder_attention_heads=2, decoder_layers=2,
+                    decoder_n_points=2, num_queries=12, num_denoising=10)
+_D_FINE_SMALL = dict(encoder_in_channels=[64, 128, 256], encoder_hidden_dim=64, encoder_ffn_dim=256,
+                     encoder_attention_heads=4, encoder_layers=1, hidden_expansion=0.5, depth_mult=0.34, d_model=64,
+                     decoder_in_channels=[64, 64, 64], decoder_ffn_dim=256, decoder_attention_heads=4,
+                     decoder_layers=3, decoder_n_points=2, num_queries=20, num_denoising=20)
+
+
 MODEL_FAMILIES = {
     "deformable_detr": ModelFamily(
         transformers.DeformableDetrConfig, transformers.DeformableDetrForObjectDetection,
@@ -259,6 +300,7 @@ MODEL_FAMILIES = {
         recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
         recorded_layer_logits=_detr_recorded_layer_logits,
     ),
+    # The RT-DETR family and its descendants share RT-DETR's image processor, matcher and normaliser.
     "rt_detr": ModelFamily(
         transformers.RTDetrConfig, transformers.RTDetrForObjectDetection,
         "RTDetrImageProcessor",
@@ -284,6 +326,74 @@ MODEL_FAMILIES = {
         detection_selection="top_queries",
         mixing_focal=_rt_detr_focal,
         layers_first=False,
+    ),
+    "rt_detr_v2": ModelFamily(
+        transformers.RTDetrV2Config, transformers.RTDetrV2ForObjectDetection,
+        "RTDetrImageProcessor",
+        {
+            "tiny": dict(backbone_config=lambda: _rt_detr_backbone((16, 32, 64, 128)), encoder_hidden_dim=32,
+                         encoder_in_channels=[32, 64, 128], encoder_layers=1, encoder_ffn_dim=64,
+                         encoder_attention_heads=2, d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64,
+                         decoder_layers=2, decoder_attention_heads=2, decoder_n_points=2, num_queries=12,
+                         num_denoising=10),
+            "small": dict(backbone_config=lambda: _rt_detr_backbone((32, 64, 128, 256)), encoder_hidden_dim=64,
+                          encoder_in_channels=[64, 128, 256], encoder_layers=1, encoder_ffn_dim=256,
+                          encoder_attention_heads=4, d_model=64, decoder_in_channels=[64, 64, 64], decoder_ffn_dim=256,
+                          decoder_layers=3, decoder_attention_heads=4, decoder_n_points=2, num_queries=20,
+                          num_denoising=20),
+            "r50": dict(),
+        },
+        final_class_head=lambda model: model.model.decoder.class_embed[-1],
+        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
+        layer_logits=_intermediate_logits,
+        matcher=_rt_detr_matcher,
+        stock_num_boxes=local_num_boxes,
+        detection_selection="top_queries",
+        mixing_focal=_rt_detr_focal,
+        layers_first=False,
+    ),
+    # D-FINE and DEIMv2: in training the parent hands its loss a "pre" output before the decoder layers' (class
+    # head 0 before the localisation-quality term), and at inference it computes the final layer only, so the
+    # uncertainty exists in training (where the method needs it) but not at inference: no D-UCE, no
+    # modulate_at_inference. Their final logits add LQE's quality term after the class head: no folding.
+    "d_fine": ModelFamily(
+        transformers.DFineConfig, transformers.DFineForObjectDetection,
+        "RTDetrImageProcessor",
+        {
+            "tiny": dict(_D_FINE_TINY, backbone_config=lambda: _hgnet_backbone(1)),
+            "small": dict(_D_FINE_SMALL, backbone_config=lambda: _hgnet_backbone(2)),
+            "r50": dict(),
+        },
+        final_class_head=None,
+        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
+        layer_logits=None,
+        matcher=_rt_detr_matcher,
+        stock_num_boxes=local_num_boxes,
+        detection_selection="top_queries",
+        mixing_focal=_rt_detr_focal,
+        layers_first=False,
+        pre_layers=1,
+        # The decoupled distillation loss is a mean over its entries, not over boxes.
+        unnormalised_losses=("loss_ddf",),
+    ),
+    "deimv2": ModelFamily(
+        transformers.Deimv2Config, transformers.Deimv2ForObjectDetection,
+        "RTDetrImageProcessor",
+        {
+            "tiny": dict(_D_FINE_TINY, backbone_config=lambda: _hgnet_backbone(1)),
+            "small": dict(_D_FINE_SMALL, backbone_config=lambda: _hgnet_backbone(2)),
+            "r50": dict(),
+        },
+        final_class_head=None,
+        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
+        layer_logits=None,
+        matcher=_rt_detr_matcher,
+        stock_num_boxes=local_num_boxes,
+        detection_selection="top_queries",
+        mixing_focal=_deimv2_focal,
+        layers_first=False,
+        pre_layers=1,
+        unnormalised_losses=_deimv2_unnormalised,
     ),
 }
 
@@ -317,6 +427,9 @@ def decoder_layer_logits(model, outputs, raw: bool = True) -> torch.Tensor:
     calibrator changes the scores, not the uncertainty.
     """
     family = model_family(model.config.model_type)
+    if family.layer_logits is None:
+        raise ValueError(f"{type(model).__name__}'s inference forward computes the final decoder layer's logits "
+                         "only: no per-layer logits, no uncertainty outside training")
     logits = family.layer_logits(model, outputs)
     if logits is None or logits.dim() != 4:
         raise ValueError(f"{type(model).__name__}'s outputs hold no per-layer logits [batch, layers, queries, "

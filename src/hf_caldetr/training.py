@@ -1,7 +1,7 @@
 """What the example scripts share: methods as config settings, model building and loading, batch norms.
 
 A method is a set of Cal settings on one architecture, so every arm of a comparison trains the same network:
-``baseline`` is the stock transformers model; the others are the Cal subclass with these settings.
+``baseline`` is the Cal class with the method off (the stock transformers loss), the others with it on.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import inspect
 
 import transformers
 
-from .configuration import CAL_FIELDS
+from .configuration import CAL_FIELDS, METHOD_FIELDS
 from .families import (  # noqa: F401  (re-exported: the scripts' one import place)
     MODEL_FAMILIES,
     MODEL_PRESETS,
@@ -24,15 +24,18 @@ from .families import (  # noqa: F401  (re-exported: the scripts' one import pla
     small_backbone_config,
 )
 
-# method -> Cal settings (None: the stock transformers model).
+# method -> Cal settings. Every arm trains the Cal class, so that training choices outside the method
+# (``num_boxes_normalization``) are the same for all; ``baseline`` has the method off: the stock transformers loss
+# (tests/test_families.py: loss and gradients equal the stock model's), saved as a stock checkpoint.
 METHODS = {
-    "baseline": None,
+    "baseline": {"uncertainty_modulation": "none", "use_logit_mixing": False},
     "cal-detr": {"uncertainty_modulation": "multiplicative", "use_logit_mixing": True},
     # What the authors' released code trains: subtractive modulation; the mixing loss is computed then dropped.
     "released": {"uncertainty_modulation": "subtractive", "use_logit_mixing": False},
     "modulation-only": {"uncertainty_modulation": "multiplicative", "use_logit_mixing": False},
     "mixing-only": {"uncertainty_modulation": "none", "use_logit_mixing": True},
 }
+
 
 def parse_config_overrides(text: str | None) -> dict:
     """``"d_model=128,num_queries=30,with_box_refine=true"`` -> a dict of typed values (as transformers' scripts)."""
@@ -54,20 +57,19 @@ def parse_config_overrides(text: str | None) -> dict:
     return overrides
 
 
-def method_settings(method: str, **cal_overrides) -> dict | None:
+def method_settings(method: str, **cal_overrides) -> dict:
     """The Cal settings of ``method`` with the explicit overrides (``None`` values ignored) applied."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    settings = METHODS[method]
     overrides = {k: v for k, v in cal_overrides.items() if v is not None}
-    if settings is None:
-        if overrides:
-            raise ValueError(f"method 'baseline' is the stock model and takes no Cal settings, got {sorted(overrides)}")
-        return None
     unknown = set(overrides) - set(CAL_FIELDS)
     if unknown:
         raise ValueError(f"unknown Cal settings {sorted(unknown)}; known: {CAL_FIELDS}")
-    return {**settings, **overrides}
+    method_overrides = sorted(set(overrides) & set(METHOD_FIELDS))
+    if method == "baseline" and method_overrides:
+        raise ValueError(f"method 'baseline' trains without the method and takes no Cal settings, got "
+                         f"{method_overrides}")
+    return {**METHODS[method], **overrides}
 
 
 def check_checkpoint(name_or_path: str, allow_onnx: bool = False) -> None:
@@ -124,14 +126,13 @@ def build_model(method: str, id2label: dict[int, str], model_name_or_path: str |
     if unknown:
         raise ValueError(f"--config_overrides: {unknown} are not fields of {family.config_class.__name__} (a config "
                          "keeps unknown keys unused); check the spelling")
-    model_class = family.model_class if settings is None else family.cal_model_class
+    model_class = family.cal_model_class
     labels = {"num_labels": len(id2label), "id2label": dict(id2label),
               "label2id": {name: index for index, name in id2label.items()}}
-    extra = {**config_overrides, **(settings or {})}
+    extra = {**config_overrides, **settings}
     if model_name_or_path:
         return model_class.from_pretrained(model_name_or_path, ignore_mismatched_sizes=True, **labels, **extra)
-    config_class = family.config_class if settings is None else family.cal_config_class
-    return model_class(config_class(**preset_config_kwargs(family, preset, **labels, **extra)))
+    return model_class(family.cal_config_class(**preset_config_kwargs(family, preset, **labels, **extra)))
 
 
 def _is_frozen_batch_norm(module) -> bool:

@@ -58,8 +58,10 @@ def matching_layer_logits(model, family: ModelFamily, arguments: dict) -> torch.
     final = arguments["logits"][:, num_denoising:]
     layers = arguments.get("outputs_class")
     if layers is not None:
-        earlier = layers[:-1] if family.layers_first else layers[:, :-1]
-        earlier = earlier.transpose(0, 1) if family.layers_first else earlier
+        if family.layers_first:
+            earlier = layers[family.pre_layers:-1].transpose(0, 1)
+        else:
+            earlier = layers[:, family.pre_layers:-1]
         earlier = earlier[:, :, num_denoising:]
     elif family.recorded_layers is not None:
         earlier = family.recorded_layer_logits(model, model._recorded_layer_outputs())
@@ -68,12 +70,14 @@ def matching_layer_logits(model, family: ModelFamily, arguments: dict) -> torch.
     return torch.cat([earlier, final.unsqueeze(1)], dim=1)
 
 
-def _rescale_to_global_normaliser(family: ModelFamily, loss, loss_dict: dict, targets: list[dict], device):
+def _rescale_to_global_normaliser(family: ModelFamily, config, loss, loss_dict: dict, targets: list[dict], device):
     """The parent's box-normalised losses divided by the whole batch's normaliser instead of its own."""
     factor = family.stock_num_boxes(targets) / num_boxes_across_processes(targets, device)
     if factor == 1.0:
         return loss, loss_dict
-    unnormalised = [key for key in loss_dict if key.startswith(family.unnormalised_losses or ("\0",))]
+    prefixes = family.unnormalised_losses
+    prefixes = tuple(prefixes(config) if callable(prefixes) else prefixes)
+    unnormalised = [key for key in loss_dict if key.startswith(prefixes or ("\0",))]
     fixed = sum((loss_dict[key] for key in unnormalised), torch.zeros((), device=device))
     loss = fixed + factor * (loss - fixed)
     rescaled = {key: value if key in unnormalised or key.startswith("cardinality") else value * factor
@@ -110,9 +114,10 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
     loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
     device = logits.device
     if config.num_boxes_normalization == "global":
-        loss, loss_dict = _rescale_to_global_normaliser(family, loss, loss_dict, targets, device)
+        loss, loss_dict = _rescale_to_global_normaliser(family, config, loss, loss_dict, targets, device)
     if config.use_logit_mixing:
-        pred_boxes = arguments["pred_boxes"][:, num_denoising:]
+        # Clamped as D-FINE's and DEIMv2's losses do before matching (a no-op for sigmoid boxes).
+        pred_boxes = arguments["pred_boxes"][:, num_denoising:].clamp(min=0, max=1)
         mixing = logit_mixing_loss(family, config, final, pred_boxes, targets,
                                    num_boxes_across_processes(targets, device))
         loss = loss + config.logit_mixing_loss_coefficient * mixing
@@ -170,9 +175,13 @@ class CalibratedDetectorMixin:
         config = self.config
         if self.training or not config.modulate_at_inference or config.uncertainty_modulation == "none":
             return super().forward(*args, **kwargs)
+        family = self.cal_family
+        if family.layer_logits is None:
+            raise ValueError(f"modulate_at_inference=True: {type(self).__name__}'s parent computes the final "
+                             "decoder layer only at inference, so there is no uncertainty to modulate by; set "
+                             "modulate_at_inference=False")
         return_dict = kwargs.pop("return_dict", None)
         outputs = super().forward(*args, return_dict=True, **kwargs)
-        family = self.cal_family
         if family.recorded_layers is not None and getattr(outputs, "decoder_hidden_states", None) is None:
             earlier = family.recorded_layer_logits(self, self._recorded_layer_outputs())
             layers = torch.cat([earlier, outputs.logits.unsqueeze(1)], dim=1)
