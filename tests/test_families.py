@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 
 from hf_caldetr.families import MODEL_FAMILIES, decoder_layer_logits, layer_logits_options
@@ -68,7 +69,13 @@ def _independent_mixing_loss(model_type, config, logits, boxes, labels):
     """``L_R`` by loops: the family's matcher on the (modulated) final logits, the prototype and smoothed targets
     of the matched queries, then transformers' sigmoid focal loss (sigmoid heads) or cross-entropy (softmax)."""
     family = MODEL_FAMILIES[model_type]
-    indices = family.matcher(config)({"logits": logits, "pred_boxes": boxes}, labels)
+    groups = 1
+    if family.query_groups is None:
+        indices = family.matcher(config)({"logits": logits, "pred_boxes": boxes}, labels)
+    else:  # group DETR: num_queries x group_detr queries in training, each group matched on its own
+        groups = config.group_detr
+        assert logits.shape[1] == config.num_queries * groups
+        indices = family.matcher(config)({"logits": logits, "pred_boxes": boxes}, labels, groups)
     positives = [(b, int(q), int(labels[b]["class_labels"][t])) for b, (qs, ts) in enumerate(indices)
                  for q, t in zip(qs, ts)]
     count = len(positives)
@@ -82,7 +89,7 @@ def _independent_mixing_loss(model_type, config, logits, boxes, labels):
         for j, (_, _, other) in enumerate(positives):
             if j != i:
                 targets[b, q, other] += (1 - alpha) / (count - 1)
-    num_boxes = sum(len(t["class_labels"]) for t in labels)
+    num_boxes = sum(len(t["class_labels"]) for t in labels) * groups
     if family.softmax_head:
         return -sum((targets[b, q] * torch.log_softmax(mixed[b, q], -1)).sum() for b, q, _ in positives) / num_boxes
     focal_alpha, focal_gamma = family.mixing_focal(config)
@@ -166,6 +173,9 @@ def test_checkpoints_load_both_ways_with_identical_outputs(tmp_path, model_type)
     with torch.no_grad():
         torch.testing.assert_close(run(stock, pixel_values).logits, run(cal, pixel_values).logits, rtol=0, atol=0)
     stock.save_pretrained(tmp_path / "stock")
+    # The same keys on disk: the Cal class uses the parent's checkpoint key conversions.
+    keys = [sorted(safe_open(tmp_path / name / "model.safetensors", "pt").keys()) for name in ("cal", "stock")]
+    assert keys[0] == keys[1]
     again = family.cal_model_class.from_pretrained(tmp_path / "stock").eval()
     assert again.config.logit_mixing_alpha == 0.8  # the Cal fields ride along in config.json
     reloaded = family.cal_model_class.from_pretrained(tmp_path / "cal", uncertainty_modulation="subtractive")

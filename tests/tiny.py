@@ -136,6 +136,10 @@ CASES = {
     "d_fine": Case({"decoder_layers": 3}, {"num_denoising": 0}),
     # Dense one-to-one matching divides the box losses by each process's matched pairs (see the registry).
     "deimv2": Case({"decoder_layers": 3}, {"num_denoising": 0, "use_dense_one_to_one": False}),
+    "conditional_detr": Case({"decoder_layers": 3}),
+    "dab-detr": Case({"decoder_layers": 3}),
+    "lw_detr": Case({"decoder_layers": 3}),
+    "rf_detr": Case({"decoder_layers": 3}),
 }
 
 

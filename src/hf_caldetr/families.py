@@ -112,8 +112,9 @@ class ModelFamily:
     layer_logits: Callable | None
     # The matcher the parent's loss builds, ``config -> module``: the mixing loss takes the final layer's matches.
     matcher: Callable
-    # The normaliser the parent's loss divides by, ``targets -> float`` (for ``config.num_boxes_normalization``).
-    stock_num_boxes: Callable
+    # The normaliser the parent's loss divides by, ``targets -> float`` (for ``config.num_boxes_normalization``);
+    # None where it is already the whole batch's (LW-DETR's sums the boxes over processes).
+    stock_num_boxes: Callable | None
     # What the forward must be asked for so that ``layer_logits`` finds every layer's logits in its outputs.
     layer_logits_options: Mapping = field(default_factory=dict)
     # How the image processor's ``post_process_object_detection`` picks its detections from the final logits:
@@ -135,6 +136,9 @@ class ModelFamily:
     # Cal model records with a forward hook, and ``(model, recorded outputs) -> [B, L - 1, Q, C]``.
     recorded_layers: Callable | None = None
     recorded_layer_logits: Callable | None = None
+    # Group DETR (LW-DETR, RF-DETR): ``(config, queries in the logits) -> groups``; the matcher matches each group
+    # of queries on its own (every box once per group) and the parent's normaliser counts each box once per group.
+    query_groups: Callable | None = None
 
     @property
     def cal_config_class(self) -> type:
@@ -165,36 +169,53 @@ def _deformable_detr_layer_logits(model, outputs) -> torch.Tensor:
 
 
 def decoder_layer_states(model, outputs) -> torch.Tensor:
-    """Every decoder layer's output as its class head sees it, ``[B, L, Q, d_model]``, of a DETR model (stock or
-    Cal) run with ``output_hidden_states=True``.
+    """Every decoder layer's output as its class head sees it, ``[B, L, Q, d]``, of a DETR, Conditional DETR or
+    DAB-DETR model (stock or Cal) run with ``output_hidden_states=True``.
 
-    DETR keeps per-layer states only with `auxiliary_loss`, and switching that on changes the decoder itself
+    These keep per-layer states only with `auxiliary_loss`, and switching that on changes the decoder itself
     (each layer then receives the previous one's layer-normed output), so it cannot be forced. The recorded
-    decoder hidden states exist either way: the decoder's input queries first, then each layer's output (the
-    last one replaced by the final state). The decoder's final layer norm turns a layer's output into what
-    DETR's auxiliary heads see; the last layer is the final state itself, which the model's heads use.
+    decoder hidden states exist either way: the decoder's input queries first, then each layer's output, the last
+    one replaced by the final (layer-normed) state. The decoder's final layer norm turns a layer's output into
+    what the auxiliary heads see; the last layer is the final state itself, which the model's heads use.
     """
     if outputs.decoder_hidden_states is None:
-        raise ValueError("DETR's per-layer states need the decoder's hidden states: run the model with "
-                         "output_hidden_states=True")
-    layer_outputs = outputs.decoder_hidden_states[1:-1]
-    intermediate = [model.model.decoder.layernorm(hidden_state) for hidden_state in layer_outputs]
-    return torch.stack([*intermediate, outputs.last_hidden_state], dim=1)
-
-
-def _detr_layer_logits(model, outputs) -> torch.Tensor:
-    """DETR returns per-layer logits only as the auxiliary outputs of a forward with labels and ``auxiliary_loss``
-    (which changes its decoder); run with ``output_hidden_states=True`` it returns the decoder's hidden states,
-    which its decoder layer norm and its one classifier turn into every layer's logits (as the auxiliary heads see
-    them; the last is exactly ``outputs.logits``), ``L`` small linear maps (:func:`decoder_layer_states`)."""
-    return model.class_labels_classifier(decoder_layer_states(model, outputs))
-
-
-def _detr_recorded_layer_logits(model, recorded) -> torch.Tensor:
-    """The first ``L - 1`` layers' logits from their recorded outputs, as DETR's auxiliary heads see them: the
-    decoder's final layer norm, then the one classifier (the same numbers as :func:`_detr_layer_logits`)."""
+        raise ValueError(f"{type(model).__name__}'s per-layer states need the decoder's hidden states: run the model "
+                         "with output_hidden_states=True")
     norm = model.model.decoder.layernorm
-    return model.class_labels_classifier(torch.stack([norm(state) for state in recorded], dim=1))
+    states = outputs.decoder_hidden_states
+    return torch.stack([*(norm(state) for state in states[1:-1]), states[-1]], dim=1)
+
+
+def _hidden_state_logits(head: Callable) -> Callable:
+    """``(model, outputs) -> [B, L, Q, C]`` for DETR-style decoders: ``head(model)`` on :func:`decoder_layer_states`
+    (``L`` small linear maps; the last layer is exactly ``outputs.logits``)."""
+    return lambda model, outputs: head(model)(decoder_layer_states(model, outputs))
+
+
+def _recorded_layer_norm_logits(head: Callable) -> Callable:
+    """The first ``L - 1`` layers' logits from their recorded outputs, as the auxiliary heads see them: the
+    decoder's final layer norm, then the class head (the same numbers as :func:`_hidden_state_logits`)."""
+    def layer_logits(model, recorded):
+        norm = model.model.decoder.layernorm
+        return head(model)(torch.stack([norm(state) for state in recorded], dim=1))
+    return layer_logits
+
+
+def _group_detr_layer_logits(model, outputs) -> torch.Tensor:
+    """LW-DETR and RF-DETR return every decoder layer's state (``intermediate_hidden_states`` ``[L, B, Q, d]``);
+    their one class head gives every layer's logits."""
+    return model.class_embed(outputs.intermediate_hidden_states).transpose(0, 1)
+
+
+def _group_detr_recorded_logits(model, recorded) -> torch.Tensor:
+    """The first ``L - 1`` layers' logits from the recorded decoder output (its ``intermediate_hidden_states``)."""
+    return model.class_embed(recorded[0].intermediate_hidden_states[:-1]).transpose(0, 1)
+
+
+def _lw_detr_matcher(config):
+    from transformers.loss.loss_lw_detr import LwDetrHungarianMatcher
+
+    return LwDetrHungarianMatcher(class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost)
 
 
 def _intermediate_logits(model, outputs) -> torch.Tensor:
@@ -287,7 +308,7 @@ MODEL_FAMILIES = {
         # One classifier serves every decoder layer (the auxiliary outputs too).
         final_class_head=lambda model: model.class_labels_classifier,
         layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
-        layer_logits=_detr_layer_logits,
+        layer_logits=_hidden_state_logits(lambda model: model.class_labels_classifier),
         matcher=_detr_matcher,
         stock_num_boxes=image_loss_num_boxes,
         layer_logits_options={"output_hidden_states": True},
@@ -298,7 +319,7 @@ MODEL_FAMILIES = {
         # Without auxiliary_loss DETR keeps no per-layer state, and switching it on changes the decoder (see
         # decoder_layer_states); the last layer's output only feeds the final layer norm (last_hidden_state).
         recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
-        recorded_layer_logits=_detr_recorded_layer_logits,
+        recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_labels_classifier),
     ),
     # The RT-DETR family and its descendants share RT-DETR's image processor, matcher and normaliser.
     "rt_detr": ModelFamily(
@@ -395,7 +416,113 @@ MODEL_FAMILIES = {
         pre_layers=1,
         unnormalised_losses=_deimv2_unnormalised,
     ),
+    # Conditional DETR and DAB-DETR: sigmoid heads, Deformable DETR's loss (transformers' mapping); per-layer states
+    # as DETR's (auxiliary_loss is off by default and changes the decoder).
+    "conditional_detr": ModelFamily(
+        transformers.ConditionalDetrConfig, transformers.ConditionalDetrForObjectDetection,
+        "ConditionalDetrImageProcessor",
+        {
+            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4)),
+            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4), d_model=64,
+                          encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20),
+            "r50": dict(),
+        },
+        final_class_head=lambda model: model.class_labels_classifier,
+        layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
+        layer_logits=_hidden_state_logits(lambda model: model.class_labels_classifier),
+        matcher=_deformable_matcher,
+        stock_num_boxes=image_loss_num_boxes,
+        layer_logits_options={"output_hidden_states": True},
+        detection_selection="top_k",
+        mixing_focal=lambda config: (config.focal_alpha, 2.0),
+        recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
+        recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_labels_classifier),
+    ),
+    "dab-detr": ModelFamily(
+        transformers.DabDetrConfig, transformers.DabDetrForObjectDetection,
+        # No DAB-DETR image processor exists; its checkpoints use Conditional DETR's.
+        "ConditionalDetrImageProcessor",
+        {
+            "tiny": dict({k: v for k, v in _TINY.items() if k != "d_model"}, hidden_size=32,
+                         backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4)),
+            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4),
+                          hidden_size=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256,
+                          num_queries=20),
+            "r50": dict(),
+        },
+        final_class_head=lambda model: model.class_embed,
+        layer_class_heads=lambda model: [model.class_embed] * model.config.decoder_layers,
+        layer_logits=_hidden_state_logits(lambda model: model.class_embed),
+        matcher=_deformable_matcher,
+        stock_num_boxes=image_loss_num_boxes,
+        layer_logits_options={"output_hidden_states": True},
+        detection_selection="top_k",
+        mixing_focal=lambda config: (config.focal_alpha, 2.0),
+        recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
+        recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_embed),
+    ),
+    # LW-DETR and RF-DETR: sigmoid heads, LW-DETR's loss, group DETR in training (num_queries x group_detr
+    # queries, each group matched on its own); the per-layer states are in the outputs.
+    "lw_detr": ModelFamily(
+        transformers.LwDetrConfig, transformers.LwDetrForObjectDetection,
+        "DeformableDetrImageProcessor",
+        {
+            "tiny": dict(backbone_config=lambda: transformers.LwDetrViTConfig(
+                             hidden_size=16, num_hidden_layers=2, num_attention_heads=2, window_block_indices=[0],
+                             out_indices=[1], num_windows=4, image_size=64, patch_size=16),
+                         d_model=32, projector_scale_factors=[1.0], decoder_ffn_dim=32, decoder_layers=2,
+                         decoder_self_attention_heads=2, decoder_cross_attention_heads=2, num_queries=6, group_detr=3),
+            "small": dict(backbone_config=lambda: transformers.LwDetrViTConfig(
+                              hidden_size=64, num_hidden_layers=4, num_attention_heads=4, window_block_indices=[0, 2],
+                              out_indices=[3], num_windows=4, image_size=96, patch_size=8),
+                          d_model=64, projector_scale_factors=[1.0], decoder_ffn_dim=256, decoder_layers=3,
+                          decoder_self_attention_heads=4, decoder_cross_attention_heads=4, num_queries=20,
+                          group_detr=4),
+            "r50": dict(),
+        },
+        final_class_head=lambda model: model.class_embed,
+        layer_class_heads=lambda model: [model.class_embed] * model.config.decoder_layers,
+        layer_logits=_group_detr_layer_logits,
+        matcher=_lw_detr_matcher,
+        stock_num_boxes=None,
+        detection_selection="top_k",
+        mixing_focal=lambda config: (config.focal_alpha, 2.0),
+        recorded_layers=lambda model: [model.model.decoder],
+        recorded_layer_logits=_group_detr_recorded_logits,
+        query_groups=lambda config, queries: max(queries // config.num_queries, 1),
+    ),
+    "rf_detr": ModelFamily(
+        transformers.RfDetrConfig, transformers.RfDetrForObjectDetection,
+        "RfDetrImageProcessor",
+        {
+            "tiny": dict(backbone_config=lambda: transformers.RfDetrDinov2Config(
+                             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                             out_features=["stage1", "stage2"], patch_size=16, num_windows=2, image_size=64),
+                         d_model=32, decoder_ffn_dim=32, decoder_layers=2, decoder_self_attention_heads=2,
+                         decoder_cross_attention_heads=2, num_queries=6, group_detr=3, dropout=0.0),
+            "small": dict(backbone_config=lambda: transformers.RfDetrDinov2Config(
+                              hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2,
+                              out_features=["stage2", "stage4"], patch_size=8, num_windows=2, image_size=96),
+                          d_model=64, decoder_ffn_dim=256, decoder_layers=3, decoder_self_attention_heads=4,
+                          decoder_cross_attention_heads=4, num_queries=20, group_detr=4, dropout=0.0),
+            "r50": dict(),
+        },
+        final_class_head=lambda model: model.class_embed,
+        layer_class_heads=lambda model: [model.class_embed] * model.config.decoder_layers,
+        layer_logits=_group_detr_layer_logits,
+        matcher=_lw_detr_matcher,
+        stock_num_boxes=None,
+        detection_selection="top_k",
+        mixing_focal=lambda config: (config.focal_alpha, 2.0),
+        recorded_layers=lambda model: [model.model.decoder],
+        recorded_layer_logits=_group_detr_recorded_logits,
+        query_groups=lambda config, queries: max(queries // config.num_queries, 1),
+    ),
 }
+
+# Keyed by the config's own model_type (what a checkpoint's config.json says; DAB-DETR's has a dash).
+for _model_type, _family in MODEL_FAMILIES.items():
+    assert _family.config_class.model_type == _model_type, (_model_type, _family.config_class.model_type)
 
 # Backwards-compatible view: the Deformable DETR presets.
 MODEL_PRESETS = MODEL_FAMILIES["deformable_detr"].presets

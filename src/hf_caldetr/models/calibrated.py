@@ -72,6 +72,8 @@ def matching_layer_logits(model, family: ModelFamily, arguments: dict) -> torch.
 
 def _rescale_to_global_normaliser(family: ModelFamily, config, loss, loss_dict: dict, targets: list[dict], device):
     """The parent's box-normalised losses divided by the whole batch's normaliser instead of its own."""
+    if family.stock_num_boxes is None:  # the parent's normaliser is already the whole batch's
+        return loss, loss_dict
     factor = family.stock_num_boxes(targets) / num_boxes_across_processes(targets, device)
     if factor == 1.0:
         return loss, loss_dict
@@ -87,8 +89,15 @@ def _rescale_to_global_normaliser(family: ModelFamily, config, loss, loss_dict: 
 
 def logit_mixing_loss(family: ModelFamily, config, logits, pred_boxes, targets, num_boxes) -> torch.Tensor:
     """``L_R`` of the final layer's matched queries: sigmoid focal loss of the mixed logits against the smoothed
-    targets (sigmoid heads), or their soft-target cross-entropy (DETR's softmax head), over ``num_boxes``."""
-    indices = family.matcher(config)({"logits": logits, "pred_boxes": pred_boxes}, targets)
+    targets (sigmoid heads), or their soft-target cross-entropy (DETR's softmax head), over ``num_boxes`` (group
+    DETR: every box is matched once per group, and counted once per group, as the parent's own losses do)."""
+    outputs = {"logits": logits, "pred_boxes": pred_boxes}
+    if family.query_groups is not None:
+        groups = family.query_groups(config, logits.shape[1])
+        indices = family.matcher(config)(outputs, targets, groups)
+        num_boxes = num_boxes * groups
+    else:
+        indices = family.matcher(config)(outputs, targets)
     if family.softmax_head:
         return softmax_logit_mixing_loss(logits, targets, indices, num_boxes, config.logit_mixing_alpha)
     focal_alpha, focal_gamma = family.mixing_focal(config)
@@ -162,6 +171,12 @@ class CalibratedDetectorMixin:
             raise RuntimeError("a decoder layer's output was not recorded: the Cal model hooks its decoder layers "
                                "when it is built; were the layers replaced?") from None
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """The parent's answer: a Cal model runs the parent's transformers code (only its loss is wrapped), so
+        transformers applies the parent's checkpoint key conversions to it (it skips them for custom code)."""
+        return cls.cal_family.model_class.is_custom_code()
+
     @property
     def loss_function(self):
         loss_function = getattr(self, "_loss_function", None) or stock_loss_function(self.cal_family.model_class)
@@ -211,4 +226,17 @@ def _cal_model_class(model_type: str, family: ModelFamily) -> type:
     return type(name, (CalibratedDetectorMixin, parent), namespace)
 
 
+def _share_checkpoint_conversions(cal_class: type, parent: type) -> None:
+    """Give ``cal_class`` the parent's class-specific checkpoint key conversions (transformers renames legacy and
+    original-repository keys when loading, and back when saving; it looks them up by class name first, then by
+    model type, which the Cal class shares): without them a Cal RF-DETR saves keys the stock class does not read."""
+    from transformers import conversion_mapping
+
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(parent.__name__)
+    if mapping:
+        conversion_mapping.register_checkpoint_conversion_mapping(cal_class.__name__, mapping, overwrite=True)
+
+
 CAL_MODEL_CLASSES = {model_type: _cal_model_class(model_type, family) for model_type, family in MODEL_FAMILIES.items()}
+for _model_type, _cal_class in CAL_MODEL_CLASSES.items():
+    _share_checkpoint_conversions(_cal_class, MODEL_FAMILIES[_model_type].model_class)
