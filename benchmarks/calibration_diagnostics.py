@@ -85,22 +85,26 @@ def measure(folder: Path, dataset, batch_size: int) -> dict[str, float]:
 
     from transformers import AutoConfig
 
-    from hf_caldetr.training import model_family
+    from hf_caldetr.calibration import logit_uncertainty
+    from hf_caldetr.families import decoder_layer_logits, layer_logits_options, model_family
     from hf_caldetr.data import make_collate_fn
 
     model_type = AutoConfig.from_pretrained(folder).model_type
     if model_type not in SIGMOID_MODEL_TYPES:
         raise SystemExit(f"{folder}: model_type {model_type!r} has a softmax head; these diagnostics read sigmoid "
                          f"scores and support {SIGMOID_MODEL_TYPES} only")
-    # The Cal class reads a stock checkpoint too (the Cal fields take their defaults): it adds the uncertainty.
-    model = model_family(model_type).cal_model_class.from_pretrained(folder).eval()
+    # The stock class reads every checkpoint (Cal or not); every layer's logits come from its outputs.
+    family = model_family(model_type)
+    model = family.model_class.from_pretrained(folder).eval()
     collate = make_collate_fn(AutoImageProcessor.from_pretrained(folder))
     logits, uncertainty = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        output = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"))
-        logits.append(output.intermediate_logits[:, -1])  # raw final-layer logits, whatever the settings
-        uncertainty.append(output.logit_uncertainty)
+        output = model(pixel_values=batch["pixel_values"], pixel_mask=batch.get("pixel_mask"),
+                       **layer_logits_options(model))
+        layers = decoder_layer_logits(model, output)
+        logits.append(layers[:, -1])  # raw final-layer logits, whatever the settings
+        uncertainty.append(logit_uncertainty(layers))
     return detection_statistics(torch.cat(logits), torch.cat(uncertainty), len(dataset))
 
 

@@ -78,10 +78,11 @@ def test_two_processes_equal_one(tmp_path):
         for key, value in single_losses.items():
             if key.startswith("cardinality_error"):
                 continue  # a logging metric, not a loss
-            torch.testing.assert_close(result["losses"][key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+            torch.testing.assert_close(result["losses"][key], value, rtol=1e-5, atol=1e-6, msg=lambda message, name=name, key=key: f"{name} {key}: {message}")
         assert result["losses"]["loss_logit_mixing"] > 0
         assert single_grads.keys() == result["grads"].keys()
+        # rtol 1e-3: float32 sums in another order (measured: up to 1.8e-4 on one D-FINE encoder norm bias).
         for key, grad in single_grads.items():
-            torch.testing.assert_close(result["grads"][key], grad, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+            torch.testing.assert_close(result["grads"][key], grad, rtol=1e-3, atol=1e-6, msg=lambda message, name=name, key=key: f"{name} {key}: {message}")
         for stock, off in result["stock_and_off"]:
             torch.testing.assert_close(off, stock, rtol=0, atol=0, msg=f"{name}: transformers' normaliser")

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from hf_caldetr.configuration import calibration_is_on
+
 from hf_caldetr.training import (
     METHODS,
     build_model,
@@ -22,7 +24,11 @@ def test_config_overrides_are_typed():
 
 
 def test_methods():
-    assert method_settings("baseline") is None
+    # The baseline is the Cal class with the method off (the stock loss, tests/test_families.py), so it shares
+    # every other training choice with the Cal arms.
+    assert method_settings("baseline") == {"uncertainty_modulation": "none", "use_logit_mixing": False}
+    assert method_settings("baseline", num_boxes_normalization="transformers")["num_boxes_normalization"] == (
+        "transformers")
     assert method_settings("released") == {"uncertainty_modulation": "subtractive", "use_logit_mixing": False}
     assert method_settings("cal-detr", logit_mixing_alpha=0.8, use_logit_mixing=None)["logit_mixing_alpha"] == 0.8
     with pytest.raises(ValueError, match="method must be one of"):
@@ -32,7 +38,8 @@ def test_methods():
     for method in METHODS:
         model = build_model(method, LABELS, preset="tiny")
         assert model.config.num_labels == 3
-        assert (type(model).__name__ == "DeformableDetrForObjectDetection") == (method == "baseline")
+        assert type(model).__name__ == "CalDeformableDetrForObjectDetection"
+        assert calibration_is_on(model.config) == (method != "baseline")
 
 
 def test_trainable_batch_norm_round_trip_keeps_inference():

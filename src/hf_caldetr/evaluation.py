@@ -546,7 +546,7 @@ def fit_and_fold(model, unwrapped_model, dataloader, image_processor, calibrator
 
     fit_calibrator(model, dataloader, image_processor, calibrator, accelerator, progress=progress, **match_options)
     family = MODEL_FAMILIES.get(unwrapped_model.config.model_type)
-    if family is None or not is_foldable(calibrator, family.softmax_head):
+    if family is None or family.final_class_head is None or not is_foldable(calibrator, family.softmax_head):
         return False
     fold_calibrator(unwrapped_model, calibrator, fitted_on=fitted_on)
     return True

@@ -134,13 +134,18 @@ def head_paths(model, head: nn.Module) -> list[str]:
 
 
 def _family(model):
-    from .training import MODEL_FAMILIES
+    from .families import MODEL_FAMILIES
 
     model_type = model.config.model_type
     if model_type not in MODEL_FAMILIES:
         raise CalibrationFoldError(f"no fold is defined for model_type {model_type!r}; supported: "
                                    f"{sorted(MODEL_FAMILIES)}")
-    return MODEL_FAMILIES[model_type]
+    family = MODEL_FAMILIES[model_type]
+    if family.final_class_head is None:
+        raise CalibrationFoldError(f"{model_type}'s final logits add a term after the class head (D-FINE's "
+                                   "localisation-quality estimate), so no affine calibrator can be written into its "
+                                   "weights; keep the calibrator as a file (calibrator.json, calibrate_pipeline_outputs)")
+    return family
 
 
 def _softmax_refusal(calibrator) -> str:

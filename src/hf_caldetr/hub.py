@@ -23,6 +23,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .configuration import CAL_FIELDS, calibration_is_on
+from .families import MODEL_FAMILIES
+
 TEMPLATE_PATH = Path(__file__).resolve().parent / "hub_cards" / "model_card.md"
 
 CARD_FILE = "README.md"
@@ -46,8 +49,6 @@ TABLE_METRICS = {"map": "AP", "map_50": "AP50", "map_75": "AP75", "d_ece": "D-EC
 # The template must use these: without them a card has no metadata, no usage, no results or no training record.
 REQUIRED_TEMPLATE_FIELDS = ("card_data", "model_id", "results_table", "training_table")
 
-CAL_FIELDS = ("uncertainty_modulation", "modulate_at_inference", "use_logit_mixing", "logit_mixing_alpha",
-              "logit_mixing_loss_coefficient")
 
 
 def _bibtex(key: str, title: str, authors: str, venue: str, year: int) -> str:
@@ -55,20 +56,45 @@ def _bibtex(key: str, title: str, authors: str, venue: str, year: int) -> str:
             f"  booktitle = {{{venue}}},\n  year      = {{{year}}}\n}}")
 
 
-# model_type -> (display name, Cal class in hf_caldetr, citation of the architecture)
+def _arxiv(key: str, title: str, authors: str, number: str, year: int) -> str:
+    return (f"@article{{{key},\n  title   = {{{title}}},\n  author  = {{{authors}}},\n"
+            f"  journal = {{arXiv preprint arXiv:{number}}},\n  year    = {{{year}}}\n}}")
+
+
+# model_type -> (display name, citation of the architecture; empty where none is given). The Cal class of each
+# is ``Cal`` + the registered parent's name (hf_caldetr.families).
 ARCHITECTURES = {
-    "deformable_detr": ("Deformable DETR", "CalDeformableDetrForObjectDetection", _bibtex(
+    "deformable_detr": ("Deformable DETR", _bibtex(
         "zhu2021deformable", "Deformable DETR: Deformable Transformers for End-to-End Object Detection",
         "Zhu, Xizhou and Su, Weijie and Lu, Lewei and Li, Bin and Wang, Xiaogang and Dai, Jifeng",
         "International Conference on Learning Representations (ICLR)", 2021)),
-    "detr": ("DETR", "CalDetrForObjectDetection", _bibtex(
+    "detr": ("DETR", _bibtex(
         "carion2020detr", "End-to-End Object Detection with Transformers",
         "Carion, Nicolas and Massa, Francisco and Synnaeve, Gabriel and Usunier, Nicolas and Kirillov, Alexander "
         "and Zagoruyko, Sergey", "European Conference on Computer Vision (ECCV)", 2020)),
-    "rt_detr": ("RT-DETR", "CalRTDetrForObjectDetection", _bibtex(
+    "rt_detr": ("RT-DETR", _bibtex(
         "zhao2024rtdetr", "DETRs Beat YOLOs on Real-time Object Detection",
         "Zhao, Yian and Lv, Wenyu and Xu, Shangliang and Wei, Jinman and Wang, Guanzhong and Dang, Qingqing and "
         "Liu, Yi and Chen, Jie", "IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)", 2024)),
+    "rt_detr_v2": ("RT-DETRv2", _arxiv(
+        "lv2024rtdetrv2", "RT-DETRv2: Improved Baseline with Bag-of-Freebies for Real-Time Detection Transformer",
+        "Lv, Wenyu and Zhao, Yian and Chang, Qinyao and Huang, Kui and Wang, Guanzhong and Liu, Yi", "2407.17140",
+        2024)),
+    "d_fine": ("D-FINE", _bibtex(
+        "peng2025dfine", "D-FINE: Redefine Regression Task of DETRs as Fine-grained Distribution Refinement",
+        "Peng, Yansong and Li, Hebei and Wu, Peixi and Zhang, Yueyi and Sun, Xiaoyan and Wu, Feng",
+        "International Conference on Learning Representations (ICLR)", 2025)),
+    "deimv2": ("DEIMv2", ""),
+    "conditional_detr": ("Conditional DETR", _bibtex(
+        "meng2021conditional", "Conditional DETR for Fast Training Convergence",
+        "Meng, Depu and Chen, Xiaokang and Fan, Zejia and Zeng, Gang and Li, Houqiang and Yuan, Yuhui and Sun, Lei "
+        "and Wang, Jingdong", "IEEE/CVF International Conference on Computer Vision (ICCV)", 2021)),
+    "dab-detr": ("DAB-DETR", _bibtex(
+        "liu2022dabdetr", "DAB-DETR: Dynamic Anchor Boxes are Better Queries for DETR",
+        "Liu, Shilong and Li, Feng and Zhang, Hao and Yang, Xiao and Qi, Xianbiao and Su, Hang and Zhu, Jun and "
+        "Zhang, Lei", "International Conference on Learning Representations (ICLR)", 2022)),
+    "lw_detr": ("LW-DETR", ""),
+    "rf_detr": ("RF-DETR", ""),
 }
 
 MODULATION_FORMULAS = {"multiplicative": "`Z_L * (1 - tanh(U))` (the paper)",
@@ -307,16 +333,17 @@ def model_table(config: dict, model_dir: Path, image_size: str) -> str:
 
 
 def cal_table(config: dict) -> str | None:
-    if not all(field in config for field in CAL_FIELDS):
+    if not calibration_is_on(config):
         return None
     notes = {"uncertainty_modulation": MODULATION_FORMULAS.get(config["uncertainty_modulation"], ""),
              "modulate_at_inference": ("the returned logits are modulated at inference too"
                                        if config["modulate_at_inference"] else "raw logits at inference"),
              "use_logit_mixing": "the logit-mixing regulariser `L_R`",
              "logit_mixing_alpha": "alpha of the mixed logits and the smoothed targets",
-             "logit_mixing_loss_coefficient": "lambda in `L = L_det + lambda * L_R`"}
+             "logit_mixing_loss_coefficient": "lambda in `L = L_det + lambda * L_R`",
+             "num_boxes_normalization": "what the box losses were divided by across processes"}
     return _table(("field", "value", "meaning"), [(f"`{field}`", f"`{config[field]}`", notes[field])
-                                                 for field in CAL_FIELDS])
+                                                 for field in CAL_FIELDS if field in config])
 
 
 def training_table(run: dict, dataset: dict) -> str:
@@ -345,7 +372,7 @@ def training_table(run: dict, dataset: dict) -> str:
 def summary(config: dict, architecture: str, dataset: dict) -> str:
     """What the model is, from the config (the truth), not from the method's name."""
     head = f"A {architecture} object detector trained on {dataset['short']}"
-    if not all(field in config for field in CAL_FIELDS):
+    if not calibration_is_on(config):
         return (f"{head}, without Cal-DETR: the stock transformers model, trained with the same recipe as its "
                 "Cal-DETR counterparts, as the baseline to compare calibration against.")
     parts = []
@@ -471,7 +498,7 @@ def render_model_card(model_dir, repo_id: str | None = None, template_path=None,
     import transformers
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__, models
+    from . import __version__
 
     model_dir = Path(model_dir)
     config, metrics = check_folder(model_dir)
@@ -484,10 +511,10 @@ def render_model_card(model_dir, repo_id: str | None = None, template_path=None,
     start = run["arguments"].get("model_name_or_path")
     base_model = base_model or (start if start and not _is_local(start) else None)
     datasets = datasets if datasets is not None else ([dataset["hub_id"]] if dataset["hub_id"] else None)
-    architecture, cal_class, citation = ARCHITECTURES.get(config["model_type"], (config["model_type"], None, ""))
-    if not hasattr(models, cal_class or ""):
-        cal_class = None
-    is_cal = all(field in config for field in CAL_FIELDS)
+    architecture, citation = ARCHITECTURES.get(config["model_type"], (config["model_type"], ""))
+    family = MODEL_FAMILIES.get(config["model_type"])
+    cal_class = family.cal_model_class.__name__ if family is not None else None
+    is_cal = calibration_is_on(config)
     tags = (["cal-detr"] if is_cal else ["cal-detr-baseline"]) + ["calibration", "object-detection",
                                                                    config["model_type"].replace("_", "-")]
     name = model_name or (repo_id.split("/")[-1] if repo_id else model_dir.resolve().name)

@@ -24,6 +24,11 @@ from .families import (  # noqa: F401  (re-exported: the scripts' one import pla
     small_backbone_config,
 )
 
+__all__ = ["METHODS", "MODEL_FAMILIES", "MODEL_PRESETS", "ModelFamily", "build_model", "check_checkpoint",
+           "checkpoint_model_type", "decoder_layer_logits", "freeze_batch_norm", "has_layer_logits",
+           "layer_logits_options", "method_settings", "model_family", "parse_config_overrides",
+           "preset_config_kwargs", "small_backbone_config", "unfreeze_batch_norm"]
+
 # method -> Cal settings. Every arm trains the Cal class, so that training choices outside the method
 # (``num_boxes_normalization``) are the same for all; ``baseline`` has the method off: the stock transformers loss
 # (tests/test_families.py: loss and gradients equal the stock model's), saved as a stock checkpoint.

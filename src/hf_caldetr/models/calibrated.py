@@ -203,7 +203,7 @@ class CalibratedDetectorMixin:
         else:
             layers = family.layer_logits(self, outputs)
         outputs.logits = modulate_logits(outputs.logits, logit_uncertainty(layers), config.uncertainty_modulation)
-        use_return_dict = config.use_return_dict if return_dict is None else return_dict
+        use_return_dict = config.return_dict if return_dict is None else return_dict
         return outputs if use_return_dict else outputs.to_tuple()
 
 
