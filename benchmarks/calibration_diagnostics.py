@@ -28,9 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import calibration as bench  # noqa: E402  (benchmarks/calibration.py: a run's data arguments)
 
+from hf_caldetr.families import MODEL_FAMILIES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.3  # the D-ECE protocol's score threshold
-SIGMOID_MODEL_TYPES = ("deformable_detr", "rt_detr")  # the statistics read sigmoid scores off the logits
+# The statistics read sigmoid scores off every layer's logits at inference.
+SIGMOID_MODEL_TYPES = tuple(name for name, family in MODEL_FAMILIES.items()
+                            if not family.softmax_head and family.layer_logits is not None)
 
 
 def run_folders(work_dir: Path) -> dict[str, list[Path]]:

@@ -3,8 +3,8 @@
 Same config, same weights, same batch; runs interleaved (plain, cal, plain, cal, ...) after a warm-up; the
 median of each and their ratio are printed (and appended to a markdown file with --output).
 
-    python benchmarks/train_step.py                                  # tiny configs, CPU
-    python benchmarks/train_step.py --size r50 --dtype bf16          # Deformable DETR R50, 300 queries, 800x1066
+    python benchmarks/train_step.py                                  # every family, the main job's model size, CPU
+    python benchmarks/train_step.py --model deformable_detr --size r50 --dtype bf16   # R50, 300 queries, 800x1066
 """
 
 from __future__ import annotations
@@ -16,65 +16,16 @@ import time
 from contextlib import nullcontext
 
 import torch
-from transformers import ResNetConfig
 
-import hf_caldetr
-
-
-def tiny_backbone():
-    return ResNetConfig(layer_type="basic", hidden_sizes=[16, 32, 64, 128], embedding_size=16, depths=[1, 1, 1, 1],
-                        out_features=["stage2", "stage3", "stage4"])
+from hf_caldetr.families import MODEL_FAMILIES, preset_config_kwargs
 
 
-def deformable_detr(size: str, num_labels: int):
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
-
-    if size == "r50":  # the paper's recipe: timm ResNet-50 (random weights offline), 300 queries, 6+6 layers
-        kwargs = dict(num_labels=num_labels)
-    else:
-        kwargs = dict(backbone_config=tiny_backbone(), d_model=64, encoder_layers=2, decoder_layers=3,
-                      encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
-                      num_queries=50, num_feature_levels=3, encoder_n_points=2, decoder_n_points=2,
-                      num_labels=num_labels)
-    return (DeformableDetrForObjectDetection, DeformableDetrConfig(**kwargs),
-            hf_caldetr.CalDeformableDetrForObjectDetection, hf_caldetr.CalDeformableDetrConfig(**kwargs))
-
-
-def detr(size: str, num_labels: int):
-    from transformers import DetrConfig, DetrForObjectDetection
-
-    from hf_caldetr.configuration import CalDetrConfig
-    from hf_caldetr.models import CalDetrForObjectDetection
-
-    if size == "r50":  # facebook/detr-resnet-50's shape: timm ResNet-50 (random weights), 100 queries, 6+6 layers
-        kwargs = dict(num_labels=num_labels)
-    else:
-        kwargs = dict(backbone_config=tiny_backbone(), use_timm_backbone=False, d_model=64, encoder_layers=2,
-                      decoder_layers=3, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_attention_heads=4,
-                      decoder_attention_heads=4, num_queries=50, num_labels=num_labels)
-    return DetrForObjectDetection, DetrConfig(**kwargs), CalDetrForObjectDetection, CalDetrConfig(**kwargs)
-
-
-def rt_detr(size: str, num_labels: int):
-    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
-
-    from hf_caldetr.configuration import CalRTDetrConfig
-    from hf_caldetr.models import CalRTDetrForObjectDetection
-
-    if size == "r50":  # RT-DETR R50-vd (random weights), 300 queries, 6 decoder layers, 100 denoising queries
-        kwargs = dict(num_labels=num_labels)
-    else:
-        backbone = RTDetrResNetConfig(layer_type="basic", hidden_sizes=[16, 32, 64, 128], embedding_size=16,
-                                      depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"])
-        kwargs = dict(backbone_config=backbone, encoder_hidden_dim=64, encoder_in_channels=[32, 64, 128],
-                      encoder_layers=1, encoder_ffn_dim=128, encoder_attention_heads=4, d_model=64,
-                      decoder_in_channels=[64, 64, 64], decoder_ffn_dim=128, decoder_layers=3,
-                      decoder_attention_heads=4, decoder_n_points=2, num_queries=50, num_labels=num_labels)
-    return RTDetrForObjectDetection, RTDetrConfig(**kwargs), CalRTDetrForObjectDetection, CalRTDetrConfig(**kwargs)
-
-
-# model type -> builder(size, num_labels) -> (plain class, plain config, cal class, cal config)
-MODEL_BUILDERS = {"deformable_detr": deformable_detr, "detr": detr, "rt_detr": rt_detr}
+def build_pair(model_type: str, size: str, num_labels: int):
+    """The stock model and its Cal class (the paper's settings) from the registry's ``size`` preset, one config."""
+    family = MODEL_FAMILIES[model_type]
+    kwargs = preset_config_kwargs(family, size, num_labels=num_labels)
+    return (family.model_class, family.config_class(**kwargs), family.cal_model_class,
+            family.cal_config_class(**kwargs))
 
 
 def make_batch(batch_size, height, width, num_labels, boxes_per_image, device, seed=0):
@@ -107,7 +58,7 @@ def measure(args):
     # On a shared CPU, wall time measures the neighbours; the process's CPU time (one thread) measures the step.
     clock = time.process_time if args.timer == "cpu" else time.perf_counter
     device = torch.device(args.device)
-    plain_cls, plain_config, cal_cls, cal_config = MODEL_BUILDERS[args.model](args.size, args.num_labels)
+    plain_cls, plain_config, cal_cls, cal_config = build_pair(args.model, args.size, args.num_labels)
     torch.manual_seed(0)
     plain = plain_cls(plain_config).to(device).train()
     cal = cal_cls(cal_config).to(device).train()
@@ -144,21 +95,22 @@ def measure(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODEL_BUILDERS), nargs="+", default=sorted(MODEL_BUILDERS),
-                        help="the model families timed, one after the other (default: all: %(default)s)")
-    parser.add_argument("--size", choices=["tiny", "r50"], default="tiny",
-                        help="tiny: a small random ResNet, width 64, 3 decoder layers, 50 queries; r50: the "
-                             "published ResNet-50 shapes (random weights, 6 decoder layers) (default: %(default)s)")
+    parser.add_argument("--model", choices=sorted(MODEL_FAMILIES), nargs="+", default=sorted(MODEL_FAMILIES),
+                        help="the registered families timed, one after the other (default: all)")
+    parser.add_argument("--size", choices=["tiny", "small", "r50"], default="small",
+                        help="a model preset of the registry (hf_caldetr.families): small is what examples/train.py "
+                             "trains by default (the main job's model), tiny the tests' models, r50 the published "
+                             "shapes (random weights; for a GPU) (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="images per step (default: 4 for tiny, 2 for r50)")
+                        help="images per step (default: 8 for small, the main job's; 4 for tiny; 2 for r50)")
     parser.add_argument("--height", type=int, default=None,
-                        help="image height in pixels (default: 128 for tiny, 800 for r50)")
+                        help="image height in pixels (default: 96 for small, the main job's; 64 for tiny; 800 for r50)")
     parser.add_argument("--width", type=int, default=None,
-                        help="image width in pixels (default: 128 for tiny, 1066 for r50)")
-    parser.add_argument("--num_labels", type=int, default=91,
-                        help="number of classes of the models (default: %(default)s, COCO's)")
-    parser.add_argument("--boxes_per_image", type=int, default=7,
-                        help="random ground-truth boxes per image (default: %(default)s)")
+                        help="image width in pixels (default: 96 for small; 64 for tiny; 1066 for r50)")
+    parser.add_argument("--num_labels", type=int, default=None,
+                        help="number of classes (default: 10 for small and tiny, the digits; 91 for r50, COCO's)")
+    parser.add_argument("--boxes_per_image", type=int, default=4,
+                        help="random ground-truth boxes per image (default: %(default)s; the digits average 3.6)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="fp32, or bf16 autocast of the forward pass and loss (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20,
@@ -173,10 +125,10 @@ def main():
     parser.add_argument("--output", default=None,
                         help="append the result rows to this markdown file (default: print them only)")
     args = parser.parse_args()
-    if args.size == "r50":
-        args.batch_size, args.height, args.width = args.batch_size or 2, args.height or 800, args.width or 1066
-    else:
-        args.batch_size, args.height, args.width = args.batch_size or 4, args.height or 128, args.width or 128
+    defaults = {"small": (8, 96, 96, 10), "tiny": (4, 64, 64, 10), "r50": (2, 800, 1066, 91)}[args.size]
+    args.batch_size, args.height, args.width, args.num_labels = (
+        given or default for given, default in zip((args.batch_size, args.height, args.width, args.num_labels),
+                                                   defaults))
 
     if args.timer is None:
         args.timer = "wall" if args.device.startswith("cuda") else "cpu"

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          calibration_args.num_calibration_images,
                                                          calibration_args.calibration_seed)
     if calibration_args.fit_calibrator:
-        softmax_head = models[main_name].config.model_type == "detr"
+        softmax_head = MODEL_FAMILIES[models[main_name].config.model_type].softmax_head
         calibrator = make_calibrator(calibration_args.fit_calibrator, calibration_args.class_wise, softmax_head,
                                      fold_required=False)
         fit_calibrator(models[main_name], dataloader(calibration_dataset, main_name), processors[main_name],

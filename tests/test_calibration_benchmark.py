@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,43 @@ def write_run(work_dir, arm, seed, in_domain, out_of_domain, **argument_changes)
     (folder / "metrics.json").write_text(json.dumps(metrics))
     config = {} if arm == "baseline" else {"uncertainty_modulation": "multiplicative", "use_logit_mixing": True}
     (folder / "config.json").write_text(json.dumps(config))
+
+
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?|n/a|nan")
+
+
+def numbers(text: str) -> list[float]:
+    """The numbers written in ``text``, in order (``n/a`` and ``nan`` as NaN): what the report states, read as floats.
+    ``float("9.10") == 9.10``, so they compare exactly with the hand-computed values written to the report's precision."""
+    return [float("nan") if token in ("n/a", "nan") else float(token) for token in NUMBER.findall(text)]
+
+
+def table_rows(text: str, column: str) -> dict[str, list[str]]:
+    """The markdown table of ``text`` with a column titled ``column``: ``{first cell: [the other cells]}``, without
+    its header row and its ``|---|`` rule."""
+    for block in re.findall(r"(?:^\|.*\|\n?)+", text, re.M):
+        rows = [[cell.strip() for cell in line.strip()[1:-1].split("|")] for line in block.strip().splitlines()]
+        if column in rows[0]:
+            return {row[0]: row[1:] for row in rows[2:]}
+    raise AssertionError(f"no table with a column {column!r}")
+
+
+def table_numbers(text: str, column: str) -> dict[str, list[list[float]]]:
+    """``table_rows`` with every cell read as its numbers (``12.00 ± 1.00`` -> ``[12.0, 1.0]``, ``0.76x`` -> ``[0.76]``)."""
+    return {row: [numbers(cell) for cell in cells] for row, cells in table_rows(text, column).items()}
+
+
+def bullets(text: str) -> dict[str, str]:
+    """The report's ``- name: value`` lines as ``{name: value}``."""
+    return dict(re.findall(r"^- ([^:\n]+): (.*)$", text, re.M))
+
+
+def stated_goal(text: str) -> tuple[str, list[tuple[str, bool]]]:
+    """What the report states before its first table: the value of its bold ``**...: <verdict>.**`` line and its
+    ``- <check>: yes|no`` lines as ``(check, ok)``."""
+    head = text.split("\n|", 1)[0]
+    verdict = re.search(r"^\*\*[^*\n]*: ([^*\n]+)\.\*\*", head, re.M).group(1)
+    return verdict, [(check, ok == "yes") for check, ok in re.findall(r"^- (.*): (yes|no)$", head, re.M)]
 
 
 def make_runs(work_dir, cal_in=(0.07, 0.08, 0.09), cal_out=(0.08, 0.08, 0.08), cal_ap=(0.395, 0.40, 0.405)):
@@ -139,13 +177,45 @@ def test_report_holds_the_numbers_and_the_verdict(tmp_path):
                                  "not run")
     text = bench.write_report(tmp_path / "report.md", summary, goal, setup, "diagram.png", ["a note"])
     assert text == (tmp_path / "report.md").read_text()
-    assert "**Goal (issue 7): not met.**" in text
-    assert "| baseline | 12.00 ± 1.00 | 40.00 ± 0.00 | 60.00 ± 0.00 | 10.00 ± 0.00 | 20.00 ± 0.00 |" in text
-    assert "| cal-detr | 9.10 ± 1.00 | 40.00 ± 0.50 |" in text
-    assert "0.76x" in text and "11.00 - 13.00" in text and "(goal <= 0.75x): no" in text
-    assert "cal-detr: lowers D-ECE in-domain 12.00 -> 9.10 (0.76x, beyond the seed spread)" in text
-    assert "![baseline vs Cal-DETR](diagram.png)" in text and "- a note" in text
-    assert "50 optimizer steps, batch 4" in text and "uncertainty_modulation=multiplicative" in text
+    # The goal: D-ECE in-domain 9.10 / 12.00 = 0.758 > 0.75 fails it; the other three checks hold.
+    assert bench.d_ece_ratio(summary, "cal-detr", "in_domain") == pytest.approx(0.091 / 0.12)
+    assert goal.verdict == "not met" and goal.baseline_meaningful is True
+    assert [ok for _, ok in goal.checks] == [False, True, True, True]
+    verdict, checks = stated_goal(text)
+    assert verdict == goal.verdict and checks == list(goal.checks)
+    # Each check: Cal-DETR, baseline, ratio and bound (D-ECE) or Cal-DETR, baseline, change and allowed drop (AP).
+    assert [numbers(check) for check, _ in checks] == [
+        [9.10, 12.00, 0.76, 0.75], [40.00, 40.00, 0.00, 1], [8.00, 10.00, 0.80, 0.85], [20.00, 20.00, 0.00, 1]]
+    # Mean ± std over seeds, percent: D-ECE in, AP in, AP50 in, D-ECE out, AP out, LaECE in, LaECE out.
+    results = table_numbers(text, "D-ECE in")
+    assert list(results) == ["baseline", "cal-detr"]
+    assert results["baseline"] == [[12.00, 1.00], [40.00, 0.00], [60.00, 0.00], [10.00, 0.00], [20.00, 0.00],
+                                   [20.00, 0.00], [20.00, 0.00]]
+    assert results["cal-detr"] == [[9.10, 1.00], [40.00, 0.50], [60.00, 0.00], [8.00, 0.00], [20.00, 0.00],
+                                   [20.00, 0.00], [20.00, 0.00]]
+    # Seeds, D-ECE ratios in and out, then the ranges of D-ECE in, D-ECE out, AP in, AP out.
+    spreads = table_numbers(text, "D-ECE in range")
+    assert spreads["baseline"] == [[3], [1.00], [1.00], [11.00, 13.00], [10.00, 10.00], [40.00, 40.00],
+                                   [20.00, 20.00]]
+    assert spreads["cal-detr"] == [[3], [0.76], [0.80], [8.10, 10.10], [8.00, 8.00], [39.50, 40.50], [20.00, 20.00]]
+    # The analysis of cal-detr: baseline -> Cal-DETR D-ECE, ratio and AP change, in-domain then out-of-domain;
+    # both gaps (2.90 > 1.00 + 1.00 in, 2.00 > 0 + 0 out) lie beyond the seed spread, which it says.
+    (line,) = [line for line in text.splitlines() if line.startswith("- cal-detr:")]
+    assert numbers(line) == [12.00, 9.10, 0.76, 0.00, 10.00, 8.00, 0.80, 0.00]
+    judged = bench.compare(summary["cal-detr"]["in_domain"]["d_ece"], summary["baseline"]["in_domain"]["d_ece"])
+    assert judged == bench.compare(summary["cal-detr"]["out_of_domain"]["d_ece"],
+                                   summary["baseline"]["out_of_domain"]["d_ece"])
+    assert judged != bench.compare(summary["baseline"]["in_domain"]["d_ece"], summary["baseline"]["in_domain"]["d_ece"])
+    assert line.count(judged) == 2
+    assert re.search(r"!\[[^]]*\]\(diagram\.png\)", text) and "- a note" in text.splitlines()
+    # The budget: steps, batch, processes, learning rate, image size; the Cal arm's config.json and mean times.
+    budget = next(value for name, value in bullets(text).items() if name.startswith("Budget"))
+    assert numbers(budget) == [50, 4, 1, 5e-4, 96]
+    arms = table_rows(text, "train s / run")
+    assert dict(pair.split("=") for pair in arms["cal-detr"][0].split(", ")) == {
+        "uncertainty_modulation": "multiplicative", "use_logit_mixing": "True"}
+    assert "=" not in arms["baseline"][0]
+    assert [numbers(cell) for cell in arms["cal-detr"][1:]] == [[31], [41]]  # 30 + seed, 40 + seed over seeds 0-2
 
 
 @pytest.mark.slow
@@ -159,9 +229,20 @@ def test_smoke_run_writes_the_report_and_the_diagram(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = (tmp_path / "results" / "smoke.md").read_text()
     assert (tmp_path / "results" / "smoke_reliability.png").stat().st_size > 0
-    assert "**Goal (issue 7): " in report and "| baseline |" in report and "| cal-detr + isotonic regression |" in report
     for arm in ("baseline", "cal-detr"):
         assert (tmp_path / "runs" / arm / "seed_0" / "metrics.json").is_file()
+    # The goal stated is the one judged on the runs' metrics.json files.
+    summary = bench.aggregate(bench.load_runs(tmp_path / "runs", ["baseline", "cal-detr"], [0]))
+    goal = bench.judge_goal(summary)
+    verdict, checks = stated_goal(report)
+    assert verdict == goal.verdict and checks == list(goal.checks)
+    results = table_numbers(report, "D-ECE in")
+    assert {"baseline", "cal-detr", "cal-detr + isotonic regression"} <= set(results)
+    assert all(len(cells) == 7 for cells in results.values())
+    for arm in ("baseline", "cal-detr"):  # one seed: the mean alone
+        assert results[arm][0] == pytest.approx([100 * summary[arm]["in_domain"]["d_ece"].mean], abs=0.005,
+                                                nan_ok=True)
+        assert results[arm][1] == pytest.approx([100 * summary[arm]["in_domain"]["map"].mean], abs=0.005)
 
 
 # ------------------------------------------------------------------------------- --cal_settings and the sweep
@@ -211,6 +292,17 @@ def rows_of(**measured):
             for label, ((a, b), (c, d)) in measured.items()}
 
 
+def stated_choice(text: str) -> tuple[str, float, str, list[str]]:
+    """The sweep report's bold ``**...: <chosen>** (... <score> ...)`` line as (chosen, score, "met" or "not met"), and
+    the lines between it and the indented command."""
+    lines = text.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith("**"))
+    chosen, rest = re.fullmatch(r"\*\*[^*]*: ([^*]+)\*\*(.*)", lines[index]).groups()
+    command = next(i for i in range(index, len(lines)) if lines[i].startswith("    "))
+    met = re.search(r"\b(not met|met)\b", rest).group(1)
+    return chosen, numbers(rest)[0], met, [line for line in lines[index + 1:command] if line]
+
+
 def test_sweep_selection_rule():
     rows = rows_of(baseline=((0.40, 0.20), (0.20, 0.20)),
                    default=((0.40, 0.18), (0.20, 0.17)),  # score max(0.9/0.75, 0.85/0.85) = 1.2
@@ -222,13 +314,28 @@ def test_sweep_selection_rule():
     assert sweep.parse_candidate("default") == {}
     assert sweep.parse_candidate("logit_mixing_alpha=0.7,logit_mixing_loss_coefficient=1") == {
         "logit_mixing_alpha": 0.7, "logit_mixing_loss_coefficient": 1.0}
+    good_score = sweep.score({"in_domain": 0.16 / 0.20, "out_of_domain": 0.15 / 0.20})
+    assert good_score == pytest.approx(max(0.8 / 0.75, 0.75 / 0.85)) and good_score > 1  # goal not met
     text = "\n".join(sweep.report(rows, "good", ["- setup"], "python benchmarks/calibration.py ..."))
-    assert "**Chosen: good** (score 1.07; issue 7's goal not met on the tuning split)" in text
-    assert "| good (chosen) | 39.20 | 16.00 | 0.80x | 21.00 | 15.00 | 0.75x | 1.07 |" in text
-    assert "| strong | 38.50 | 10.00 | 0.50x |" in text
+    chosen, score, met, how = stated_choice(text)
+    assert (chosen, score, met) == ("good", pytest.approx(1.07), "not met")
+    # AP, D-ECE and ratio in-domain, then out-of-domain, then the score; the chosen row alone is tagged.
+    table = table_rows(text, "score")
+    labels = {re.sub(r" \(.*\)$", "", label): label for label in table}
+    assert list(labels) == list(rows) and [label for label in rows if labels[label] != label] == ["good"]
+    measured = {label: [numbers(cell) for cell in table[tagged]] for label, tagged in labels.items()}
+    assert measured["good"] == [[39.20], [16.00], [0.80], [21.00], [15.00], [0.75], [1.07]]
+    assert measured["strong"] == [[38.50], [10.00], [0.50], [20.00], [10.00], [0.50], [0.67]]
+    assert measured["baseline"][:6] == [[40.00], [20.00], [1.00], [20.00], [20.00], [1.00]]
+    assert measured["baseline"][6] == []  # no score: the reference
+    assert "    python benchmarks/calibration.py ..." in text.splitlines()
     rows["library default"] = rows.pop("default")
     text = "\n".join(sweep.report(rows, "library default", ["- setup"], "python benchmarks/calibration.py"))
-    assert "**Chosen: library default** (score 1.20;" in text and "measures anyway" in text
+    chosen, score, met, default_how = stated_choice(text)
+    assert (chosen, score, met) == ("library default", pytest.approx(1.20), "not met")  # max(0.9 / 0.75, 0.85 / 0.85)
+    # The library default is what calibration.py measures already: the report says so instead of "measured by".
+    assert how and default_how and default_how != how
+    assert "    python benchmarks/calibration.py" in text.splitlines()
 
 
 def test_sweep_refuses_the_calibration_seed_and_bad_candidates():
@@ -255,7 +362,13 @@ def test_sweep_smoke_run_shares_runs_and_writes_the_report(tmp_path):
     config = json.loads((runs / "cal-detr@logit_mixing_loss_coefficient=2" / "seed_0" / "config.json").read_text())
     assert config["logit_mixing_loss_coefficient"] == 2.0
     report = (tmp_path / "results" / "calibration_sweep_smoke.md").read_text()
-    assert "| baseline |" in report and "| library default" in report and "8 fresh train-distribution" in report
+    table = table_rows(report, "score")
+    labels = {re.sub(r" \(.*\)$", "", label) for label in table}
+    assert labels == {"baseline", "library default", "logit_mixing_loss_coefficient=2"}
+    assert all(len(cells) == 7 for cells in table.values())
+    # The tuning split: --num_tuning_images 8 scenes, generation seed 2 (the default --tuning_seed).
+    tuning = next(value for name, value in bullets(report).items() if name.startswith("Tuning"))
+    assert numbers(tuning) == [8, 2]
     assert "--work_dir" in report and "-- --max_train_steps 4" in report
 
 
@@ -293,26 +406,53 @@ def test_report_quotes_the_sweep_and_names_the_chosen_settings(tmp_path):
     sweep_report.parent.mkdir()
     sweep_report.write_text("# title\n\n**Chosen: x**\n\nprose\n\n| run | AP |\n|---|---|\n| baseline | 40.00 |\n")
     sections = bench.embedded(sweep_report, "Hyper-parameters tried", tmp_path / "results")
-    assert sections == ["", "## Hyper-parameters tried", "",
-                        "From [calibration_sweep_cpu.md](calibration_sweep_cpu.md) (its setup and command are there):",
-                        "", "**Chosen: x**", "| run | AP |", "|---|---|", "| baseline | 40.00 |"]
+    # The title, a link to the quoted report, then its bold lines and tables only.
+    heading, link, *quoted = [line for line in sections if line]
+    assert heading == "## Hyper-parameters tried" and sections[0] == ""
+    assert re.search(r"\[calibration_sweep_cpu\.md\]\(calibration_sweep_cpu\.md\)", link)
+    assert quoted == ["**Chosen: x**", "| run | AP |", "|---|---|", "| baseline | 40.00 |"]
     assert bench.embedded(tmp_path / "missing.md", "Diagnostics", tmp_path) == []
     text = bench.write_report(tmp_path / "results" / "r.md", summary, bench.judge_goal(summary), ["- setup"], None,
                               [], {"logit_mixing_loss_coefficient": 2.0}, sections)
-    assert "the Cal arms run the settings logit_mixing_loss_coefficient=2, chosen on a separate tuning split" in text
+    # The Cal settings run are named (name=value); without them the report names none.
+    assert dict(re.findall(r"\b(\w+)=([-+\d.]+)", text)) == {"logit_mixing_loss_coefficient": "2"}
+    plain = bench.write_report(tmp_path / "results" / "p.md", summary, bench.judge_goal(summary), ["- setup"], None,
+                               [], None, sections)
+    assert re.findall(r"\b(\w+)=([-+\d.]+)", plain) == []
     assert text.index("## Hyper-parameters tried") < text.index("## Setup")
 
 
 def test_diagnostic_reading_is_read_off_the_numbers():
     means = {"a": {"share_over_half": 0.1, "mean_logit": -0.5, "mean_k": 0.9},
              "b": {"share_over_half": 0.4, "mean_logit": -0.1, "mean_k": 0.8}}
+    # Ranges over the arms: share >= 0.5 (%), mean logit, mean K, what K moves a logit by (%, 1 - K).
     text = diagnostics.reading(means)
-    assert "in 10.0 to 40.0 % of cases" in text and "-0.50 to -0.10 (negative in every run" in text
-    assert "K there is 0.800 to 0.900" in text and "by 10 to 20 %" in text
+    assert stated_ranges(text) == pytest.approx([(10.0, 40.0), (-0.50, -0.10), (0.800, 0.900), (10, 20)])
+    assert logit_sign(text) == "negative"
     means["b"]["mean_logit"] = 0.2
-    assert "of either sign across runs" in diagnostics.reading(means)
+    mixed = diagnostics.reading(means)
+    assert stated_ranges(mixed)[1] == pytest.approx((-0.50, 0.20)) and logit_sign(mixed) == "mixed"
     means["a"]["mean_logit"] = 0.1
-    assert "positive in every run" in diagnostics.reading(means)
+    positive = diagnostics.reading(means)
+    assert stated_ranges(positive)[1] == pytest.approx((0.10, 0.20)) and logit_sign(positive) == "positive"
+    assert len({logit_sign_clause(t) for t in (text, mixed, positive)}) == 3
+
+
+def stated_ranges(text: str) -> list[tuple[float, float]]:
+    """Every ``<low> to <high>`` range of ``text``, as floats."""
+    return [(float(low), float(high)) for low, high in re.findall(r"([-+]?\d+(?:\.\d+)?) to ([-+]?\d+(?:\.\d+)?)", text)]
+
+
+def logit_sign_clause(text: str) -> str:
+    """The parenthesis that follows the mean-logit range (the second range) of a diagnostics reading."""
+    return re.findall(r"[-+]?\d+(?:\.\d+)? to [-+]?\d+(?:\.\d+)? \(([^)]*)\)", text)[0]
+
+
+def logit_sign(text: str) -> str:
+    """The sign the reading gives the mean logits: negative, positive (in every run) or mixed."""
+    clause = logit_sign_clause(text)
+    signs = [sign for sign in ("negative", "positive") if sign in clause]
+    return signs[0] if len(signs) == 1 else "mixed"
 
 
 def test_other_reports_are_quoted_by_default_under_the_default_name_only(tmp_path):

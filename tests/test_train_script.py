@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from hf_caldetr.configuration import METHOD_FIELDS
 from safetensors.torch import load_file
 from scripts import load_example
 
@@ -63,11 +65,12 @@ def test_methods_differ_only_in_their_settings(tmp_path):
     assert released["uncertainty_modulation"] == "subtractive" and released["use_logit_mixing"] is False
     launch(tmp_path / "baseline", "--max_train_steps", "2", "--method", "baseline", "--skip_out_of_domain", "true")
     baseline = json.loads((tmp_path / "baseline" / "config.json").read_text())
-    assert "uncertainty_modulation" not in baseline
-    assert {k: v for k, v in baseline.items() if k not in ("id2label", "label2id")} == {
-        k: v for k, v in released.items()
-        if k not in ("id2label", "label2id", "uncertainty_modulation", "modulate_at_inference", "use_logit_mixing",
-                     "logit_mixing_alpha", "logit_mixing_loss_coefficient")}
+    # The baseline: the method off (the stock loss), every other choice shared with the Cal arms.
+    assert (baseline["uncertainty_modulation"], baseline["use_logit_mixing"]) == ("none", False)
+    assert baseline["num_boxes_normalization"] == released["num_boxes_normalization"] == "global"
+    assert baseline["architectures"] == ["DeformableDetrForObjectDetection"]  # a stock checkpoint
+    assert {k: v for k, v in baseline.items() if k not in ("id2label", "label2id", *METHOD_FIELDS)} == {
+        k: v for k, v in released.items() if k not in ("id2label", "label2id", *METHOD_FIELDS)}
     failed = launch(tmp_path / "bad", "--method", "baseline", "--use_logit_mixing", "true", check=False)
     assert failed.returncode != 0 and "takes no Cal settings" in failed.stderr
 

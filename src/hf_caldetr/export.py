@@ -217,7 +217,10 @@ def fold_into_onnx(path, calibrator, output_path, fitted_on: dict | None = None)
         raise ValueError(f"write the calibrated model to another folder than {path.parent}: the config.json beside "
                          "it records the fold, and would then describe the uncalibrated model too")
     config = json.loads((path.parent / "config.json").read_text())
-    if config.get("model_type") == "detr":
+    from .families import MODEL_FAMILIES
+
+    family = MODEL_FAMILIES.get(config.get("model_type"))
+    if family is not None and family.softmax_head:
         if not isinstance(calibrator, SoftmaxTemperatureScaling):
             raise ValueError("a DETR (softmax) model takes SoftmaxTemperatureScaling only, see hf_caldetr.folding")
         columns = len(config["id2label"]) + 1

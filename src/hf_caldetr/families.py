@@ -9,7 +9,7 @@ model presets, where the class heads are, and where the method finds what it nee
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import transformers
@@ -266,235 +266,192 @@ _D_FINE_SMALL = dict(encoder_in_channels=[64, 128, 256], encoder_hidden_dim=64, 
                      decoder_layers=3, decoder_n_points=2, num_queries=20, num_denoising=20)
 
 
+# One entry per family. Siblings are the first one with what differs replaced (dataclasses.replace).
+
+_DEFORMABLE_DETR = ModelFamily(
+    transformers.DeformableDetrConfig, transformers.DeformableDetrForObjectDetection,
+    "DeformableDetrImageProcessor",
+    {
+        "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128)), num_feature_levels=3,
+                     encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=12),
+        # Measured on the digits default (2-core CPU, AP50 at 1500 steps): features from strides 4-16 rather
+        # than 8-32 (digits are 14-32 px) and deep supervision of every decoder layer (the original recipe's
+        # auxiliary loss, off by default in transformers) took AP50 from 0.09 to 0.12; then a learning rate of
+        # 1e-3 rather than 5e-4 to 0.25, and focal_alpha 0.5 rather than 0.25 to 0.43 (with 0.25, a detector
+        # trained for minutes scores almost nothing above the protocol's 0.3 threshold).
+        "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(first_stage=1), d_model=64,
+                      encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20,
+                      num_feature_levels=3, encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=20,
+                      auxiliary_loss=True, focal_alpha=0.5),
+        # The paper's recipe on a random timm ResNet-50.
+        "r50": dict(num_queries=300),
+    },
+    # class_embed[decoder_layers] exists in two-stage models: the encoder's proposal head.
+    final_class_head=lambda model: model.class_embed[model.config.decoder_layers - 1],
+    layer_class_heads=lambda model: [model.class_embed[level] for level in range(model.config.decoder_layers)],
+    layer_logits=_deformable_detr_layer_logits,
+    matcher=_deformable_matcher,
+    stock_num_boxes=image_loss_num_boxes,
+    detection_selection="top_k",
+    mixing_focal=lambda config: (config.focal_alpha, 2.0),
+)
+
+_DETR = ModelFamily(
+    transformers.DetrConfig, transformers.DetrForObjectDetection,
+    "DetrImageProcessor",
+    {
+        "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4),
+                     use_timm_backbone=False),
+        "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4), use_timm_backbone=False,
+                      d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256,
+                      num_queries=20),
+        "r50": dict(num_queries=100),
+    },
+    # One classifier serves every decoder layer (the auxiliary outputs too).
+    final_class_head=lambda model: model.class_labels_classifier,
+    layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
+    layer_logits=_hidden_state_logits(lambda model: model.class_labels_classifier),
+    matcher=_detr_matcher,
+    stock_num_boxes=image_loss_num_boxes,
+    layer_logits_options={"output_hidden_states": True},
+    detection_selection="per_query",
+    softmax_head=True,
+    # DETR's loss_ce is a class-weighted mean over all queries (eos_coefficient on no-object), not over boxes.
+    unnormalised_losses=("loss_ce",),
+    # Without auxiliary_loss DETR keeps no per-layer state, and switching it on changes the decoder (see
+    # decoder_layer_states); the last layer's output only feeds the final layer norm (last_hidden_state).
+    recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
+    recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_labels_classifier),
+)
+
+# The RT-DETR family and its descendants share RT-DETR's image processor, matcher and normaliser.
+_RT_DETR = ModelFamily(
+    transformers.RTDetrConfig, transformers.RTDetrForObjectDetection,
+    "RTDetrImageProcessor",
+    {
+        "tiny": dict(backbone_config=lambda: _rt_detr_backbone((16, 32, 64, 128)), encoder_hidden_dim=32,
+                     encoder_in_channels=[32, 64, 128], encoder_layers=1, encoder_ffn_dim=64,
+                     encoder_attention_heads=2, d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64,
+                     decoder_layers=2, decoder_attention_heads=2, decoder_n_points=2, num_queries=12,
+                     num_denoising=10),
+        "small": dict(backbone_config=lambda: _rt_detr_backbone((32, 64, 128, 256)), encoder_hidden_dim=64,
+                      encoder_in_channels=[64, 128, 256], encoder_layers=1, encoder_ffn_dim=256,
+                      encoder_attention_heads=4, d_model=64, decoder_in_channels=[64, 64, 64], decoder_ffn_dim=256,
+                      decoder_layers=3, decoder_attention_heads=4, decoder_n_points=2, num_queries=20,
+                      num_denoising=20),
+        "r50": dict(),
+    },
+    # Query selection uses model.enc_score_head, a separate head.
+    final_class_head=lambda model: model.model.decoder.class_embed[-1],
+    layer_class_heads=lambda model: list(model.model.decoder.class_embed),
+    layer_logits=_intermediate_logits,
+    matcher=_rt_detr_matcher,
+    stock_num_boxes=local_num_boxes,
+    detection_selection="top_queries",
+    mixing_focal=_rt_detr_focal,
+    layers_first=False,
+)
+
+# D-FINE and DEIMv2: in training the parent hands its loss a "pre" output before the decoder layers' (class head 0
+# before the localisation-quality term), and at inference it computes the final layer only, so the uncertainty exists
+# in training (where the method needs it) but not at inference: no D-UCE, no modulate_at_inference. Their final
+# logits add LQE's quality term after the class head: no folding.
+_D_FINE = replace(
+    _RT_DETR, config_class=transformers.DFineConfig, model_class=transformers.DFineForObjectDetection,
+    presets={"tiny": dict(_D_FINE_TINY, backbone_config=lambda: _hgnet_backbone(1)),
+             "small": dict(_D_FINE_SMALL, backbone_config=lambda: _hgnet_backbone(2)), "r50": dict()},
+    final_class_head=None, layer_logits=None, pre_layers=1,
+    # The decoupled distillation loss is a mean over its entries, not over boxes.
+    unnormalised_losses=("loss_ddf",),
+)
+
+# Conditional DETR and DAB-DETR: sigmoid heads, Deformable DETR's loss (transformers' mapping); per-layer states as
+# DETR's (auxiliary_loss is off by default and changes the decoder).
+_CONDITIONAL_DETR = ModelFamily(
+    transformers.ConditionalDetrConfig, transformers.ConditionalDetrForObjectDetection,
+    "ConditionalDetrImageProcessor",
+    {
+        "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4)),
+        "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4), d_model=64,
+                      encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20),
+        "r50": dict(),
+    },
+    final_class_head=lambda model: model.class_labels_classifier,
+    layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
+    layer_logits=_hidden_state_logits(lambda model: model.class_labels_classifier),
+    matcher=_deformable_matcher,
+    stock_num_boxes=image_loss_num_boxes,
+    layer_logits_options={"output_hidden_states": True},
+    detection_selection="top_k",
+    mixing_focal=lambda config: (config.focal_alpha, 2.0),
+    recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
+    recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_labels_classifier),
+)
+
+# LW-DETR and RF-DETR: sigmoid heads, LW-DETR's loss, group DETR in training (num_queries x group_detr queries, each
+# group matched on its own); the per-layer states are in the outputs.
+_LW_DETR = ModelFamily(
+    transformers.LwDetrConfig, transformers.LwDetrForObjectDetection,
+    "DeformableDetrImageProcessor",
+    {
+        "tiny": dict(backbone_config=lambda: transformers.LwDetrViTConfig(
+                         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, window_block_indices=[0],
+                         out_indices=[1], num_windows=4, image_size=64, patch_size=16),
+                     d_model=32, projector_scale_factors=[1.0], decoder_ffn_dim=32, decoder_layers=2,
+                     decoder_self_attention_heads=2, decoder_cross_attention_heads=2, num_queries=6, group_detr=3),
+        "small": dict(backbone_config=lambda: transformers.LwDetrViTConfig(
+                          hidden_size=64, num_hidden_layers=4, num_attention_heads=4, window_block_indices=[0, 2],
+                          out_indices=[3], num_windows=4, image_size=96, patch_size=8),
+                      d_model=64, projector_scale_factors=[1.0], decoder_ffn_dim=256, decoder_layers=3,
+                      decoder_self_attention_heads=4, decoder_cross_attention_heads=4, num_queries=20,
+                      group_detr=4),
+        "r50": dict(),
+    },
+    final_class_head=lambda model: model.class_embed,
+    layer_class_heads=lambda model: [model.class_embed] * model.config.decoder_layers,
+    layer_logits=_group_detr_layer_logits,
+    matcher=_lw_detr_matcher,
+    stock_num_boxes=None,
+    detection_selection="top_k",
+    mixing_focal=lambda config: (config.focal_alpha, 2.0),
+    recorded_layers=lambda model: [model.model.decoder],
+    recorded_layer_logits=_group_detr_recorded_logits,
+    query_groups=lambda config, queries: max(queries // config.num_queries, 1),
+)
+
+
+def _class_embed(model):
+    return model.class_embed
+
+
 MODEL_FAMILIES = {
-    "deformable_detr": ModelFamily(
-        transformers.DeformableDetrConfig, transformers.DeformableDetrForObjectDetection,
-        "DeformableDetrImageProcessor",
-        {
-            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128)), num_feature_levels=3,
-                         encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=12),
-            # Measured on the digits default (2-core CPU, AP50 at 1500 steps): features from strides 4-16 rather
-            # than 8-32 (digits are 14-32 px) and deep supervision of every decoder layer (the original recipe's
-            # auxiliary loss, off by default in transformers) took AP50 from 0.09 to 0.12; then a learning rate of
-            # 1e-3 rather than 5e-4 to 0.25, and focal_alpha 0.5 rather than 0.25 to 0.43 (with 0.25, a detector
-            # trained for minutes scores almost nothing above the protocol's 0.3 threshold).
-            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(first_stage=1), d_model=64,
-                          encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20,
-                          num_feature_levels=3, encoder_n_points=2, decoder_n_points=2, two_stage_num_proposals=20,
-                          auxiliary_loss=True, focal_alpha=0.5),
-            # The paper's recipe on a random timm ResNet-50.
-            "r50": dict(num_queries=300),
-        },
-        # class_embed[decoder_layers] exists in two-stage models: the encoder's proposal head.
-        final_class_head=lambda model: model.class_embed[model.config.decoder_layers - 1],
-        layer_class_heads=lambda model: [model.class_embed[level] for level in range(model.config.decoder_layers)],
-        layer_logits=_deformable_detr_layer_logits,
-        matcher=_deformable_matcher,
-        stock_num_boxes=image_loss_num_boxes,
-        detection_selection="top_k",
-        mixing_focal=lambda config: (config.focal_alpha, 2.0),
-    ),
-    "detr": ModelFamily(
-        transformers.DetrConfig, transformers.DetrForObjectDetection,
-        "DetrImageProcessor",
-        {
-            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4),
-                         use_timm_backbone=False),
-            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4), use_timm_backbone=False,
-                          d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256,
-                          num_queries=20),
-            "r50": dict(num_queries=100),
-        },
-        # One classifier serves every decoder layer (the auxiliary outputs too).
-        final_class_head=lambda model: model.class_labels_classifier,
-        layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
-        layer_logits=_hidden_state_logits(lambda model: model.class_labels_classifier),
-        matcher=_detr_matcher,
-        stock_num_boxes=image_loss_num_boxes,
-        layer_logits_options={"output_hidden_states": True},
-        detection_selection="per_query",
-        softmax_head=True,
-        # DETR's loss_ce is a class-weighted mean over all queries (eos_coefficient on no-object), not over boxes.
-        unnormalised_losses=("loss_ce",),
-        # Without auxiliary_loss DETR keeps no per-layer state, and switching it on changes the decoder (see
-        # decoder_layer_states); the last layer's output only feeds the final layer norm (last_hidden_state).
-        recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
-        recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_labels_classifier),
-    ),
-    # The RT-DETR family and its descendants share RT-DETR's image processor, matcher and normaliser.
-    "rt_detr": ModelFamily(
-        transformers.RTDetrConfig, transformers.RTDetrForObjectDetection,
-        "RTDetrImageProcessor",
-        {
-            "tiny": dict(backbone_config=lambda: _rt_detr_backbone((16, 32, 64, 128)), encoder_hidden_dim=32,
-                         encoder_in_channels=[32, 64, 128], encoder_layers=1, encoder_ffn_dim=64,
-                         encoder_attention_heads=2, d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64,
-                         decoder_layers=2, decoder_attention_heads=2, decoder_n_points=2, num_queries=12,
-                         num_denoising=10),
-            "small": dict(backbone_config=lambda: _rt_detr_backbone((32, 64, 128, 256)), encoder_hidden_dim=64,
-                          encoder_in_channels=[64, 128, 256], encoder_layers=1, encoder_ffn_dim=256,
-                          encoder_attention_heads=4, d_model=64, decoder_in_channels=[64, 64, 64], decoder_ffn_dim=256,
-                          decoder_layers=3, decoder_attention_heads=4, decoder_n_points=2, num_queries=20,
-                          num_denoising=20),
-            "r50": dict(),
-        },
-        # Query selection uses model.enc_score_head, a separate head.
-        final_class_head=lambda model: model.model.decoder.class_embed[-1],
-        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
-        layer_logits=_intermediate_logits,
-        matcher=_rt_detr_matcher,
-        stock_num_boxes=local_num_boxes,
-        detection_selection="top_queries",
-        mixing_focal=_rt_detr_focal,
-        layers_first=False,
-    ),
-    "rt_detr_v2": ModelFamily(
-        transformers.RTDetrV2Config, transformers.RTDetrV2ForObjectDetection,
-        "RTDetrImageProcessor",
-        {
-            "tiny": dict(backbone_config=lambda: _rt_detr_backbone((16, 32, 64, 128)), encoder_hidden_dim=32,
-                         encoder_in_channels=[32, 64, 128], encoder_layers=1, encoder_ffn_dim=64,
-                         encoder_attention_heads=2, d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64,
-                         decoder_layers=2, decoder_attention_heads=2, decoder_n_points=2, num_queries=12,
-                         num_denoising=10),
-            "small": dict(backbone_config=lambda: _rt_detr_backbone((32, 64, 128, 256)), encoder_hidden_dim=64,
-                          encoder_in_channels=[64, 128, 256], encoder_layers=1, encoder_ffn_dim=256,
-                          encoder_attention_heads=4, d_model=64, decoder_in_channels=[64, 64, 64], decoder_ffn_dim=256,
-                          decoder_layers=3, decoder_attention_heads=4, decoder_n_points=2, num_queries=20,
-                          num_denoising=20),
-            "r50": dict(),
-        },
-        final_class_head=lambda model: model.model.decoder.class_embed[-1],
-        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
-        layer_logits=_intermediate_logits,
-        matcher=_rt_detr_matcher,
-        stock_num_boxes=local_num_boxes,
-        detection_selection="top_queries",
-        mixing_focal=_rt_detr_focal,
-        layers_first=False,
-    ),
-    # D-FINE and DEIMv2: in training the parent hands its loss a "pre" output before the decoder layers' (class
-    # head 0 before the localisation-quality term), and at inference it computes the final layer only, so the
-    # uncertainty exists in training (where the method needs it) but not at inference: no D-UCE, no
-    # modulate_at_inference. Their final logits add LQE's quality term after the class head: no folding.
-    "d_fine": ModelFamily(
-        transformers.DFineConfig, transformers.DFineForObjectDetection,
-        "RTDetrImageProcessor",
-        {
-            "tiny": dict(_D_FINE_TINY, backbone_config=lambda: _hgnet_backbone(1)),
-            "small": dict(_D_FINE_SMALL, backbone_config=lambda: _hgnet_backbone(2)),
-            "r50": dict(),
-        },
-        final_class_head=None,
-        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
-        layer_logits=None,
-        matcher=_rt_detr_matcher,
-        stock_num_boxes=local_num_boxes,
-        detection_selection="top_queries",
-        mixing_focal=_rt_detr_focal,
-        layers_first=False,
-        pre_layers=1,
-        # The decoupled distillation loss is a mean over its entries, not over boxes.
-        unnormalised_losses=("loss_ddf",),
-    ),
-    "deimv2": ModelFamily(
-        transformers.Deimv2Config, transformers.Deimv2ForObjectDetection,
-        "RTDetrImageProcessor",
-        {
-            "tiny": dict(_D_FINE_TINY, backbone_config=lambda: _hgnet_backbone(1)),
-            "small": dict(_D_FINE_SMALL, backbone_config=lambda: _hgnet_backbone(2)),
-            "r50": dict(),
-        },
-        final_class_head=None,
-        layer_class_heads=lambda model: list(model.model.decoder.class_embed),
-        layer_logits=None,
-        matcher=_rt_detr_matcher,
-        stock_num_boxes=local_num_boxes,
-        detection_selection="top_queries",
-        mixing_focal=_deimv2_focal,
-        layers_first=False,
-        pre_layers=1,
-        unnormalised_losses=_deimv2_unnormalised,
-    ),
-    # Conditional DETR and DAB-DETR: sigmoid heads, Deformable DETR's loss (transformers' mapping); per-layer states
-    # as DETR's (auxiliary_loss is off by default and changes the decoder).
-    "conditional_detr": ModelFamily(
-        transformers.ConditionalDetrConfig, transformers.ConditionalDetrForObjectDetection,
-        "ConditionalDetrImageProcessor",
-        {
-            "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4)),
-            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4), d_model=64,
-                          encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20),
-            "r50": dict(),
-        },
-        final_class_head=lambda model: model.class_labels_classifier,
-        layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
-        layer_logits=_hidden_state_logits(lambda model: model.class_labels_classifier),
-        matcher=_deformable_matcher,
-        stock_num_boxes=image_loss_num_boxes,
-        layer_logits_options={"output_hidden_states": True},
-        detection_selection="top_k",
-        mixing_focal=lambda config: (config.focal_alpha, 2.0),
-        recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
-        recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_labels_classifier),
-    ),
-    "dab-detr": ModelFamily(
-        transformers.DabDetrConfig, transformers.DabDetrForObjectDetection,
-        # No DAB-DETR image processor exists; its checkpoints use Conditional DETR's.
-        "ConditionalDetrImageProcessor",
-        {
-            "tiny": dict({k: v for k, v in _TINY.items() if k != "d_model"}, hidden_size=32,
-                         backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4)),
-            "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4),
-                          hidden_size=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256,
-                          num_queries=20),
-            "r50": dict(),
-        },
-        final_class_head=lambda model: model.class_embed,
+    "deformable_detr": _DEFORMABLE_DETR,
+    "detr": _DETR,
+    "rt_detr": _RT_DETR,
+    "rt_detr_v2": replace(_RT_DETR, config_class=transformers.RTDetrV2Config,
+                          model_class=transformers.RTDetrV2ForObjectDetection),
+    "d_fine": _D_FINE,
+    "deimv2": replace(_D_FINE, config_class=transformers.Deimv2Config, model_class=transformers.Deimv2ForObjectDetection,
+                      mixing_focal=_deimv2_focal, unnormalised_losses=_deimv2_unnormalised),
+    "conditional_detr": _CONDITIONAL_DETR,
+    # No DAB-DETR image processor exists; its checkpoints use Conditional DETR's. Its one class head: class_embed.
+    "dab-detr": replace(
+        _CONDITIONAL_DETR, config_class=transformers.DabDetrConfig, model_class=transformers.DabDetrForObjectDetection,
+        presets={"tiny": dict({k: v for k, v in _CONDITIONAL_DETR.presets["tiny"].items() if k != "d_model"},
+                              hidden_size=32),
+                 "small": dict({k: v for k, v in _CONDITIONAL_DETR.presets["small"].items() if k != "d_model"},
+                               hidden_size=64),
+                 "r50": dict()},
+        final_class_head=_class_embed,
         layer_class_heads=lambda model: [model.class_embed] * model.config.decoder_layers,
-        layer_logits=_hidden_state_logits(lambda model: model.class_embed),
-        matcher=_deformable_matcher,
-        stock_num_boxes=image_loss_num_boxes,
-        layer_logits_options={"output_hidden_states": True},
-        detection_selection="top_k",
-        mixing_focal=lambda config: (config.focal_alpha, 2.0),
-        recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
-        recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_embed),
+        layer_logits=_hidden_state_logits(_class_embed),
+        recorded_layer_logits=_recorded_layer_norm_logits(_class_embed),
     ),
-    # LW-DETR and RF-DETR: sigmoid heads, LW-DETR's loss, group DETR in training (num_queries x group_detr
-    # queries, each group matched on its own); the per-layer states are in the outputs.
-    "lw_detr": ModelFamily(
-        transformers.LwDetrConfig, transformers.LwDetrForObjectDetection,
-        "DeformableDetrImageProcessor",
-        {
-            "tiny": dict(backbone_config=lambda: transformers.LwDetrViTConfig(
-                             hidden_size=16, num_hidden_layers=2, num_attention_heads=2, window_block_indices=[0],
-                             out_indices=[1], num_windows=4, image_size=64, patch_size=16),
-                         d_model=32, projector_scale_factors=[1.0], decoder_ffn_dim=32, decoder_layers=2,
-                         decoder_self_attention_heads=2, decoder_cross_attention_heads=2, num_queries=6, group_detr=3),
-            "small": dict(backbone_config=lambda: transformers.LwDetrViTConfig(
-                              hidden_size=64, num_hidden_layers=4, num_attention_heads=4, window_block_indices=[0, 2],
-                              out_indices=[3], num_windows=4, image_size=96, patch_size=8),
-                          d_model=64, projector_scale_factors=[1.0], decoder_ffn_dim=256, decoder_layers=3,
-                          decoder_self_attention_heads=4, decoder_cross_attention_heads=4, num_queries=20,
-                          group_detr=4),
-            "r50": dict(),
-        },
-        final_class_head=lambda model: model.class_embed,
-        layer_class_heads=lambda model: [model.class_embed] * model.config.decoder_layers,
-        layer_logits=_group_detr_layer_logits,
-        matcher=_lw_detr_matcher,
-        stock_num_boxes=None,
-        detection_selection="top_k",
-        mixing_focal=lambda config: (config.focal_alpha, 2.0),
-        recorded_layers=lambda model: [model.model.decoder],
-        recorded_layer_logits=_group_detr_recorded_logits,
-        query_groups=lambda config, queries: max(queries // config.num_queries, 1),
-    ),
-    "rf_detr": ModelFamily(
-        transformers.RfDetrConfig, transformers.RfDetrForObjectDetection,
-        "RfDetrImageProcessor",
-        {
+    "lw_detr": _LW_DETR,
+    "rf_detr": replace(
+        _LW_DETR, config_class=transformers.RfDetrConfig, model_class=transformers.RfDetrForObjectDetection,
+        image_processor_class="RfDetrImageProcessor",
+        presets={
             "tiny": dict(backbone_config=lambda: transformers.RfDetrDinov2Config(
                              hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
                              out_features=["stage1", "stage2"], patch_size=16, num_windows=2, image_size=64),
@@ -507,16 +464,6 @@ MODEL_FAMILIES = {
                           decoder_cross_attention_heads=4, num_queries=20, group_detr=4, dropout=0.0),
             "r50": dict(),
         },
-        final_class_head=lambda model: model.class_embed,
-        layer_class_heads=lambda model: [model.class_embed] * model.config.decoder_layers,
-        layer_logits=_group_detr_layer_logits,
-        matcher=_lw_detr_matcher,
-        stock_num_boxes=None,
-        detection_selection="top_k",
-        mixing_focal=lambda config: (config.focal_alpha, 2.0),
-        recorded_layers=lambda model: [model.model.decoder],
-        recorded_layer_logits=_group_detr_recorded_logits,
-        query_groups=lambda config, queries: max(queries // config.num_queries, 1),
     ),
 }
 
