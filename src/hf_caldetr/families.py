@@ -367,25 +367,17 @@ _D_FINE = replace(
 
 # Conditional DETR and DAB-DETR: sigmoid heads, Deformable DETR's loss (transformers' mapping); per-layer states as
 # DETR's (auxiliary_loss is off by default and changes the decoder).
-_CONDITIONAL_DETR = ModelFamily(
-    transformers.ConditionalDetrConfig, transformers.ConditionalDetrForObjectDetection,
-    "ConditionalDetrImageProcessor",
-    {
+_CONDITIONAL_DETR = replace(
+    _DETR, config_class=transformers.ConditionalDetrConfig, model_class=transformers.ConditionalDetrForObjectDetection,
+    image_processor_class="ConditionalDetrImageProcessor",
+    presets={
         "tiny": dict(_TINY, backbone_config=lambda: small_backbone_config((16, 32, 64, 128), levels=1, first_stage=4)),
         "small": dict(_SMALL, backbone_config=lambda: small_backbone_config(levels=1, first_stage=4), d_model=64,
                       encoder_layers=2, decoder_layers=3, encoder_ffn_dim=256, decoder_ffn_dim=256, num_queries=20),
         "r50": dict(),
     },
-    final_class_head=lambda model: model.class_labels_classifier,
-    layer_class_heads=lambda model: [model.class_labels_classifier] * model.config.decoder_layers,
-    layer_logits=_hidden_state_logits(lambda model: model.class_labels_classifier),
-    matcher=_deformable_matcher,
-    stock_num_boxes=image_loss_num_boxes,
-    layer_logits_options={"output_hidden_states": True},
-    detection_selection="top_k",
+    matcher=_deformable_matcher, detection_selection="top_k", softmax_head=False, unnormalised_losses=(),
     mixing_focal=lambda config: (config.focal_alpha, 2.0),
-    recorded_layers=lambda model: list(model.model.decoder.layers)[:-1],
-    recorded_layer_logits=_recorded_layer_norm_logits(lambda model: model.class_labels_classifier),
 )
 
 # LW-DETR and RF-DETR: sigmoid heads, LW-DETR's loss, group DETR in training (num_queries x group_detr queries, each

@@ -51,14 +51,16 @@ REQUIRED_TEMPLATE_FIELDS = ("card_data", "model_id", "results_table", "training_
 
 
 
-def _bibtex(key: str, title: str, authors: str, venue: str, year: int) -> str:
-    return (f"@inproceedings{{{key},\n  title     = {{{title}}},\n  author    = {{{authors}}},\n"
-            f"  booktitle = {{{venue}}},\n  year      = {{{year}}}\n}}")
+def _bibtex(key: str, title: str, authors: str, venue: str, year: int, entry: str = "inproceedings",
+            venue_field: str = "booktitle") -> str:
+    fields = {"title": title, "author": authors, venue_field: venue, "year": year}
+    width = max(map(len, fields))
+    body = ",\n".join(f"  {name:<{width}} = {{{value}}}" for name, value in fields.items())
+    return f"@{entry}{{{key},\n{body}\n}}"
 
 
 def _arxiv(key: str, title: str, authors: str, number: str, year: int) -> str:
-    return (f"@article{{{key},\n  title   = {{{title}}},\n  author  = {{{authors}}},\n"
-            f"  journal = {{arXiv preprint arXiv:{number}}},\n  year    = {{{year}}}\n}}")
+    return _bibtex(key, title, authors, f"arXiv preprint arXiv:{number}", year, entry="article", venue_field="journal")
 
 
 # model_type -> (display name, citation of the architecture; empty where none is given). The Cal class of each
