@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_caldetr.configuration import METHOD_FIELDS
+from hf_caldetr.families import MODEL_FAMILIES
 from safetensors.torch import load_file
 from scripts import load_example
 
@@ -366,3 +367,22 @@ def test_coco_folders_hold_out_a_tenth_of_the_training_images_for_calibration(tm
     calibration = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
     assert calibration["fitted_on"]["images"] == 2 and calibration["fitted_on"]["source"] == "held-out training images"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["folded_calibration"][0]["kind"] == "PlattScaling"
+
+
+@pytest.mark.parametrize("model_type", sorted(set(MODEL_FAMILIES) - {"deformable_detr"}))
+def test_every_registered_family_trains_and_evaluates(tmp_path, model_type):
+    """The main job's script with ``--model_type`` of each family (Deformable DETR: the tests above): 2 steps of the
+    tiny preset, evaluation and a checkpoint the stock class loads with the method's settings riding along."""
+    launch(tmp_path, "--model_type", model_type, "--max_train_steps", "2", "--skip_out_of_domain", "true")
+    config = json.loads((tmp_path / "config.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    family = MODEL_FAMILIES[model_type]
+    assert config["model_type"] == model_type and config["architectures"] == [family.model_class.__name__]
+    assert config["uncertainty_modulation"] == "multiplicative" and config["use_logit_mixing"] is True
+    assert metrics["run"]["train_steps"] == 2
+    in_domain = metrics["in_domain"]
+    assert in_domain["num_images"] == 16 and 0 <= in_domain["map"] <= 1
+    # D-FINE and DEIMv2 compute the final layer only at inference: no uncertainty to report.
+    assert ("d_uce" in in_domain) == (family.layer_logits is not None)
+    model = family.model_class.from_pretrained(tmp_path)
+    assert type(model) is family.model_class
