@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_caldetr.configuration import METHOD_FIELDS, calibration_is_on
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
 ARMS = ("baseline", "cal-detr", "released", "modulation-only", "mixing-only")
@@ -48,6 +50,15 @@ MEANINGFUL_AP50 = 0.5
 POST_HOC_ARMS = ("baseline", "cal-detr")
 # Arguments of train.py that may differ between runs of one benchmark; everything else must match.
 PER_RUN_ARGUMENTS = ("method", "seed", "output_dir")
+def settings_text(config: dict) -> str:
+    """The Cal settings a run trained with, read from its ``config.json`` (the field names: the config mixin's)."""
+    if not any(name in config for name in METHOD_FIELDS):
+        return "stock model"
+    if not calibration_is_on(config):
+        return "method off (the stock loss)"
+    return ", ".join(f"{k}={config[k]}" for k in METHOD_FIELDS if k != "modulate_at_inference" and k in config)
+
+
 # train.py's Cal settings, which ``--cal_settings`` may set on the Cal arms (never the stock baseline).
 CAL_SETTINGS = ("logit_mixing_alpha", "logit_mixing_loss_coefficient")
 
@@ -251,7 +262,7 @@ def judge_goal(summary) -> Goal:
 
 def data_arguments(arguments: dict):
     """The ``DataArguments`` a run was trained with, from its recorded train.py arguments."""
-    from hf_caldetr.data.splits import DataArguments
+    from hf_caldetr.data.arguments import DataArguments
 
     return DataArguments(**{f.name: arguments[f.name] for f in fields(DataArguments) if f.name in arguments})
 
@@ -262,7 +273,7 @@ def evaluation_data(arguments: dict, num_calibration_images: int, calibration_se
     (fresh train-split scenes, or a seeded subset of the train split, or of the Hub dataset split
     ``calibration_split``; ``None`` without ``calibration_seed``)."""
     from hf_caldetr.data import corrupt_dataset
-    from hf_caldetr.data.splits import load_calibration_split, load_splits
+    from hf_caldetr.data.arguments import load_calibration_split, load_splits
 
     data_args = data_arguments(arguments)
     (validation,) = load_splits(data_args, ("validation",))
@@ -523,9 +534,7 @@ def describe_setup(runs, work_dir, seeds, size: str, command: str, post_hoc: str
              "| arm | Cal settings (config.json) | train s / run | total s / run |", "|---|---|---|---|"]
     for arm, arm_runs in runs.items():
         config = json.loads((run_folder(work_dir, arm, seeds[0], cal_settings) / "config.json").read_text())
-        settings = ", ".join(f"{k}={config[k]}" for k in ("uncertainty_modulation", "use_logit_mixing",
-                                                           "logit_mixing_alpha", "logit_mixing_loss_coefficient")
-                             if k in config) or "stock model"
+        settings = settings_text(config)
         times = [np.mean([m["run"][key] for m in arm_runs]) for key in ("train_seconds", "total_seconds")]
         lines.append(f"| {arm} | {settings} | {times[0]:.0f} | {times[1]:.0f} |")
     return lines

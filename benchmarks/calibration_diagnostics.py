@@ -89,7 +89,7 @@ def measure(folder: Path, dataset, batch_size: int) -> dict[str, float]:
 
     from transformers import AutoConfig
 
-    from hf_caldetr.calibration import logit_uncertainty
+    from hf_caldetr.method import logit_uncertainty
     from hf_caldetr.families import decoder_layer_logits, layer_logits_options, model_family
     from hf_caldetr.data import make_collate_fn
 
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=32,
                         help="images per forward pass of each model (default: %(default)s)")
     args = parser.parse_args(argv)
-    from hf_caldetr.data.splits import load_calibration_split
+    from hf_caldetr.data.arguments import load_calibration_split
 
     arms = run_folders(args.work_dir)
     if not arms:

@@ -48,7 +48,7 @@ def candidate_label(settings: dict) -> str:
 def tuning_data(arguments: dict, num_images: int, seed: int) -> dict:
     """``{"in_domain": fresh train-distribution scenes, "out_of_domain": their corrupted copy}``."""
     from hf_caldetr.data import corrupt_dataset
-    from hf_caldetr.data.splits import load_calibration_split
+    from hf_caldetr.data.arguments import load_calibration_split
 
     data_args = bench.data_arguments(arguments)
     tuning = load_calibration_split(data_args, None, num_images, seed)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_caldetr.data import corrupt_dataset, make_collate_fn
-from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
+from hf_caldetr.data.arguments import DataArguments, load_calibration_split, load_splits
 from hf_caldetr.evaluation import evaluate_model, fit_calibrator, make_calibrator, summarize
 from hf_caldetr.export import OnnxDetector, copy_checkpoint_files, export_onnx, fold_into_onnx, quantize_onnx
 from hf_caldetr.folding import unfold_calibration

@@ -226,7 +226,7 @@ def check_confidence(pretrained: Path, batch_size: int) -> dict:
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
     from hf_caldetr.data import make_collate_fn
-    from hf_caldetr.data.splits import load_splits
+    from hf_caldetr.data.arguments import load_splits
     from hf_caldetr.evaluation import collect_matches
 
     arguments = json.loads((pretrained / "metrics.json").read_text())["run"]["arguments"]
@@ -499,9 +499,7 @@ def setup_lines(args, runs: dict, command: str, seeds_done: list[int]) -> list[s
              "| arm | Cal settings (config.json) | train s / run | total s / run |", "|---|---|---|---|"]
     for arm, arm_runs in runs.items():
         config = json.loads((bench.run_folder(args.work_dir / "runs", arm, seeds_done[0]) / "config.json").read_text())
-        settings = ", ".join(f"{k}={config[k]}" for k in ("uncertainty_modulation", "use_logit_mixing",
-                                                           "logit_mixing_alpha", "logit_mixing_loss_coefficient")
-                             if k in config) or "stock model"
+        settings = bench.settings_text(config)
         times = [np.mean([m["run"][key] for m in arm_runs]) for key in ("train_seconds", "total_seconds")]
         lines.append(f"| {arm} | {settings} | {times[0]:.0f} | {times[1]:.0f} |")
     return lines

@@ -57,7 +57,7 @@ from hf_caldetr.data import (
     make_collate_fn,
     save_manifest,
 )
-from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
+from hf_caldetr.data.arguments import DataArguments, load_calibration_split, load_splits
 from hf_caldetr.evaluation import (
     CALIBRATOR_KINDS,
     fit_calibrator,

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, HfArgumentParser
 
 from hf_caldetr.data import make_collate_fn
-from hf_caldetr.data.splits import DataArguments, load_splits
+from hf_caldetr.data.arguments import DataArguments, load_splits
 from hf_caldetr.export import copy_checkpoint_files, export_onnx, onnx_input_size, quantize_onnx
 
 logger = logging.getLogger("export")

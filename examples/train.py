@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
 
 from hf_caldetr.data import build_image_processor, corrupt_dataset, id2label, make_collate_fn, save_manifest
-from hf_caldetr.data.splits import DataArguments, load_splits
-from hf_caldetr.data.splits import load_calibration_split, random_subset
+from hf_caldetr.data.arguments import DataArguments, load_splits
+from hf_caldetr.data.arguments import load_calibration_split, random_subset
 from hf_caldetr.evaluation import (
     CALIBRATOR_KINDS,
     UNCERTAINTY_DIAGRAM,

@@ -20,7 +20,7 @@ from hf_caldetr.data import (
     corrupt_dataset,
     make_collate_fn,
 )
-from hf_caldetr.data.splits import DataArguments, load_calibration_split, load_splits
+from hf_caldetr.data.arguments import DataArguments, load_calibration_split, load_splits
 from hf_caldetr.evaluation import (
     evaluate_model,
     fit_calibrator,

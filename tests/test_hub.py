@@ -166,7 +166,7 @@ def test_card_links_base_model_and_dataset_of_a_fine_tuning_run(folder):
     assert "| initialisation | `SenseTime/deformable-detr` |" in card.text
 
 
-def test_packaged_template_is_the_hub_cards_template():
+def test_hub_cards_template_is_the_packaged_one():
     assert TEMPLATE_PATH.read_text() == (ROOT / "hub_cards" / "model_card.md").read_text()
 
 

@@ -118,7 +118,7 @@ def scoring_checkpoint(tmp_path_factory):
     from test_evaluate_script import self_labelled
 
     from hf_caldetr.data import build_image_processor
-    from hf_caldetr.data.splits import DataArguments, load_splits
+    from hf_caldetr.data.arguments import DataArguments, load_splits
     from hf_caldetr.training import build_model
 
     folder = tmp_path_factory.mktemp("scoring")
@@ -175,7 +175,7 @@ def test_the_run_ends_calibrated(tmp_path, scoring_checkpoint, calibrator):
 
     from hf_caldetr.calibrators import load_calibrator
     from hf_caldetr.data import make_collate_fn
-    from hf_caldetr.data.splits import DataArguments, load_calibration_split
+    from hf_caldetr.data.arguments import DataArguments, load_calibration_split
     from hf_caldetr.evaluation import lrp_thresholds
 
     held_out = load_calibration_split(DataArguments(dataset_name=str(scoring_checkpoint / "data")), "calibration", 0, 1)

@@ -4,7 +4,7 @@ One Cal config and model class per registered DETR family (``hf_caldetr.families
 transformers class name (``CalDeformableDetrForObjectDetection``, ``CalDFineConfig``, ...). The Cal configs keep
 their parent's ``model_type`` so that saved checkpoints load in stock transformers; for that reason they are not
 registered with the Auto classes under a name of their own (a model type maps to one config class only).
-Submodules: ``calibration`` (the method's tensor functions), ``models`` (the Cal models: the method around the
+Submodules: ``method`` (the method's tensor functions), ``models`` (the Cal models: the method around the
 parent's own loss), ``families`` (the registry), ``metrics``, ``calibrators`` (post-hoc), ``data``, ``evaluation``,
 ``training``, ``hub``, ``folding`` (calibrators written into the weights), ``export`` (ONNX).
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import transformers
 from huggingface_hub.dataclasses import strict
 
-from .calibration import MODULATION_MODES
+from .method import MODULATION_MODES
 from .families import MODEL_FAMILIES
 
 NUM_BOXES_NORMALIZATIONS = ("global", "transformers")

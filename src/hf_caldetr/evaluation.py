@@ -141,7 +141,7 @@ def _nearest_queries(result: dict, logits, pred_boxes, size, softmax: bool) -> t
 
 def detection_uncertainties(layer_logits: torch.Tensor, queries: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
     """``u = tanh(Var_l(Z[l, q, c]))`` of each detection ``(q, c)`` of one image: the unbiased variance over the
-    decoder layers of its class logit (``hf_caldetr.calibration.logit_uncertainty``), in float64, squashed.
+    decoder layers of its class logit (``hf_caldetr.method.logit_uncertainty``), in float64, squashed.
 
     Args:
         layer_logits: ``[L, Q, C]``, every decoder layer's logits of the image (``L >= 2``).

@@ -27,8 +27,8 @@ from .streaming import DetectionCalibrationMetric, evaluate_detections
 from .synthetic import synthetic_detections
 from .uncertainty import detection_uce, uncertainty_calibration_error
 
-D_ECE_MODULE = str(Path(__file__).resolve().parent / "d_ece")
-DETECTION_CALIBRATION_MODULE = str(Path(__file__).resolve().parent / "detection_calibration")
+D_ECE_MODULE = str(Path(__file__).resolve().parent / "evaluate_modules" / "d_ece")
+DETECTION_CALIBRATION_MODULE = str(Path(__file__).resolve().parent / "evaluate_modules" / "detection_calibration")
 
 __all__ = [
     "D_ECE_MODULE",

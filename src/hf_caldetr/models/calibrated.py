@@ -18,7 +18,7 @@ for the auxiliary losses, every decoder layer's logits. :class:`CalibratedDetect
 
 The forward is the parent's: its outputs are the stock ones (``logits`` raw unless ``modulate_at_inference``).
 Every layer's logits and the uncertainty of any output: :func:`hf_caldetr.families.decoder_layer_logits` and
-:func:`hf_caldetr.calibration.logit_uncertainty`.
+:func:`hf_caldetr.method.logit_uncertainty`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from functools import partial
 import torch
 from transformers.loss.loss_utils import LOSS_MAPPING
 
-from ..calibration import logit_uncertainty, modulate_logits
+from ..method import logit_uncertainty, modulate_logits
 from ..distributed import num_boxes_across_processes
 from ..families import MODEL_FAMILIES, ModelFamily
 from .criterion import sigmoid_logit_mixing_loss, softmax_logit_mixing_loss

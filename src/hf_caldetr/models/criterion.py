@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 
-from ..calibration import gather_positives, pooled_logit_mixing, soft_target_cross_entropy
+from ..method import gather_positives, pooled_logit_mixing, soft_target_cross_entropy
 
 
 def _mixed_positives(logits, targets, indices, alpha):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_caldetr.calibration import (
+from hf_caldetr.method import (
     gather_positives,
     logit_prototype,
     logit_uncertainty,

@@ -1,4 +1,4 @@
-"""hf_caldetr.data.splits: the scripts' data flags to datasets, and the held-out calibration split."""
+"""hf_caldetr.data.arguments: the scripts' data flags to datasets, and the held-out calibration split."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ from datasets import Image
 from test_data_loading import IMAGES, write_coco
 
 from hf_caldetr.data import load_digits_detection
-from hf_caldetr.data.splits import (
+from hf_caldetr.data.arguments import (
     DataArguments,
     load_calibration_split,
     load_splits,
