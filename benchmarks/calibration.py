@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_caldetr.configuration import METHOD_FIELDS, calibration_is_on
+from hf_caldetr.configuration import METHOD_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
@@ -54,7 +54,7 @@ def settings_text(config: dict) -> str:
     """The Cal settings a run trained with, read from its ``config.json`` (the field names: the config mixin's)."""
     if not any(name in config for name in METHOD_FIELDS):
         return "stock model"
-    if not calibration_is_on(config):
+    if config.get("uncertainty_modulation", "none") == "none" and not config.get("use_logit_mixing", False):
         return "method off (the stock loss)"
     return ", ".join(f"{k}={config[k]}" for k in METHOD_FIELDS if k != "modulate_at_inference" and k in config)
 
