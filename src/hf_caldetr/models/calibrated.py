@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from transformers.loss.loss_utils import LOSS_MAPPING
@@ -36,6 +36,7 @@ from ..families import MODEL_FAMILIES, ModelFamily
 from .criterion import sigmoid_logit_mixing_loss, softmax_logit_mixing_loss
 
 
+@lru_cache(maxsize=None)
 def stock_loss_function(parent: type):
     """The loss function transformers gives ``parent`` (its rule: the class name, else the longest-known suffix)."""
     if parent.__name__ in LOSS_MAPPING:
@@ -44,6 +45,11 @@ def stock_loss_function(parent: type):
     if not found:
         raise ValueError(f"transformers has no loss function for {parent.__name__}")
     return LOSS_MAPPING[found[0]]
+
+
+@lru_cache(maxsize=64)
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)
 
 
 def _num_denoising(arguments: dict) -> int:
@@ -111,7 +117,7 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
     Returns ``(loss, loss_dict, auxiliary_outputs)``, as transformers' loss functions do.
     """
     config, family = model.config, model.cal_family
-    call = inspect.signature(loss_function).bind(*args, **kwargs)
+    call = _signature(loss_function).bind(*args, **kwargs)
     arguments = call.arguments
     num_denoising = _num_denoising(arguments)
     logits, targets = arguments["logits"], arguments["labels"]
