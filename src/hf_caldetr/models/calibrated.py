@@ -76,11 +76,12 @@ def matching_layer_logits(model, family: ModelFamily, arguments: dict) -> torch.
     return torch.cat([earlier, final.unsqueeze(1)], dim=1)
 
 
-def _rescale_to_global_normaliser(family: ModelFamily, config, loss, loss_dict: dict, targets: list[dict], device):
+def _rescale_to_global_normaliser(family: ModelFamily, config, loss, loss_dict: dict, targets: list[dict],
+                                  global_boxes: float, device):
     """The parent's box-normalised losses divided by the whole batch's normaliser instead of its own."""
     if family.stock_num_boxes is None:  # the parent's normaliser is already the whole batch's
         return loss, loss_dict
-    factor = family.stock_num_boxes(targets) / num_boxes_across_processes(targets, device)
+    factor = family.stock_num_boxes(targets) / global_boxes
     if factor == 1.0:
         return loss, loss_dict
     prefixes = family.unnormalised_losses
@@ -128,13 +129,15 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
         arguments["logits"] = torch.cat([logits[:, :num_denoising], final], dim=1) if num_denoising else final
     loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
     device = logits.device
+    # One cross-process reduction a step, shared by the normaliser and the mixing loss.
+    global_boxes = num_boxes_across_processes(targets, device)
     if config.num_boxes_normalization == "global":
-        loss, loss_dict = _rescale_to_global_normaliser(family, config, loss, loss_dict, targets, device)
+        loss, loss_dict = _rescale_to_global_normaliser(family, config, loss, loss_dict, targets, global_boxes,
+                                                        device)
     if config.use_logit_mixing:
         # Clamped as D-FINE's and DEIMv2's losses do before matching (a no-op for sigmoid boxes).
         pred_boxes = arguments["pred_boxes"][:, num_denoising:].clamp(min=0, max=1)
-        mixing = logit_mixing_loss(family, config, final, pred_boxes, targets,
-                                   num_boxes_across_processes(targets, device))
+        mixing = logit_mixing_loss(family, config, final, pred_boxes, targets, global_boxes)
         loss = loss + config.logit_mixing_loss_coefficient * mixing
         loss_dict = {**loss_dict, "loss_logit_mixing": mixing}
     return loss, loss_dict, auxiliary_outputs
