@@ -218,3 +218,29 @@ def test_variance_term_back_propagates_into_earlier_layers(model_type):
         assert gradients["multiplicative"] is not None and gradients["multiplicative"].abs().sum() > 0
     else:
         assert not torch.allclose(gradients["multiplicative"], gradients["none"])
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_mixing_loss_takes_the_parents_own_final_matches(model_type, monkeypatch):
+    """The mixing loss reuses the matches the parent's loss computed for the final layer (no second Hungarian
+    matching), and they are exactly what running the family's matcher again gives."""
+    from hf_caldetr.models import calibrated
+
+    seen = []
+    original = calibrated.logit_mixing_loss
+
+    def spy(family_, config, logits, pred_boxes, targets, num_boxes, indices=None):
+        seen.append(indices)
+        extra = calibrated._matcher_extra(family_, config, logits)
+        rerun = family_.matcher(config)({"logits": logits, "pred_boxes": pred_boxes}, targets, *extra)
+        assert indices is not None, "the parent's final-layer matches were not kept"
+        assert len(indices) == len(rerun)
+        for (kept_queries, kept_targets), (queries, target_ids) in zip(indices, rerun):
+            assert torch.equal(kept_queries, queries) and torch.equal(kept_targets, target_ids)
+        return original(family_, config, logits, pred_boxes, targets, num_boxes, indices)
+
+    monkeypatch.setattr(calibrated, "logit_mixing_loss", spy)
+    model = make(model_type).train()
+    pixel_values, labels = tiny_batch(num_labels=NUM_LABELS, boxes_per_image=(3, 2))
+    run(model, pixel_values, labels).loss.backward()
+    assert len(seen) == 1 and sum(len(queries) for queries, _ in seen[0]) >= 5  # every box matched

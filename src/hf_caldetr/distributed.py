@@ -38,6 +38,9 @@ def sum_across_processes(tensor: torch.Tensor, differentiable: bool = False) -> 
 
 def num_boxes_across_processes(targets: list[dict], device: torch.device) -> float:
     """The loss normaliser: ground-truth boxes summed over all processes, divided by the world size, at least 1."""
-    local = torch.tensor([float(sum(len(t["class_labels"]) for t in targets))], device=device)
+    boxes = float(sum(len(t["class_labels"]) for t in targets))
+    if world_size() == 1:
+        return max(boxes, 1.0)
+    local = torch.tensor([boxes], device=device)
     total = sum_across_processes(local)
     return max(total.item() / world_size(), 1.0)

@@ -197,7 +197,7 @@ def _recorded_layer_norm_logits(head: Callable) -> Callable:
     decoder's final layer norm, then the class head (the same numbers as :func:`_hidden_state_logits`)."""
     def layer_logits(model, recorded):
         norm = model.model.decoder.layernorm
-        return head(model)(torch.stack([norm(state) for state in recorded], dim=1))
+        return head(model)(norm(torch.stack(recorded, dim=1)))
     return layer_logits
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .distributed import sum_across_processes
+from .distributed import sum_across_processes, world_size
 
 MODULATION_MODES = ("multiplicative", "subtractive", "none")
 
@@ -81,10 +81,21 @@ def gather_positives(
         ``((batch_idx, query_idx), classes)``: the positions of the ``P`` positives in ``logits`` and their
         ground-truth classes ``[P]``.
     """
-    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
-    query_idx = torch.cat([src for src, _ in indices]).to(logits.device)
-    classes = torch.cat([t["class_labels"][tgt.to(t["class_labels"].device)] for t, (_, tgt) in zip(targets, indices)])
-    return (batch_idx, query_idx), classes.to(logits.device)
+    device = logits.device
+    # A few whole-batch operations rather than one per image: on CPU each small operation costs more than its data.
+    sizes = [len(src) for src, _ in indices]
+    offsets, offset = [], 0
+    for target in targets:
+        offsets.append(offset)
+        offset += len(target["class_labels"])
+    batch_idx = torch.tensor([image for image, size in enumerate(sizes) for _ in range(size)], dtype=torch.long,
+                             device=device)
+    query_idx = torch.cat([src for src, _ in indices]).to(device)
+    target_offsets = torch.tensor([offsets[image] for image, size in enumerate(sizes) for _ in range(size)],
+                                  dtype=torch.long)
+    labels = torch.cat([t["class_labels"] for t in targets])
+    target_idx = torch.cat([tgt for _, tgt in indices]).to(labels.device) + target_offsets.to(labels.device)
+    return (batch_idx, query_idx), labels[target_idx].to(device)
 
 
 def mix_logits(positive_logits: torch.Tensor, prototype: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -94,7 +105,8 @@ def mix_logits(positive_logits: torch.Tensor, prototype: torch.Tensor, alpha: fl
         positive_logits: ``[P, C]``, the final-layer (modulated) logits of the positives.
         prototype: ``[C]``, ``zbar``: the mean of the positives (paper form), see :func:`logit_prototype`.
     """
-    return alpha * positive_logits + (1 - alpha) * prototype
+    # One operation: prototype + alpha * (z_i - prototype).
+    return torch.lerp(prototype.expand_as(positive_logits), positive_logits, alpha)
 
 
 def logit_prototype(positive_logits: torch.Tensor) -> torch.Tensor:
@@ -109,7 +121,8 @@ def logit_prototype(positive_logits: torch.Tensor) -> torch.Tensor:
 
 
 def mixed_targets_from_counts(
-    positive_classes: torch.Tensor, class_counts: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float32
+    positive_classes: torch.Tensor, class_counts: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float32,
+    total: int | None = None,
 ) -> torch.Tensor:
     """Smoothed targets of the mixed logits, given the class counts of all ``P`` positives in the pool.
 
@@ -121,14 +134,17 @@ def mixed_targets_from_counts(
         positive_classes: ``[P_local]`` class ids of the positives whose targets are wanted.
         class_counts: ``[C]`` number of positives of each class in the whole pool (``P = class_counts.sum()``),
             which may be larger than the local positives when the pool spans processes.
+        total: ``P`` when the caller knows it (saves reading it off the counts).
     """
     num_columns = class_counts.shape[0]
-    one_hot = F.one_hot(positive_classes.long(), num_columns).to(dtype)
-    total = class_counts.sum()
+    # Rows of the identity rather than F.one_hot, which checks the ids' range on the host first.
+    one_hot = torch.eye(num_columns, dtype=dtype, device=class_counts.device)[positive_classes.long()]
+    total = int(class_counts.sum()) if total is None else total
     if total <= 1:
         return one_hot
-    others = class_counts.to(dtype).unsqueeze(0) - one_hot
-    return alpha * one_hot + (1 - alpha) / (total.to(dtype) - 1) * others
+    # alpha * one_hot + (1 - alpha) / (P - 1) * (counts - one_hot), in two operations.
+    share = (1 - alpha) / (total - 1)
+    return torch.add(class_counts.to(dtype) * share, one_hot, alpha=alpha - share)
 
 
 def mixed_targets(positive_classes: torch.Tensor, num_columns: int, alpha: float, dtype=torch.float32) -> torch.Tensor:
@@ -142,7 +158,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, norma
 
     The mixing loss of softmax heads (DETR): ``-sum_i sum_c t_ic log softmax(z~_i)_c / normalizer``.
     """
-    return -(targets * F.log_softmax(logits, dim=-1)).sum() / normalizer
+    return F.cross_entropy(logits, targets, reduction="sum") / normalizer
 
 
 def pooled_logit_mixing(
@@ -161,10 +177,18 @@ def pooled_logit_mixing(
         ``(mixed_logits [P_local, C], targets [P_local, C], P)`` with ``P`` the number of positives of the global
         batch; with ``P = 0`` the logits come back unchanged and the targets empty.
     """
-    counts = sum_across_processes(torch.bincount(positive_classes.long(), minlength=num_columns))
-    total = int(counts.sum())
-    if total == 0:
-        return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
-    prototype = sum_across_processes(positive_logits.sum(dim=0), differentiable=True) / total
-    targets = mixed_targets_from_counts(positive_classes, counts, alpha, positive_logits.dtype)
+    counts = torch.bincount(positive_classes.long(), minlength=num_columns)
+    if world_size() == 1:
+        total = positive_classes.shape[0]
+        if total == 0:
+            return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
+        prototype = positive_logits.mean(dim=0)
+    else:
+        counts = sum_across_processes(counts)
+        total = int(counts.sum())
+        if total == 0:
+            return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
+        prototype = sum_across_processes(positive_logits.sum(dim=0), differentiable=True) / total
+    with torch.no_grad():  # constants of the loss
+        targets = mixed_targets_from_counts(positive_classes, counts, alpha, positive_logits.dtype, total)
     return mix_logits(positive_logits, prototype, alpha), targets, total

@@ -13,8 +13,8 @@ for the auxiliary losses, every decoder layer's logits. :class:`CalibratedDetect
 4. when ``config.num_boxes_normalization == "global"``, rescales the box-normalised losses from the parent's
    normaliser to the whole batch's (a no-op in one process),
 5. adds ``logit_mixing_loss_coefficient * L_R``, the logit-mixing loss of the final layer's Hungarian-matched
-   queries (the parent's own matcher, run again on the modulated logits: it is deterministic, so these are the
-   matches the parent's loss used), reported unweighted as ``loss_dict["loss_logit_mixing"]``.
+   queries (the matches the parent's loss computed, kept by :class:`FinalLayerMatches`; the parent's matcher is
+   run again only where none could be kept), reported unweighted as ``loss_dict["loss_logit_mixing"]``.
 
 The forward is the parent's: its outputs are the stock ones (``logits`` raw unless ``modulate_at_inference``).
 Every layer's logits and the uncertainty of any output: :func:`hf_caldetr.families.decoder_layer_logits` and
@@ -31,7 +31,7 @@ import torch
 from transformers.loss.loss_utils import LOSS_MAPPING
 
 from ..method import logit_uncertainty, modulate_logits
-from ..distributed import num_boxes_across_processes
+from ..distributed import num_boxes_across_processes, world_size
 from ..families import MODEL_FAMILIES, ModelFamily
 from .criterion import sigmoid_logit_mixing_loss, softmax_logit_mixing_loss
 
@@ -94,17 +94,73 @@ def _rescale_to_global_normaliser(family: ModelFamily, config, loss, loss_dict: 
     return loss, rescaled
 
 
-def logit_mixing_loss(family: ModelFamily, config, logits, pred_boxes, targets, num_boxes) -> torch.Tensor:
+class FinalLayerMatches:
+    """Keeps the Hungarian matches the parent's loss computes for the final layer, so the mixing loss need not
+    match again (on CPU the matching is a third of the mixing loss's cost).
+
+    Used as a context manager around the parent's loss call: a global module forward hook, registered for that call
+    only, looks at every call of the family's matcher class and keeps the output of the first one whose
+    predictions equal the final layer's (``torch.equal`` on logits and boxes) with the same extra arguments (group
+    DETR's group count). The matching is a deterministic function of those, so the kept matches are exactly what
+    running the matcher again would give. Nothing kept (a parent that matches otherwise): :attr:`indices` is None
+    and the caller runs the matcher itself.
+    """
+
+    def __init__(self, matcher_class: type, logits: torch.Tensor, pred_boxes: torch.Tensor, extra: tuple = ()):
+        self.matcher_class, self.logits, self.pred_boxes, self.extra = matcher_class, logits, pred_boxes, extra
+        self.indices = None
+        self._handle = None
+
+    def _hook(self, module, args, kwargs, output):
+        if self.indices is not None or not isinstance(module, self.matcher_class):
+            return
+        outputs = args[0] if args else kwargs.get("outputs")
+        extra = tuple(args[2:]) + tuple(kwargs.values())
+        if not isinstance(outputs, dict) or extra != self.extra:
+            return
+        if self._same(outputs.get("logits"), self.logits) and self._same(outputs.get("pred_boxes"), self.pred_boxes):
+            self.indices = output
+
+    @staticmethod
+    def _same(tensor, reference) -> bool:
+        return tensor is reference or (isinstance(tensor, torch.Tensor) and tensor.shape == reference.shape
+                                       and torch.equal(tensor, reference))
+
+    def __enter__(self):
+        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+_MATCHER_CLASSES: dict = {}
+
+
+def _matcher_class(family: ModelFamily, config) -> type:
+    """The class of the module ``family.matcher`` builds (one build per matcher function and process)."""
+    if family.matcher not in _MATCHER_CLASSES:
+        _MATCHER_CLASSES[family.matcher] = type(family.matcher(config))
+    return _MATCHER_CLASSES[family.matcher]
+
+
+def _matcher_extra(family: ModelFamily, config, logits) -> tuple:
+    """The matcher's arguments after ``(outputs, targets)``: group DETR's group count, else none."""
+    return (family.query_groups(config, logits.shape[1]),) if family.query_groups is not None else ()
+
+
+def logit_mixing_loss(family: ModelFamily, config, logits, pred_boxes, targets, num_boxes,
+                      indices=None) -> torch.Tensor:
     """``L_R`` of the final layer's matched queries: sigmoid focal loss of the mixed logits against the smoothed
     targets (sigmoid heads), or their soft-target cross-entropy (DETR's softmax head), over ``num_boxes`` (group
-    DETR: every box is matched once per group, and counted once per group, as the parent's own losses do)."""
-    outputs = {"logits": logits, "pred_boxes": pred_boxes}
-    if family.query_groups is not None:
-        groups = family.query_groups(config, logits.shape[1])
-        indices = family.matcher(config)(outputs, targets, groups)
-        num_boxes = num_boxes * groups
-    else:
-        indices = family.matcher(config)(outputs, targets)
+    DETR: every box is matched once per group, and counted once per group, as the parent's own losses do).
+    ``indices``: the final layer's matches when known (:class:`FinalLayerMatches`), else the matcher is run."""
+    extra = _matcher_extra(family, config, logits)
+    if indices is None:
+        indices = family.matcher(config)({"logits": logits, "pred_boxes": pred_boxes}, targets, *extra)
+    if extra:
+        num_boxes = num_boxes * extra[0]
     if family.softmax_head:
         return softmax_logit_mixing_loss(logits, targets, indices, num_boxes, config.logit_mixing_alpha)
     focal_alpha, focal_gamma = family.mixing_focal(config)
@@ -127,17 +183,24 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
         layers = matching_layer_logits(model, family, arguments)
         final = modulate_logits(final, logit_uncertainty(layers), config.uncertainty_modulation)
         arguments["logits"] = torch.cat([logits[:, :num_denoising], final], dim=1) if num_denoising else final
-    loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
+    matches = None
+    if config.use_logit_mixing:
+        # Clamped as D-FINE's and DEIMv2's losses do before matching (a no-op for sigmoid boxes).
+        # Boxes only choose the matches: no gradient flows through them here.
+        pred_boxes = arguments["pred_boxes"][:, num_denoising:].detach().clamp(min=0, max=1)
+        matches = FinalLayerMatches(_matcher_class(family, config), final, pred_boxes, _matcher_extra(family, config, final))
+        with matches:
+            loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
+    else:
+        loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
     device = logits.device
     # One cross-process reduction a step, shared by the normaliser and the mixing loss.
     global_boxes = num_boxes_across_processes(targets, device)
-    if config.num_boxes_normalization == "global":
+    if config.num_boxes_normalization == "global" and world_size() > 1:  # one process: the same normaliser
         loss, loss_dict = _rescale_to_global_normaliser(family, config, loss, loss_dict, targets, global_boxes,
                                                         device)
-    if config.use_logit_mixing:
-        # Clamped as D-FINE's and DEIMv2's losses do before matching (a no-op for sigmoid boxes).
-        pred_boxes = arguments["pred_boxes"][:, num_denoising:].clamp(min=0, max=1)
-        mixing = logit_mixing_loss(family, config, final, pred_boxes, targets, global_boxes)
+    if matches is not None:
+        mixing = logit_mixing_loss(family, config, final, pred_boxes, targets, global_boxes, matches.indices)
         loss = loss + config.logit_mixing_loss_coefficient * mixing
         loss_dict = {**loss_dict, "loss_logit_mixing": mixing}
     return loss, loss_dict, auxiliary_outputs
@@ -152,7 +215,7 @@ class CalibratedDetectorMixin:
     - ``loss_function`` is the parent's (or one the user sets), wrapped by :func:`calibrated_loss`.
     - With ``config.modulate_at_inference``, the returned ``logits`` are modulated outside training too.
     - Families whose parent keeps no per-layer state (DETR without ``auxiliary_loss``) get a forward hook on the
-      layers that hold it (:meth:`_record_layer_output`).
+      layers that hold it (:meth:`_record_layer_output`), from the first forward with the modulation on.
     """
 
     cal_family: ModelFamily
@@ -161,9 +224,18 @@ class CalibratedDetectorMixin:
         config.validate_calibration_settings()
         super().__init__(config)
         self._layer_outputs = {}
-        if self.cal_family.recorded_layers is not None:
-            for layer in self.cal_family.recorded_layers(self):
-                layer.register_forward_hook(self._record_layer_output)
+        self._recording = False
+
+    def _record_layers_if_needed(self) -> None:
+        """Hook the layers whose outputs the method needs, once, on the first forward that needs them (with the
+        method off there is no hook, and no cost)."""
+        config = self.config
+        if (self._recording or self.cal_family.recorded_layers is None
+                or (config.uncertainty_modulation == "none" and not config.modulate_at_inference)):
+            return
+        for layer in self.cal_family.recorded_layers(self):
+            layer.register_forward_hook(self._record_layer_output)
+        self._recording = True
 
     def _record_layer_output(self, module, args, output):
         """Forward hook: keeps a reference to ``module``'s output (no copy, nothing added to the autograd graph).
@@ -197,6 +269,7 @@ class CalibratedDetectorMixin:
 
     def forward(self, *args, **kwargs):
         config = self.config
+        self._record_layers_if_needed()
         if self.training or not config.modulate_at_inference or config.uncertainty_modulation == "none":
             return super().forward(*args, **kwargs)
         family = self.cal_family
