@@ -10,6 +10,8 @@ calls these functions.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +65,7 @@ def modulate_logits(final_logits: torch.Tensor, uncertainty: torch.Tensor, mode:
         )
     squashed = torch.tanh(uncertainty)
     if mode == "multiplicative":
-        return final_logits * (1 - squashed)
+        return torch.addcmul(final_logits, final_logits, squashed, value=-1)  # Z_L * (1 - tanh(U)), one operation
     return final_logits - squashed
 
 
@@ -81,21 +83,18 @@ def gather_positives(
         ``((batch_idx, query_idx), classes)``: the positions of the ``P`` positives in ``logits`` and their
         ground-truth classes ``[P]``.
     """
+    # The matches are a few host-side integers: build the index lists on the host and make three small tensors,
+    # rather than one operation per image (on CPU each small operation costs more than its data).
+    images, queries, classes = [], [], []
+    for image, ((src, tgt), target) in enumerate(zip(indices, targets)):
+        labels = target["class_labels"].tolist()
+        src = src.tolist()
+        images += [image] * len(src)
+        queries += src
+        classes += [labels[t] for t in tgt.tolist()]
     device = logits.device
-    # A few whole-batch operations rather than one per image: on CPU each small operation costs more than its data.
-    sizes = [len(src) for src, _ in indices]
-    offsets, offset = [], 0
-    for target in targets:
-        offsets.append(offset)
-        offset += len(target["class_labels"])
-    batch_idx = torch.tensor([image for image, size in enumerate(sizes) for _ in range(size)], dtype=torch.long,
-                             device=device)
-    query_idx = torch.cat([src for src, _ in indices]).to(device)
-    target_offsets = torch.tensor([offsets[image] for image, size in enumerate(sizes) for _ in range(size)],
-                                  dtype=torch.long)
-    labels = torch.cat([t["class_labels"] for t in targets])
-    target_idx = torch.cat([tgt for _, tgt in indices]).to(labels.device) + target_offsets.to(labels.device)
-    return (batch_idx, query_idx), labels[target_idx].to(device)
+    as_index = partial(torch.tensor, dtype=torch.long, device=device)
+    return (as_index(images), as_index(queries)), as_index(classes)
 
 
 def mix_logits(positive_logits: torch.Tensor, prototype: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -133,18 +132,19 @@ def mixed_targets_from_counts(
     Args:
         positive_classes: ``[P_local]`` class ids of the positives whose targets are wanted.
         class_counts: ``[C]`` number of positives of each class in the whole pool (``P = class_counts.sum()``),
-            which may be larger than the local positives when the pool spans processes.
+            which may be larger than the local positives when the pool spans processes (a tensor or a list).
         total: ``P`` when the caller knows it (saves reading it off the counts).
     """
-    num_columns = class_counts.shape[0]
-    # Rows of the identity rather than F.one_hot, which checks the ids' range on the host first.
-    one_hot = torch.eye(num_columns, dtype=dtype, device=class_counts.device)[positive_classes.long()]
-    total = int(class_counts.sum()) if total is None else total
-    if total <= 1:
-        return one_hot
-    # alpha * one_hot + (1 - alpha) / (P - 1) * (counts - one_hot), in two operations.
-    share = (1 - alpha) / (total - 1)
-    return torch.add(class_counts.to(dtype) * share, one_hot, alpha=alpha - share)
+    # A few hundred numbers at most: computed on the host and made into one tensor.
+    counts = class_counts.tolist() if isinstance(class_counts, torch.Tensor) else list(class_counts)
+    classes = positive_classes.tolist()
+    total = sum(counts) if total is None else total
+    share = (1 - alpha) / (total - 1) if total > 1 else 0.0
+    own = alpha - share if total > 1 else 1.0
+    base = [count * share for count in counts]
+    rows = [base[:label] + [base[label] + own] + base[label + 1:] for label in classes]
+    device = class_counts.device if isinstance(class_counts, torch.Tensor) else positive_classes.device
+    return torch.tensor(rows, dtype=dtype, device=device).reshape(len(classes), len(counts))
 
 
 def mixed_targets(positive_classes: torch.Tensor, num_columns: int, alpha: float, dtype=torch.float32) -> torch.Tensor:
@@ -177,18 +177,19 @@ def pooled_logit_mixing(
         ``(mixed_logits [P_local, C], targets [P_local, C], P)`` with ``P`` the number of positives of the global
         batch; with ``P = 0`` the logits come back unchanged and the targets empty.
     """
-    counts = torch.bincount(positive_classes.long(), minlength=num_columns)
     if world_size() == 1:
         total = positive_classes.shape[0]
         if total == 0:
             return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
+        counts = [0] * num_columns
+        for label in positive_classes.tolist():
+            counts[label] += 1
         prototype = positive_logits.mean(dim=0)
     else:
-        counts = sum_across_processes(counts)
+        counts = sum_across_processes(torch.bincount(positive_classes.long(), minlength=num_columns))
         total = int(counts.sum())
         if total == 0:
             return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
         prototype = sum_across_processes(positive_logits.sum(dim=0), differentiable=True) / total
-    with torch.no_grad():  # constants of the loss
-        targets = mixed_targets_from_counts(positive_classes, counts, alpha, positive_logits.dtype, total)
+    targets = mixed_targets_from_counts(positive_classes, counts, alpha, positive_logits.dtype, total)
     return mix_logits(positive_logits, prototype, alpha), targets, total

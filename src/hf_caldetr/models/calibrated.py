@@ -110,6 +110,15 @@ class FinalLayerMatches:
         self.matcher_class, self.logits, self.pred_boxes, self.extra = matcher_class, logits, pred_boxes, extra
         self.indices = None
         self._handle = None
+        self._clamped = None
+
+    @property
+    def clamped_boxes(self) -> torch.Tensor:
+        """The boxes as D-FINE's and DEIMv2's losses match them, clamped to [0, 1] (no gradient: they only choose
+        the matches); the same numbers for sigmoid boxes."""
+        if self._clamped is None:
+            self._clamped = self.pred_boxes.detach().clamp(min=0, max=1)
+        return self._clamped
 
     def _hook(self, module, args, kwargs, output):
         if self.indices is not None or not isinstance(module, self.matcher_class):
@@ -118,7 +127,9 @@ class FinalLayerMatches:
         extra = tuple(args[2:]) + tuple(kwargs.values())
         if not isinstance(outputs, dict) or extra != self.extra:
             return
-        if self._same(outputs.get("logits"), self.logits) and self._same(outputs.get("pred_boxes"), self.pred_boxes):
+        boxes = outputs.get("pred_boxes")
+        if self._same(outputs.get("logits"), self.logits) and (
+                self._same(boxes, self.pred_boxes) or self._same(boxes, self.clamped_boxes)):
             self.indices = output
 
     @staticmethod
@@ -178,16 +189,14 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
     arguments = call.arguments
     num_denoising = _num_denoising(arguments)
     logits, targets = arguments["logits"], arguments["labels"]
-    final = logits[:, num_denoising:]
+    final = logits[:, num_denoising:] if num_denoising else logits
     if config.uncertainty_modulation != "none":
         layers = matching_layer_logits(model, family, arguments)
         final = modulate_logits(final, logit_uncertainty(layers), config.uncertainty_modulation)
         arguments["logits"] = torch.cat([logits[:, :num_denoising], final], dim=1) if num_denoising else final
     matches = None
     if config.use_logit_mixing:
-        # Clamped as D-FINE's and DEIMv2's losses do before matching (a no-op for sigmoid boxes).
-        # Boxes only choose the matches: no gradient flows through them here.
-        pred_boxes = arguments["pred_boxes"][:, num_denoising:].detach().clamp(min=0, max=1)
+        pred_boxes = arguments["pred_boxes"][:, num_denoising:] if num_denoising else arguments["pred_boxes"]
         matches = FinalLayerMatches(_matcher_class(family, config), final, pred_boxes, _matcher_extra(family, config, final))
         with matches:
             loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
@@ -200,8 +209,9 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
         loss, loss_dict = _rescale_to_global_normaliser(family, config, loss, loss_dict, targets, global_boxes,
                                                         device)
     if matches is not None:
-        mixing = logit_mixing_loss(family, config, final, pred_boxes, targets, global_boxes, matches.indices)
-        loss = loss + config.logit_mixing_loss_coefficient * mixing
+        boxes = matches.pred_boxes if matches.indices is not None else matches.clamped_boxes  # to match again
+        mixing = logit_mixing_loss(family, config, final, boxes, targets, global_boxes, matches.indices)
+        loss = torch.add(loss, mixing, alpha=config.logit_mixing_loss_coefficient)
         loss_dict = {**loss_dict, "loss_logit_mixing": mixing}
     return loss, loss_dict, auxiliary_outputs
 
