@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -476,3 +477,41 @@ def test_diagnostics_refuse_a_softmax_head(tmp_path):
     DetrForObjectDetection(DetrConfig(**tiny_detr_kwargs())).save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="softmax head"):
         diagnostics.measure(tmp_path, [], batch_size=4)
+
+
+def test_run_records_carry_finished_runs_to_another_machine(tmp_path):
+    """benchmarks/run_records.py: the record files of finished runs only (no model, no pretraining folder), and a
+    restored run is one the benchmark reuses instead of training it again."""
+    records_spec = importlib.util.spec_from_file_location("run_records", ROOT / "benchmarks" / "run_records.py")
+    records = importlib.util.module_from_spec(records_spec)
+    records_spec.loader.exec_module(records)
+    work = tmp_path / "work"
+    write_run(work, "baseline", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    folder = bench.run_folder(work, "baseline", 0)
+    arguments = bench.train_arguments("baseline", 0, folder, ["--max_train_steps", "50"])
+    (folder / "benchmark_arguments.json").write_text(json.dumps(arguments))
+    (folder / "posthoc.json").write_text('{"rows": {}}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (work / "baseline" / "seed_1").mkdir()  # unfinished: no metrics.json
+    (work / "pretrained").mkdir()
+    (work / "pretrained" / "metrics.json").write_text("{}")  # its model is needed, not only its numbers
+
+    saved = tmp_path / "records"
+    assert records.copy_records(work, saved, overwrite=False) == [Path("baseline/seed_0")]
+    assert sorted(p.name for p in (saved / "baseline" / "seed_0").iterdir()) == sorted(records.RECORD_FILES)
+    assert not (saved / "pretrained").exists()
+
+    fresh = tmp_path / "fresh"
+    assert records.copy_records(saved, fresh, overwrite=False) == [Path("baseline/seed_0")]
+    restored = fresh / "baseline" / "seed_0"
+    for name in records.RECORD_FILES:
+        assert (restored / name).read_bytes() == (folder / name).read_bytes()
+    # Restored where the arguments name it (the same work dir), the run is reused, not trained again.
+    shutil.rmtree(work)
+    shutil.copytree(fresh, work)
+    assert bench.ensure_run("baseline", 0, work, ["--max_train_steps", "50"]) is False
+    # A different run already there is not overwritten silently.
+    (restored / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match="another run's metrics.json"):
+        records.copy_records(saved, fresh, overwrite=False)
+    assert records.copy_records(saved, fresh, overwrite=True) == [Path("baseline/seed_0")]
