@@ -115,6 +115,29 @@ def test_histogram_binning_on_hand_computed_bins():
     np.testing.assert_allclose(calibrator.transform([0.12, 0.3, 0.31, 0.5, 1.0]), [1 / 3, 1.0, 0.5, 0.55, 0.75])
 
 
+
+def test_histogram_binning_uses_the_d_ece_bins():
+    """One binning rule: a histogram-binning calibrator groups exactly the detections D-ECE puts in one bin (the
+    bins of netcal's ECE, our D-ECE oracle), edges, 0, 1 and float32 scores included."""
+    edges = np.linspace(0.0, 1.0, 11)
+    scores = np.concatenate([edges, np.nextafter(edges, -1.0)[1:], np.nextafter(edges, 2.0)[:-1],
+                             np.linspace(0, 1, 997), np.float32([0.3, 0.7, 0.9, 0.1])]).clip(0.0, 1.0)
+    matched = (np.arange(len(scores)) % 3 == 0).astype(int)
+    from hf_caldetr.calibrators import histogram_bin_indices
+    from hf_caldetr.metrics.d_ece import calibration_error
+
+    ours = histogram_bin_indices(scores, 10)
+    counts = calibration_error(scores, matched, num_bins=10)["bin_counts"]
+    np.testing.assert_array_equal(np.bincount(ours, minlength=10), counts)
+    # netcal's ECE of scores against outcomes equals the D-ECE of these bins, so the bins are netcal's too.
+    ece = ECE(bins=10).measure(scores.astype(np.float64), matched)
+    assert calibration_error(scores, matched, num_bins=10)["d_ece"] == pytest.approx(ece, abs=1e-12)
+    # A calibrator fitted on one bin's detections maps all of them, and only them, to that bin's precision.
+    calibrator = HistogramBinning(num_bins=10).fit(scores, matched)
+    mapped = calibrator.transform(scores)
+    for k in range(10):
+        assert np.all(mapped[ours == k] == calibrator.params_["bin_values"][k])
+
 def test_class_wise_fits_one_map_per_differently_miscalibrated_class():
     over_scores, over_matched, over_labels = synthetic_detections(3000, seed=4, sharpness=3.0, label=0)
     under_scores, under_matched, under_labels = synthetic_detections(3000, seed=5, sharpness=0.5, label=7)
@@ -199,7 +222,8 @@ GOOD_SCORES, GOOD_MATCHED, GOOD_LABELS = synthetic_detections(50, seed=15)
         (np.where(np.arange(50) == 3, np.nan, GOOD_SCORES), GOOD_MATCHED, None, "NaN"),
         (np.where(np.arange(50) == 3, 1.5, GOOD_SCORES), GOOD_MATCHED, None, r"\[0, 1\]"),
         (np.where(np.arange(50) == 3, -0.1, GOOD_SCORES), GOOD_MATCHED, None, r"\[0, 1\]"),
-        (GOOD_SCORES.reshape(5, 10), GOOD_MATCHED, None, "1-D"),
+        (GOOD_SCORES.reshape(5, 10), GOOD_MATCHED, None, "one-dimensional"),
+        (GOOD_SCORES > 0.5, GOOD_MATCHED, None, r"numbers in \[0, 1\]"),
         (GOOD_SCORES, GOOD_MATCHED[:49], None, "one entry per score"),
         (GOOD_SCORES, np.where(np.arange(50) == 3, 2, GOOD_MATCHED.astype(int)), None, "boolean or 0/1"),
         (GOOD_SCORES, np.full(50, 0.5), None, "boolean or 0/1"),
@@ -213,6 +237,25 @@ def test_fit_refuses_bad_input(calibrator_class, scores, matched, labels, messag
     with pytest.raises(ValueError, match=message):
         calibrator_class().fit(scores, matched, labels)
 
+
+
+@pytest.mark.parametrize("scores, matched", [
+    (np.array([0.2, np.nan] * 25), GOOD_MATCHED),
+    (np.array([0.2, 1.5] * 25), GOOD_MATCHED),
+    (GOOD_SCORES > 0.5, GOOD_MATCHED),
+    (GOOD_SCORES.reshape(5, 10), GOOD_MATCHED),
+    (GOOD_SCORES, GOOD_MATCHED[:49]),
+    (GOOD_SCORES, np.full(50, 0.5)),
+])
+def test_calibrators_and_d_ece_share_one_input_validator(scores, matched):
+    """The same bad scores or outcomes get the same error from a calibrator's fit and from D-ECE."""
+    from hf_caldetr.metrics.d_ece import calibration_error
+
+    with pytest.raises(ValueError) as from_metric:
+        calibration_error(scores, matched)
+    with pytest.raises(ValueError) as from_calibrator:
+        HistogramBinning().fit(scores, matched)
+    assert str(from_calibrator.value) == str(from_metric.value)
 
 @pytest.mark.parametrize("calibrator_class", CALIBRATOR_CLASSES)
 def test_transform_refuses_bad_input(calibrator_class, tmp_path):

@@ -40,8 +40,9 @@ from scipy import optimize, special
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
 
+from hf_caldetr.metrics.binning import bin_index, clip_to_open_unit
 from hf_caldetr.metrics.d_ece import calibration_error
-from hf_caldetr.metrics.inputs import to_numpy
+from hf_caldetr.metrics.inputs import outcome_vector, to_numpy, unit_interval_vector
 
 __all__ = [
     "LOGIT_EPS",
@@ -82,33 +83,15 @@ PLATT_BIAS_BOUNDS = (-1e2, 1e2)
 
 
 def _check_scores(scores) -> np.ndarray:
-    """Return ``scores`` (numpy, list, or torch tensor of any dtype/device) as a 1-D float64 array, refusing
-    NaN/inf and values outside [0, 1]."""
-    scores = to_numpy(scores)
-    if scores.ndim != 1:
-        raise ValueError(f"scores must be a 1-D array of detection confidences, got shape {scores.shape}")
-    if scores.dtype == bool or not np.issubdtype(scores.dtype, np.number):
-        raise ValueError(f"scores must be numeric confidences in [0, 1], got dtype {scores.dtype}")
-    scores = scores.astype(np.float64)
-    if not np.all(np.isfinite(scores)):
-        raise ValueError(f"scores contain {int(np.sum(~np.isfinite(scores)))} NaN or infinite values")
-    if scores.size and (scores.min() < 0.0 or scores.max() > 1.0):
-        raise ValueError(
-            f"scores must lie in [0, 1] (they are probabilities), got range [{scores.min()}, {scores.max()}]"
-        )
-    return scores
+    """``scores`` (numpy, list, or torch tensor of any dtype/device) as a 1-D float64 array in [0, 1]: the metrics'
+    validator (:func:`hf_caldetr.metrics.inputs.unit_interval_vector`), so calibrators and D-ECE accept the same
+    input."""
+    return unit_interval_vector(scores, "scores")
 
 
 def _check_matched(matched, num_scores: int) -> np.ndarray:
-    """Return ``matched`` as a boolean array of length ``num_scores``; accepts bool or 0/1 values only."""
-    matched = to_numpy(matched)
-    if matched.shape != (num_scores,):
-        raise ValueError(f"matched must have one entry per score ({num_scores}), got shape {matched.shape}")
-    if matched.dtype == bool:
-        return matched
-    if not np.issubdtype(matched.dtype, np.number) or not np.all(np.isin(matched, (0, 1))):
-        raise ValueError("matched must be boolean or 0/1 (true positive or not), got other values")
-    return matched.astype(bool)
+    """``matched`` as a boolean array of ``num_scores`` entries (bool or 0/1): the metrics' validator."""
+    return outcome_vector(matched, "matched", num_scores)
 
 
 def _check_labels(labels, num_scores: int) -> np.ndarray:
@@ -198,10 +181,10 @@ def apply_isotonic(scores: np.ndarray, knots_x: list[float], knots_q: list[float
 
 
 def histogram_bin_indices(scores: np.ndarray, num_bins: int) -> np.ndarray:
-    """Bin of each score: equal-width half-open bins ``[e_k, e_k+1)`` with ``e = linspace(0, 1, num_bins + 1)``,
-    1.0 in the last bin; the same edges as the D-ECE protocol."""
-    inner_edges = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
-    return np.digitize(scores, inner_edges, right=False)
+    """Bin of each score: the D-ECE protocol's bins (:mod:`hf_caldetr.metrics.binning`: equal-width half-open bins
+    ``[e_k, e_k+1)`` with ``e = linspace(0, 1, num_bins + 1)`` in float64, 0 in the first and 1.0 in the last), so a
+    histogram-binning calibrator maps exactly the detections that share a D-ECE bin together."""
+    return bin_index(clip_to_open_unit(scores), num_bins)
 
 
 def fit_histogram(scores: np.ndarray, matched: np.ndarray, num_bins: int) -> list[float]:

@@ -26,7 +26,7 @@ from .binning import (
     clip_to_open_unit,
     weighted_gap,
 )
-from .inputs import image_sizes_array, to_numpy, unit_interval_vector
+from .inputs import image_sizes_array, outcome_vector, to_numpy, unit_interval_vector
 from .matching import DetectionMatches, match_detections
 
 POSITION_FEATURES = ("confidence", "cx", "cy", "w", "h")
@@ -37,14 +37,7 @@ def check_scores_and_outcomes(scores, outcomes, score_name: str = "scores", outc
     """``scores`` ``[N]`` in [0, 1] (or [0, 1)) as float64 and ``outcomes`` ``[N]`` (bool or 0/1) as bool, or
     ``ValueError``."""
     scores = unit_interval_vector(scores, score_name, upper_open)
-    outcomes = to_numpy(outcomes)
-    if outcomes.ndim != 1:
-        raise ValueError(f"{outcome_name} must be one-dimensional, got shape {tuple(outcomes.shape)}")
-    if len(scores) != len(outcomes):
-        raise ValueError(f"{len(scores)} {score_name} but {len(outcomes)} {outcome_name} values")
-    if len(outcomes) and not np.isin(outcomes, (0, 1)).all():
-        raise ValueError(f"{outcome_name} must be boolean (or 0/1)")
-    return scores, outcomes.astype(bool)
+    return scores, outcome_vector(outcomes, outcome_name, len(scores), score_name)
 
 
 def calibration_error(scores, matched, num_bins: int = 10) -> dict:

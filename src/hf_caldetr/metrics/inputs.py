@@ -235,9 +235,26 @@ def check_unit_interval(values: np.ndarray, what: str, upper_open: bool = False)
                          f"[{values.min()}, {values.max()}]")
 
 
+def outcome_vector(values, name: str, length: int | None = None, length_name: str = "scores") -> np.ndarray:
+    """``values`` as a one-dimensional bool array (bool or 0/1 accepted), with ``length`` entries when given, or
+    ``ValueError`` naming ``name``."""
+    array = to_numpy(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(array.shape)}")
+    if length is not None and len(array) != length:
+        raise ValueError(f"{length} {length_name} but {len(array)} {name} values: one entry per score")
+    if len(array) and not (array.dtype == bool or (np.issubdtype(array.dtype, np.number)
+                                                    and np.isin(array, (0, 1)).all())):
+        raise ValueError(f"{name} must be boolean or 0/1 (true positive or not)")
+    return array.astype(bool)
+
+
 def unit_interval_vector(values, name: str, upper_open: bool = False) -> np.ndarray:
     """``values`` as a one-dimensional float64 array in [0, 1] (or [0, 1)), or ``ValueError`` naming ``name``."""
-    array = to_numpy(values, dtype=np.float64)
+    array = to_numpy(values)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.number) or array.dtype == object):
+        raise ValueError(f"{name} must be numbers in [0, 1] (probabilities), got dtype {array.dtype}")
+    array = array.astype(np.float64)
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(array.shape)}")
     check_unit_interval(array, name, upper_open)
