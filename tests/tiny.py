@@ -3,41 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-from transformers import ResNetConfig
-
-
-def tiny_backbone_config() -> ResNetConfig:
-    return ResNetConfig(
-        layer_type="basic",
-        hidden_sizes=[16, 32, 64, 128],
-        embedding_size=16,
-        depths=[1, 1, 1, 1],
-        out_features=["stage2", "stage3", "stage4"],
-    )
-
-
-def tiny_deformable_kwargs(**overrides) -> dict:
-    kwargs = dict(
-        backbone_config=tiny_backbone_config(),
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        num_queries=12,
-        num_feature_levels=3,
-        encoder_n_points=2,
-        decoder_n_points=2,
-        num_labels=5,
-        dropout=0.0,
-        two_stage_num_proposals=12,
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 def tiny_batch(batch_size: int = 2, size: int = 64, num_labels: int = 5, boxes_per_image=(3, 2), seed: int = 0):
@@ -57,58 +25,6 @@ def tiny_batch(batch_size: int = 2, size: int = 64, num_labels: int = 5, boxes_p
             }
         )
     return pixel_values, labels
-
-
-def tiny_detr_kwargs(**overrides) -> dict:
-    """DETR with the tiny HF ResNet (``use_timm_backbone=False``: no timm, no Hub)."""
-    kwargs = dict(
-        backbone_config=tiny_backbone_config(),
-        use_timm_backbone=False,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        num_queries=12,
-        num_labels=5,
-        dropout=0.0,
-    )
-    kwargs.update(overrides)
-    return kwargs
-
-
-def tiny_rt_detr_kwargs(**overrides) -> dict:
-    """RT-DETR with a tiny `RTDetrResNetConfig`; 10 denoising queries (so 3 groups for 3 boxes an image)."""
-    from transformers import RTDetrResNetConfig
-
-    backbone = RTDetrResNetConfig(
-        layer_type="basic",
-        hidden_sizes=[16, 32, 64, 128],
-        embedding_size=16,
-        depths=[1, 1, 1, 1],
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    kwargs = dict(
-        backbone_config=backbone,
-        encoder_hidden_dim=32,
-        encoder_in_channels=[32, 64, 128],
-        encoder_layers=1,
-        encoder_ffn_dim=64,
-        encoder_attention_heads=2,
-        d_model=32,
-        decoder_in_channels=[32, 32, 32],
-        decoder_ffn_dim=64,
-        decoder_layers=3,
-        decoder_attention_heads=2,
-        decoder_n_points=2,
-        num_queries=12,
-        num_denoising=10,
-        num_labels=5,
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 # ---------------------------------------------------------------------------------- every registered family
@@ -143,15 +59,29 @@ CASES = {
 }
 
 
+def tiny_kwargs(model_type: str, **overrides) -> dict:
+    """Config arguments of a tiny random model: the registry's ``tiny`` preset (``hf_caldetr.families``, the one the
+    benchmarks use too) with the family's row of the table and ``overrides``; ``NUM_LABELS`` classes."""
+    from hf_caldetr.families import MODEL_FAMILIES, preset_config_kwargs
+
+    return preset_config_kwargs(MODEL_FAMILIES[model_type], "tiny",
+                                **{"num_labels": NUM_LABELS, **CASES[model_type].overrides, **overrides})
+
+
+tiny_deformable_kwargs = partial(tiny_kwargs, "deformable_detr")
+tiny_detr_kwargs = partial(tiny_kwargs, "detr")
+tiny_rt_detr_kwargs = partial(tiny_kwargs, "rt_detr")
+
+
 def make_family_model(model_type, cal=True, seed=0, **overrides):
     """A tiny random model of a registered family: the Cal class, or with ``cal=False`` the stock one."""
     import torch
 
     from hf_caldetr.configuration import CAL_FIELDS
-    from hf_caldetr.families import MODEL_FAMILIES, preset_config_kwargs
+    from hf_caldetr.families import MODEL_FAMILIES
 
     family = MODEL_FAMILIES[model_type]
-    kwargs = preset_config_kwargs(family, "tiny", num_labels=NUM_LABELS, **{**CASES[model_type].overrides, **overrides})
+    kwargs = tiny_kwargs(model_type, **overrides)
     torch.manual_seed(seed)
     if cal:
         return family.cal_model_class(family.cal_config_class(**kwargs))
