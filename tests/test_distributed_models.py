@@ -2,13 +2,15 @@
 the loss and gradient of one process; with ``num_boxes_normalization="transformers"`` and calibration off, each
 process's loss is the stock model's in the same two processes (the installed transformers' normaliser).
 
-One spawn runs every family (process start-up dominates the cost). Deformable DETR's variants:
-tests/test_distributed.py.
+One spawn runs every family (process start-up dominates the cost); a second spawn, set up as ``accelerate launch``
+sets up its processes, runs the families whose stock normaliser changes when accelerate's state exists (DETR,
+Conditional DETR, DAB-DETR, Deformable DETR). Deformable DETR's variants: tests/test_distributed.py.
 """
 
 import os
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,10 +41,22 @@ def _loss_and_grads(model, pixel_values, labels):
     return losses, grads
 
 
-def _worker(rank, init_file, state_dicts, result_path):
+def _worker(rank, init_file, state_dicts, result_path, accelerate_port=None):
     sys.path.insert(0, os.path.dirname(__file__))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    if accelerate_port is None:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    else:
+        # As `accelerate launch` on CPUs: accelerate's state set up, which changes transformers' ImageLoss
+        # normaliser (boxes averaged over processes, then divided by the process count again).
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(accelerate_port), RANK=str(rank),
+                          LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+        from accelerate import PartialState
+
+        state = PartialState(cpu=True)
+        from hf_caldetr.families import _accelerate_is_set_up
+
+        assert state.num_processes == WORLD_SIZE and dist.is_initialized() and _accelerate_is_set_up()
     try:
         shard = slice(2 * rank, 2 * rank + 2)  # each process gets half the batch
         results = {}
@@ -65,13 +79,31 @@ def _worker(rank, init_file, state_dicts, result_path):
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one(tmp_path):
-    state_dicts = {name: _model(name).state_dict() for name in CASES}
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torch.distributed", "accelerate"])
+def test_two_processes_equal_one(tmp_path, launcher):
+    from hf_caldetr.families import MODEL_FAMILIES, image_loss_num_boxes
+
+    if launcher == "accelerate":  # the families whose stock normaliser depends on accelerate's state
+        names = [name for name in CASES if MODEL_FAMILIES[name].stock_num_boxes is image_loss_num_boxes]
+        assert len(names) == 4
+        port = _free_port()
+    else:
+        names, port = list(CASES), None
+    state_dicts = {name: _model(name).state_dict() for name in names}
     result_path = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "init"), state_dicts, str(result_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), state_dicts, str(result_path), port), nprocs=WORLD_SIZE,
+             join=True)
     results = torch.load(result_path)
 
-    for name in CASES:
+    for name in names:
         pixel_values, labels = tiny_batch(batch_size=4, boxes_per_image=CASES[name].distributed_boxes)
         single_losses, single_grads = _loss_and_grads(_model(name, state_dicts[name]), pixel_values, labels)
         result = results[name]
