@@ -504,7 +504,9 @@ def git_commit() -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
+    # The reports themselves (written after each seed) are not changes to the code that made them.
+    changed = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    return commit + (" (with uncommitted changes)" if changed else "")
 
 
 def describe_setup(runs, work_dir, seeds, size: str, command: str, post_hoc: str, shown_work_dir=None,

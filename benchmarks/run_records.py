@@ -53,9 +53,9 @@ def copy_records(source: Path, destination: Path, overwrite: bool) -> list[Path]
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["save", "restore"],
-                        help="save: work dir -> records; restore: records -> work dir")
-    parser.add_argument("source", type=Path, help="save: the benchmark's work dir; restore: the records folder")
-    parser.add_argument("destination", type=Path, help="save: the records folder; restore: the work dir")
+                        help="save: work dir -> records; restore: records -> work dir (required)")
+    parser.add_argument("source", type=Path, help="save: the benchmark's work dir; restore: the records folder (required)")
+    parser.add_argument("destination", type=Path, help="save: the records folder; restore: the work dir (required)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a destination run whose metrics.json differs (default: refuse)")
     args = parser.parse_args(argv)

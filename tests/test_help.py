@@ -30,6 +30,7 @@ SCRIPTS = [
     "benchmarks/deployment.py",
     "benchmarks/matching_scale.py",
     "benchmarks/metrics.py",
+    "benchmarks/run_records.py",
     "benchmarks/train_step.py",
 ]
 # Section titles argparse prints (3.10+ says "options:", older versions "optional arguments:").
