@@ -244,3 +244,27 @@ def test_mixing_loss_takes_the_parents_own_final_matches(model_type, monkeypatch
     pixel_values, labels = tiny_batch(num_labels=NUM_LABELS, boxes_per_image=(3, 2))
     run(model, pixel_values, labels).loss.backward()
     assert len(seen) == 1 and sum(len(queries) for queries, _ in seen[0]) >= 5  # every box matched
+
+
+def test_final_layer_matches_are_kept_however_the_matcher_is_called():
+    """Positional or keyword arguments, the kept matches are the call whose predictions and extra arguments are the
+    final layer's; other calls (another layer, another group count) are ignored."""
+    from hf_caldetr.models.calibrated import FinalLayerMatches
+
+    class Matcher(torch.nn.Module):
+        def forward(self, outputs, targets, group_detr=1):
+            return ("matched", group_detr, float(outputs["logits"].sum()))
+
+    logits, boxes = torch.randn(2, 4, 3), torch.rand(2, 4, 4)
+    other = {"logits": logits + 1, "pred_boxes": boxes}
+    final = {"logits": logits, "pred_boxes": boxes}
+    matcher = Matcher()
+    for call in (lambda: matcher(final, [], 2), lambda: matcher(outputs=final, targets=[], group_detr=2)):
+        with FinalLayerMatches(Matcher, logits, boxes, (2,)) as matches:
+            matcher(other, [], 2)        # another layer's predictions
+            matcher(final, [], 1)        # another group count
+            call()
+        assert matches.indices == ("matched", 2, float(logits.sum()))
+    with FinalLayerMatches(Matcher, logits, boxes, (2,)) as matches:
+        matcher(other, [], 2)
+    assert matches.indices is None

@@ -123,8 +123,9 @@ class FinalLayerMatches:
     def _hook(self, module, args, kwargs, output):
         if self.indices is not None or not isinstance(module, self.matcher_class):
             return
+        # A matcher's call: (outputs, targets, *extra), any of them by keyword.
         outputs = args[0] if args else kwargs.get("outputs")
-        extra = tuple(args[2:]) + tuple(kwargs.values())
+        extra = tuple(args[2:]) + tuple(value for key, value in kwargs.items() if key not in ("outputs", "targets"))
         if not isinstance(outputs, dict) or extra != self.extra:
             return
         boxes = outputs.get("pred_boxes")
