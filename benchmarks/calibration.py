@@ -15,12 +15,14 @@ LaECE in-domain and out-of-domain (the corrupted copy); each arm's mean D-ECE re
 7's goal, met or not met; post-hoc rows (temperature scaling and isotonic regression fitted on fresh scenes of
 the train split, never the evaluation split) on the baseline and Cal-DETR models; a reliability diagram of both
 (first seed). The saved models are re-evaluated for the diagram and the post-hoc rows, since ``metrics.json``
-holds no bins. Output: ``benchmarks/results/<name>.md`` and ``<name>_reliability.png``.
+holds no bins; each re-evaluation is kept in the run's ``posthoc.json``, so runs carried to another machine by
+``benchmarks/run_records.py`` (their record files, not their models) are reported without training them again. Output: ``benchmarks/results/<name>.md`` and ``<name>_reliability.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -42,12 +44,24 @@ ARMS = ("baseline", "cal-detr", "released", "modulation-only", "mixing-only")
 SPLITS = ("in_domain", "out_of_domain")
 SPLIT_NAMES = {"in_domain": "in-domain", "out_of_domain": "out-of-domain"}
 METRICS = ("d_ece", "map", "map_50", "laece")
+# The post-hoc rows stacked on a trained model, in this order (each a class-agnostic calibrator, fitted on held-out
+# scenes), and the metrics reported for them: the fixed-cut ones (train.py's metrics.json holds them for the raw
+# rows) and the LRP-optimal-threshold protocol's (Kuzucu et al.; the re-evaluation measures them).
+STACKED = ("temperature scaling", "Platt scaling", "isotonic regression")
+THRESHOLD_KEY = "at_lrp_optimal_thresholds"
+FIXED_METRICS = ("d_ece", "map", "map_50", "laece", "olrp", "oce", "laece_0")
+THRESHOLD_METRICS = (f"{THRESHOLD_KEY}.laece_0", f"{THRESHOLD_KEY}.lrp")
+REPORT_METRICS = FIXED_METRICS + THRESHOLD_METRICS
 # Issue 7's goal: Cal-DETR's mean D-ECE at most this fraction of the baseline's (the paper: 0.66x and 0.82x) ...
 GOAL_D_ECE_RATIO = {"in_domain": 0.75, "out_of_domain": 0.85}
 # ... with its AP at most one point (0.01) below the baseline's; and a baseline below this AP50 is no detector.
 GOAL_AP_DROP = 0.01
 MEANINGFUL_AP50 = 0.5
 POST_HOC_ARMS = ("baseline", "cal-detr")
+# A saved model's re-evaluation is kept in its run folder (benchmarks/run_records.py carries it to another machine).
+POSTHOC_FILE = "posthoc.json"
+POSTHOC_VERSION = 1  # bump when the re-evaluation changes, so every posthoc.json is redone
+RELIABILITY_KEYS = ("d_ece", "bin_counts", "bin_precisions", "bin_confidences", "bin_edges")
 # Arguments of train.py that may differ between runs of one benchmark; everything else must match.
 PER_RUN_ARGUMENTS = ("method", "seed", "output_dir")
 def settings_text(config: dict) -> str:
@@ -286,10 +300,32 @@ def evaluation_data(arguments: dict, num_calibration_images: int, calibration_se
 
 
 def default_calibrators() -> dict:
-    """The post-hoc rows of this benchmark: class-agnostic temperature scaling and isotonic regression, unfitted."""
-    from hf_caldetr.calibrators import IsotonicCalibrator, TemperatureScaling
+    """The post-hoc rows (``STACKED``): class-agnostic temperature scaling, Platt scaling and isotonic regression,
+    unfitted."""
+    from hf_caldetr.calibrators import IsotonicCalibrator, PlattScaling, TemperatureScaling
 
-    return {"temperature scaling": TemperatureScaling(), "isotonic regression": IsotonicCalibrator()}
+    return dict(zip(STACKED, (TemperatureScaling(), PlattScaling(), IsotonicCalibrator())))
+
+
+def flat(summary: dict) -> dict:
+    from hf_caldetr.evaluation import flatten_summary
+
+    return flatten_summary(summary)
+
+
+def row_values(metrics: dict | None, posthoc: dict, row: str) -> dict:
+    """``{split: {metric: value}}`` (``REPORT_METRICS``) of one model's row: train.py's ``metrics.json`` for the raw
+    row's fixed-cut metrics, ``posthoc.json`` for the rest (the raw row's LRP-threshold protocol, every stacked row);
+    NaN where neither holds a metric."""
+    values = {}
+    for split in SPLITS:
+        if split not in posthoc["rows"].get(row, {}):
+            continue
+        measured = flat(posthoc["rows"][row][split])
+        if row == "raw" and metrics is not None:
+            measured.update({key: value for key, value in flat(metrics[split]).items() if key in FIXED_METRICS})
+        values[split] = {key: float(measured.get(key, float("nan"))) for key in REPORT_METRICS}
+    return values
 
 
 def reevaluate(folder, datasets: dict, calibration_dataset, batch_size: int) -> tuple[dict, dict]:
@@ -345,6 +381,50 @@ def reevaluate_rows(folder, datasets: dict, calibration_dataset, batch_size: int
             results[row][split] = measure_detections(batches, fitted.get(row), categories=categories,
                                                      class_thresholds=class_thresholds.get(row))
     return results, failures, class_thresholds
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def ensure_posthoc(folder, get_data, batch_size: int, metrics: dict | None, source: dict,
+                   calibrators: dict | None = None, thresholds: bool = False,
+                   calibration_name: str = "calibration") -> dict:
+    """The re-evaluation of one saved model (``reevaluate_rows``), kept in ``<folder>/posthoc.json`` so that a
+    benchmark resumed elsewhere (``benchmarks/run_records.py``) needs the numbers only, not the model. The record
+    is reused while its ``source`` (what the re-evaluation depends on: the run's ``metrics.json``, the calibration
+    scenes, the rows, ``POSTHOC_VERSION``) is unchanged, and redone otherwise.
+
+    ``get_data()``: ``(datasets, calibration_dataset)``, called only when the model is re-evaluated.
+    ``metrics``: train.py's numbers of the run, which the raw row must reproduce (``notes`` says where it does not);
+    None where there are none. The record: ``rows`` (``{row: {split: summarize(result)}}``, ``raw`` first),
+    ``thresholds``, ``failures``, ``reliability`` (each row's bins, enough for a reliability diagram), ``notes`` and
+    ``{calibration_name: {"num_images": ...}}``."""
+    from hf_caldetr.evaluation import summarize
+
+    folder = Path(folder)
+    path = folder / POSTHOC_FILE
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("source") == source:
+            return record
+    datasets, calibration_dataset = get_data()
+    results, failures, class_thresholds = reevaluate_rows(folder, datasets, calibration_dataset, batch_size,
+                                                          calibrators=calibrators, thresholds=thresholds)
+    seed = folder.name.split("_")[-1]
+    record = {"source": source,
+              calibration_name: {"num_images": 0 if calibration_dataset is None else len(calibration_dataset)},
+              "rows": {row: {split: summarize(result) for split, result in by_split.items()}
+                       for row, by_split in results.items()},
+              "thresholds": {row: {str(k): float(v) for k, v in values.items()}
+                             for row, values in class_thresholds.items()},
+              "failures": failures,
+              "reliability": {row: {split: {key: np.asarray(result[key]).tolist() for key in RELIABILITY_KEYS}
+                                    for split, result in by_split.items()} for row, by_split in results.items()},
+              "notes": reevaluation_notes(folder.parent.name, int(seed) if seed.isdigit() else seed, results["raw"],
+                                          metrics) if metrics else []}
+    path.write_text(json.dumps(record, indent=2))
+    return record
 
 
 def reevaluation_notes(arm: str, seed: int, raw: dict, metrics: dict) -> list[str]:
@@ -460,9 +540,32 @@ def embedded(path: Path, title: str, report_dir: Path) -> list[str]:
     return ["", f"## {title}", "", f"From [{path.name}]({link}) (its setup and command are there):", "", *kept]
 
 
+def metric_table(summary: dict) -> list[str]:
+    """The further metrics of ``summary``'s rows (aggregated over ``REPORT_METRICS``): LaECE_0 and LRP at the
+    LRP-optimal thresholds, oLRP and OCE, in-domain and out-of-domain."""
+    columns = [(f"{THRESHOLD_KEY}.laece_0", "LaECE_0 @LRP-opt"), (f"{THRESHOLD_KEY}.lrp", "LRP @LRP-opt"),
+               ("olrp", "oLRP"), ("oce", "OCE")]
+    header = [f"{title} {'in' if split == 'in_domain' else 'out'}" for key, title in columns for split in SPLITS]
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for row, splits in summary.items():
+        lines.append(f"| {row} | " + " | ".join(cell(splits.get(split, {}).get(key))
+                                                 for key, _ in columns for split in SPLITS) + " |")
+    return lines
+
+
+def metric_section(summary: dict, thresholds_from: str) -> list[str]:
+    """``metric_table`` under its heading, with what each column measures; ``thresholds_from``: the scenes the
+    LRP-optimal thresholds were found on."""
+    return ["## LRP-optimal-threshold protocol, oLRP and OCE", "",
+            f"LaECE_0 and LRP (IoU 0) with each class cut at its LRP-optimal threshold found on {thresholds_from} "
+            "with that row's scores (Kuzucu et al.); oLRP (threshold-free, IoU 0.5); OCE (score >= 0.3). Percent, "
+            "lower is better.", "", *metric_table(summary)]
+
+
 def write_report(path: Path, summary, goal: Goal, setup: list[str], diagram: str | None, notes: list[str],
-                 cal_settings: dict | None = None, sections: list[str] = ()) -> str:
-    """The markdown report; returns its text. ``sections``: markdown lines put before the setup."""
+                 cal_settings: dict | None = None, sections: list[str] = (), further: dict | None = None) -> str:
+    """The markdown report; returns its text. ``sections``: markdown lines put before the setup; ``further``: the
+    re-evaluated rows aggregated over ``REPORT_METRICS`` (their table follows the main one)."""
     verdict = f"**Goal (issue 7): {goal.verdict}.**"
     if goal.baseline_meaningful is False:
         verdict += f" The baseline is not a meaningful detector (AP50 in-domain below {100 * MEANINGFUL_AP50:.0f} %)."
@@ -471,6 +574,7 @@ def write_report(path: Path, summary, goal: Goal, setup: list[str], diagram: str
              "Percent, mean ± standard deviation over seeds (D-ECE: 10 bins, detections with score >= 0.3; AP: COCO "
              "AP@[.5:.95]). Rows with `+` are post-hoc calibrators fitted on train-split images, never on the "
              "evaluation split.", "", *results_table(summary), "",
+             *([*metric_section(further, "the post-hoc calibrators' scenes"), ""] if further else []),
              "## Spread over seeds and ratio to the baseline", "", *spread_table(summary), "",
              "## Analysis", "", *analysis(summary, goal), "",
              "Nothing was tuned on the evaluation split: " + (
@@ -622,37 +726,66 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     command = shlex.join(["python", "benchmarks/calibration.py", *argv])
 
-    # Phase 1: train every (arm, seed) not yet trained, seeds outermost so a short run covers every arm.
+    # Phase 1: train every (arm, seed) not yet trained, seeds outermost so a short run covers every arm; re-evaluate
+    # baseline and Cal-DETR right after each seed (the diagram: first seed; the post-hoc rows: every seed). Each
+    # model's re-evaluation is kept in its posthoc.json, so an interrupted benchmark resumed elsewhere from the run
+    # records (benchmarks/run_records.py) needs no saved model.
+    post_hoc_arms = [arm for arm in POST_HOC_ARMS if arm in args.arms]
+    reevaluated_seeds = args.seeds[:1] if args.no_post_hoc else args.seeds
+    loaded = []
+
+    def get_data():
+        if not loaded:  # the scenes are generated only when a model is re-evaluated
+            first = run_folder(args.work_dir, args.arms[0], args.seeds[0], args.cal_settings)
+            arguments = json.loads((first / "metrics.json").read_text())["run"]["arguments"]
+            loaded.append(evaluation_data(arguments, args.num_calibration_images,
+                                          None if args.no_post_hoc else args.calibration_seed))
+        return loaded[0]
+
+    calibrators = {} if args.no_post_hoc else default_calibrators()
+    source = {"version": POSTHOC_VERSION, "rows": list(calibrators),
+              "calibration": None if args.no_post_hoc else {"seed": args.calibration_seed,
+                                                            "num_images": args.num_calibration_images}}
+
+    def reevaluation(arm: str, seed: int) -> dict:
+        folder = run_folder(args.work_dir, arm, seed, args.cal_settings)
+        return ensure_posthoc(folder, get_data, args.eval_batch_size, json.loads((folder / "metrics.json").read_text()),
+                              {**source, "metrics_sha256": sha256(folder / "metrics.json")},
+                              calibrators=calibrators, thresholds=not args.no_post_hoc)
+
     for seed in args.seeds:
         for arm in args.arms:
             started = time.time()
             if ensure_run(arm, seed, args.work_dir, args.train_args, args.cal_settings):
                 print(f"trained {arm} seed {seed} in {time.time() - started:.0f} s", flush=True)
+        if seed in reevaluated_seeds:
+            for arm in post_hoc_arms:
+                reevaluation(arm, seed)
     runs = load_runs(args.work_dir, args.arms, args.seeds, args.cal_settings)
-
-    # Phase 2: re-evaluate baseline and Cal-DETR: the diagram (first seed), and the post-hoc rows (every seed).
-    post_hoc_arms = [arm for arm in POST_HOC_ARMS if arm in args.arms]
     arguments = runs[args.arms[0]][0]["run"]["arguments"]
-    datasets, calibration = evaluation_data(arguments, args.num_calibration_images,
-                                            None if args.no_post_hoc else args.calibration_seed)
-    post_hoc_runs, raw_first_seed, notes = {}, {}, []
+
+    # Phase 2: the re-evaluations' rows, every seed in order (read from the posthoc.json files).
+    post_hoc_runs, all_metrics_runs, raw_first_seed, notes, calibration_images = {}, {}, {}, [], 0
     for arm in post_hoc_arms:
-        for seed, metrics in zip(args.seeds if calibration is not None else args.seeds[:1], runs[arm]):
-            folder = run_folder(args.work_dir, arm, seed, args.cal_settings)
-            results, failures = reevaluate(folder, datasets, calibration, args.eval_batch_size)
-            notes += reevaluation_notes(arm, seed, results["raw"], metrics)
-            notes += [f"{arm} seed {seed}: {name} not fitted: {why}" for name, why in failures.items()]
-            raw_first_seed.setdefault(arm, results["raw"])
-            for name, by_split in results.items():
+        for seed, metrics in zip(reevaluated_seeds, runs[arm]):
+            record = reevaluation(arm, seed)
+            notes += record["notes"]
+            notes += [f"{arm} seed {seed}: {name} not fitted: {why}" for name, why in record["failures"].items()]
+            calibration_images = record["calibration"]["num_images"]
+            raw_first_seed.setdefault(arm, record["reliability"]["raw"])
+            for name in record["rows"]:
+                row = arm if name == "raw" else f"{arm} + {name}"
+                values = row_values(metrics, record, name)
+                all_metrics_runs.setdefault(row, []).append(values)
                 if name != "raw":
-                    post_hoc_runs.setdefault(f"{arm} + {name}", []).append(
-                        {split: {metric: float(result[metric]) for metric in METRICS}
-                         for split, result in by_split.items()})
+                    post_hoc_runs.setdefault(row, []).append(values)
 
     # Phase 3: aggregate, judge, write.
     summary = aggregate(runs)
     goal = judge_goal(summary)
     summary.update(aggregate(post_hoc_runs))
+    # The further metrics (LRP-optimal-threshold protocol, oLRP, OCE) of the re-evaluated rows, every seed.
+    further = aggregate(all_metrics_runs, metrics=REPORT_METRICS) if not args.no_post_hoc else {}
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     diagram = None
@@ -661,13 +794,13 @@ def main(argv: list[str] | None = None) -> None:
 
         diagram = f"{args.name}_reliability.png"
         panels = [(raw_first_seed[arm][split], f"{arm}, {SPLIT_NAMES[split]} (seed {args.seeds[0]})")
-                  for split in datasets for arm in POST_HOC_ARMS]
+                  for split in SPLITS if split in raw_first_seed["baseline"] for arm in POST_HOC_ARMS]
         plot_reliability_diagram([result for result, _ in panels], results_dir / diagram,
                                  titles=[title for _, title in panels])
     digits = not (arguments.get("dataset_name") or arguments.get("train_annotations"))
-    post_hoc = ("not run (--no_post_hoc)" if calibration is None else
-                f"temperature scaling and isotonic regression, class-agnostic, fitted per model on the detections "
-                f"with score >= 0.3 of {len(calibration)} " + (
+    post_hoc = ("not run (--no_post_hoc)" if args.no_post_hoc else
+                f"{', '.join(STACKED[:-1])} and {STACKED[-1]}, class-agnostic, fitted per model on the detections "
+                f"with score >= 0.3 of {calibration_images} " + (
                     f"fresh train-split scenes (generation seed {args.calibration_seed}, none a training image)"
                     if digits else f"train-split images (a subset drawn with seed {args.calibration_seed})")
                 + ", then applied to the evaluation detections")
@@ -679,7 +812,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = [*(embedded(args.sweep_report, "Hyper-parameters tried (tuning split, not the evaluation split)",
                            results_dir) if args.sweep_report else []),
                 *(embedded(args.diagnostics_report, "Diagnostics", results_dir) if args.diagnostics_report else [])]
-    write_report(report, summary, goal, setup, diagram, notes, args.cal_settings, sections)
+    write_report(report, summary, goal, setup, diagram, notes, args.cal_settings, sections, further)
     print("\n".join(results_table(summary)))
     print(f"goal: {goal.verdict}; wrote {report}" + (f" and {results_dir / diagram}" if diagram else ""))
 

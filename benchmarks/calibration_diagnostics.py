@@ -12,7 +12,9 @@ them), over the detections the D-ECE protocol keeps (sigmoid score >= 0.3):
 - the median of ``U`` (the variance of the logit over the decoder layers) and the mean ``K`` there: how much the
   training-time modulation changes those logits (K = 1: not at all).
 
-Means over each arm's seeds. Output: ``benchmarks/results/<name>.md``.
+Means over each arm's seeds. Each run's statistics are kept in its ``diagnostics.json`` (reused while the run and
+the scenes are unchanged, so runs restored by ``benchmarks/run_records.py`` need no model). Output:
+``benchmarks/results/<name>.md``.
 """
 
 from __future__ import annotations
@@ -112,6 +114,26 @@ def measure(folder: Path, dataset, batch_size: int) -> dict[str, float]:
     return detection_statistics(torch.cat(logits), torch.cat(uncertainty), len(dataset))
 
 
+DIAGNOSTICS_FILE = "diagnostics.json"
+DIAGNOSTICS_VERSION = 1  # bump when the statistics change, so every diagnostics.json is redone
+
+
+def ensure_statistics(folder: Path, get_dataset, batch_size: int, num_images: int, seed: int) -> dict[str, float]:
+    """``measure`` of one run, kept in ``<folder>/diagnostics.json`` (``benchmarks/run_records.py`` carries it to
+    another machine) and reused while the run's ``metrics.json`` and the scenes (count, seed) are unchanged.
+    ``get_dataset()``: the scenes, called only when the model is measured."""
+    path = folder / DIAGNOSTICS_FILE
+    source = {"version": DIAGNOSTICS_VERSION, "metrics_sha256": bench.sha256(folder / "metrics.json"),
+              "num_images": num_images, "seed": seed}
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("source") == source:
+            return record["statistics"]
+    statistics = measure(folder, get_dataset(), batch_size)
+    path.write_text(json.dumps({"source": source, "statistics": statistics}, indent=2))
+    return statistics
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", type=Path, default=ROOT / "outputs" / "benchmarks" / "calibration_cpu",
@@ -136,10 +158,16 @@ def main(argv=None) -> None:
         raise SystemExit(f"no trained runs (<arm>/seed_<s>/metrics.json) under {args.work_dir}")
     arguments = json.loads((next(iter(arms.values()))[0] / "metrics.json").read_text())["run"]["arguments"]
     data_args = bench.data_arguments(arguments)
-    dataset = load_calibration_split(data_args, None, args.num_images, args.seed)
+    loaded = []
+
+    def get_dataset():
+        if not loaded:  # the scenes are generated only when a model is measured
+            loaded.append(load_calibration_split(data_args, None, args.num_images, args.seed))
+        return loaded[0]
+
     keys = ("per_image", "mean_score", "share_over_half", "top_score", "mean_logit", "median_u", "mean_k")
     lines = ["# Cal-DETR diagnostics: confidence regime and measured uncertainty", "",
-             f"{len(dataset)} fresh train-distribution digit scenes (generation seed {args.seed}); detections = final-"
+             f"{args.num_images} fresh train-distribution digit scenes (generation seed {args.seed}); detections = final-"
              f"layer sigmoid scores >= {THRESHOLD} (the D-ECE protocol's); raw logits; mean over seeds. K = 1 - tanh(U) is "
              "the factor multiplicative modulation applies to a logit in training (1: no change); the final-layer "
              "logit is negative for a score below 0.5, where shrinking it towards 0 raises the probability the loss "
@@ -148,7 +176,8 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     means = {}
     for arm, folders in arms.items():
-        stats = [measure(folder, dataset, args.batch_size) for folder in folders]
+        stats = [ensure_statistics(folder, get_dataset, args.batch_size, args.num_images, args.seed)
+                 for folder in folders]
         mean = means[arm] = {key: float(np.mean([s[key] for s in stats])) for key in keys}
         lines.append(f"| {arm} | {len(folders)} | {mean['per_image']:.2f} | {mean['mean_score']:.3f} | "
                      f"{100 * mean['share_over_half']:.1f} % | {mean['top_score']:.3f} | {mean['mean_logit']:+.2f} | "

@@ -87,17 +87,12 @@ TARGET_STYLE = "ink"
 TARGET_SEED = 100
 HELDOUT_SEED = 101
 HELDOUT_SPLIT = "heldout"
-# Rows stacked on every fine-tuned model (and on the pretrained reference), in this order.
-STACKED = ("temperature scaling", "Platt scaling", "isotonic regression")
+# Rows stacked on every fine-tuned model (and on the pretrained reference), in this order; the metrics reported.
+STACKED = bench.STACKED
 REFERENCE = "pretrained, not fine-tuned"
-THRESHOLD_KEY = "at_lrp_optimal_thresholds"
-# Fixed-cut metrics (train.py's metrics.json holds them for the raw rows) and the second protocol's (re-evaluation).
-FIXED_METRICS = ("d_ece", "map", "map_50", "laece", "olrp", "oce", "laece_0")
-THRESHOLD_METRICS = (f"{THRESHOLD_KEY}.laece_0", f"{THRESHOLD_KEY}.lrp")
-REPORT_METRICS = FIXED_METRICS + THRESHOLD_METRICS
-POSTHOC_FILE = "posthoc.json"
-POSTHOC_VERSION = 1  # bump when the re-evaluation changes, so every posthoc.json is redone
-RELIABILITY_KEYS = ("d_ece", "bin_counts", "bin_precisions", "bin_confidences", "bin_edges")
+REPORT_METRICS = bench.REPORT_METRICS
+POSTHOC_FILE = bench.POSTHOC_FILE
+POSTHOC_VERSION = 1  # bump when this re-evaluation changes, so every posthoc.json is redone
 
 
 @dataclass(frozen=True)
@@ -208,15 +203,11 @@ def finetune_arguments(args, target_dir: Path, pretrained: Path) -> list[str]:
             "--image_size", str(args.size.target.image_size), "--model_name_or_path", str(pretrained.resolve())]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def check_confidence(pretrained: Path, batch_size: int) -> dict:
     """The confidence criterion on the pretrained model's in-domain (source validation) scenes; cached in
     ``confidence.json`` next to the ``metrics.json`` it belongs to."""
     record_path = pretrained / "confidence.json"
-    source = sha256(pretrained / "metrics.json")
+    source = bench.sha256(pretrained / "metrics.json")
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("metrics_sha256") == source:
@@ -251,13 +242,6 @@ def check_confidence(pretrained: Path, batch_size: int) -> dict:
 # ------------------------------------------------------------------------------------------------ re-evaluation
 
 
-def stacked_calibrators() -> dict:
-    from hf_caldetr.calibrators import IsotonicCalibrator, PlattScaling, TemperatureScaling
-
-    return {"temperature scaling": TemperatureScaling(), "Platt scaling": PlattScaling(),
-            "isotonic regression": IsotonicCalibrator()}
-
-
 class EvaluationData:
     """The target evaluation splits and the held-out scenes, loaded on first use (a resumed benchmark whose
     re-evaluations are all recorded never loads them)."""
@@ -274,53 +258,14 @@ class EvaluationData:
 
 def ensure_posthoc(folder: Path, data: EvaluationData, batch_size: int, metrics: dict | None) -> dict:
     """The re-evaluation of one saved model (``folder``): raw and stacked rows, each with the LRP-threshold protocol
-    (thresholds found on the held-out scenes), kept in ``posthoc.json``; redone only when the model's
-    ``metrics.json``, the held-out scenes or this re-evaluation changed. ``metrics``: train.py's numbers of the
-    run, which the raw re-evaluation must reproduce (``notes`` says where it does not); None for the pretrained
-    reference."""
-    path = folder / POSTHOC_FILE
-    source = {"version": POSTHOC_VERSION, "metrics_sha256": sha256(folder / "metrics.json"),
+    (thresholds found on the held-out scenes), kept in ``posthoc.json`` (``calibration.ensure_posthoc``); redone
+    only when the model's ``metrics.json``, the held-out scenes or this re-evaluation changed. ``metrics``: train.py's
+    numbers of the run, which the raw re-evaluation must reproduce (``notes`` says where it does not); None for the
+    pretrained reference."""
+    source = {"version": POSTHOC_VERSION, "metrics_sha256": bench.sha256(folder / "metrics.json"),
               "heldout_sha256": hashlib.sha256("".join(data.heldout).encode()).hexdigest(), "rows": list(STACKED)}
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("source") == source:
-            return record
-    datasets, heldout = data.get()
-    results, failures, thresholds = bench.reevaluate_rows(folder, datasets, heldout, batch_size,
-                                                          calibrators=stacked_calibrators(), thresholds=True)
-    from hf_caldetr.evaluation import summarize
-
-    record = {"source": source, "heldout": {"split": HELDOUT_SPLIT, "num_images": len(heldout)},
-              "rows": {row: {split: summarize(result) for split, result in by_split.items()}
-                       for row, by_split in results.items()},
-              "thresholds": {row: {str(k): float(v) for k, v in values.items()} for row, values in thresholds.items()},
-              "failures": failures,
-              "reliability": {row: {split: {key: np.asarray(result[key]).tolist() for key in RELIABILITY_KEYS}
-                                    for split, result in by_split.items()} for row, by_split in results.items()},
-              "notes": bench.reevaluation_notes(folder.parent.name, int(folder.name.split("_")[-1]),
-                                                results["raw"], metrics) if metrics else []}
-    path.write_text(json.dumps(record, indent=2))
-    return record
-
-
-def flat(summary: dict) -> dict:
-    from hf_caldetr.evaluation import flatten_summary
-
-    return flatten_summary(summary)
-
-
-def row_values(metrics: dict | None, posthoc: dict, row: str) -> dict:
-    """``{split: {metric: value}}`` of one model's row: train.py's ``metrics.json`` for the raw row's fixed-cut
-    metrics, ``posthoc.json`` for the rest (the raw row's LRP-threshold protocol, every stacked row)."""
-    values = {}
-    for split in SPLITS:
-        if split not in posthoc["rows"].get(row, {}):
-            continue
-        measured = flat(posthoc["rows"][row][split])
-        if row == "raw" and metrics is not None:
-            measured.update({key: value for key, value in flat(metrics[split]).items() if key in FIXED_METRICS})
-        values[split] = {key: float(measured.get(key, float("nan"))) for key in REPORT_METRICS}
-    return values
+    return bench.ensure_posthoc(folder, data.get, batch_size, metrics, source, calibrators=bench.default_calibrators(),
+                                thresholds=True, calibration_name=HELDOUT_SPLIT)
 
 
 # ---------------------------------------------------------------------------------------------------- verdict
@@ -370,10 +315,16 @@ def judge_split(summary: dict, split: str) -> Verdict:
     return Verdict(split, "met" if all(ok for _, ok in checks) else "not met", tuple(checks))
 
 
-def recommend(summary: dict, seeds_count: int, confident: bool) -> tuple[str | None, list[str]]:
-    """The recipe a user should follow, from the numbers: among the fine-tuned rows (each arm, alone or + a post-hoc
+def recommend(summary: dict, seeds_count: int, confident: bool, train: str = "fine-tune",
+              heldout: str = "held-out target scenes", trained: str = "fine-tuned",
+              unconfident: str = "The pretrained detector did not meet the confidence criterion: this is not the "
+                                 "confident fine-tuning regime the benchmark is meant to measure.") -> tuple[str | None,
+                                                                                                          list[str]]:
+    """The recipe a user should follow, from the numbers: among the trained rows (each arm, alone or + a post-hoc
     calibrator) whose mean AP is at most 1 point below the baseline's in both domains, the one with the lowest
-    worst-domain D-ECE ratio to the baseline. Returns the row and the report's lines."""
+    worst-domain D-ECE ratio to the baseline. Returns the row and the report's lines. ``train``, ``heldout``,
+    ``trained`` and ``unconfident``: the regime's words (how the models were trained, what the calibrators were
+    fitted on, and what to say when the detector was not confident)."""
     if "baseline" not in summary or any(split not in summary["baseline"] for split in SPLITS):
         return None, ["No recommendation: the baseline was not measured in both domains."]
     base = summary["baseline"]
@@ -391,10 +342,10 @@ def recommend(summary: dict, seeds_count: int, confident: bool) -> tuple[str | N
     ranked = sorted(scores, key=scores.get)
     best = ranked[0]
     arm, _, calibrator = best.partition(" + ")
-    recipe = f"fine-tune with `--method {arm}`" + (
-        f", then fit {calibrator} on held-out target scenes" if calibrator else ", no post-hoc calibrator")
+    recipe = f"{train} with `--method {arm}`" + (
+        f", then fit {calibrator} on {heldout}" if calibrator else ", no post-hoc calibrator")
     lines = [f"**Recommendation (read off these numbers): {recipe}** (row `{best}`): the lowest worst-domain D-ECE "
-             f"ratio to the baseline, {scores[best][0]:.2f}x, among the {len(scores)} fine-tuned recipes whose AP "
+             f"ratio to the baseline, {scores[best][0]:.2f}x, among the {len(scores)} {trained} recipes whose AP "
              "stays within 1 point of the baseline's in both domains."]
     for split in SPLITS:
         values = summary[best][split]
@@ -412,10 +363,9 @@ def recommend(summary: dict, seeds_count: int, confident: bool) -> tuple[str | N
     if seeds_count < 2:
         lines.append("- One seed: no spread to judge by; rerun with 3 seeds before relying on this.")
     if not confident:
-        lines.append("- The pretrained detector did not meet the confidence criterion: this is not the confident "
-                     "fine-tuning regime the benchmark is meant to measure.")
+        lines.append(f"- {unconfident}")
     if base["in_domain"]["map_50"].mean < bench.MEANINGFUL_AP50:
-        lines.append(f"- The fine-tuned baseline's AP50 in-domain is {bench.pct(base['in_domain']['map_50'].mean)} %, "
+        lines.append(f"- The {trained} baseline's AP50 in-domain is {bench.pct(base['in_domain']['map_50'].mean)} %, "
                      "below 50 %: not a meaningful detector, so the calibration differences say little.")
     return best, lines
 
@@ -425,17 +375,6 @@ def recommend(summary: dict, seeds_count: int, confident: bool) -> tuple[str | N
 
 def spread_dict(stat) -> dict:
     return asdict(stat)
-
-
-def metric_table(summary: dict) -> list[str]:
-    columns = [(f"{THRESHOLD_KEY}.laece_0", "LaECE_0 @LRP-opt"), (f"{THRESHOLD_KEY}.lrp", "LRP @LRP-opt"),
-               ("olrp", "oLRP"), ("oce", "OCE")]
-    header = [f"{title} {'in' if split == 'in_domain' else 'out'}" for key, title in columns for split in SPLITS]
-    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-    for row, splits in summary.items():
-        lines.append(f"| {row} | " + " | ".join(bench.cell(splits.get(split, {}).get(key))
-                                                 for key, _ in columns for split in SPLITS) + " |")
-    return lines
 
 
 def design_lines(args, manifest: dict, confidence: dict, pretrained_run: dict) -> list[str]:
@@ -521,13 +460,13 @@ def write_outputs(args, command: str, seeds_done: list[int], manifest: dict, con
                 if row in posthoc["rows"]:
                     name = arm if row == "raw" else f"{arm} + {row}"
                     per_row.setdefault(name, []).append({
-                        "seed": seed, "folder": shown(folder), "values": row_values(metrics, posthoc, row),
+                        "seed": seed, "folder": shown(folder), "values": bench.row_values(metrics, posthoc, row),
                         "sources": {"metrics.json": shown(folder / "metrics.json"),
                                     "posthoc.json": shown(folder / POSTHOC_FILE)}})
     for row in ("raw", *STACKED):
         if row in reference["rows"]:
             per_row[REFERENCE + ("" if row == "raw" else f" + {row}")] = [{
-                "seed": None, "folder": shown(args.pretrained), "values": row_values(None, reference, row),
+                "seed": None, "folder": shown(args.pretrained), "values": bench.row_values(None, reference, row),
                 "sources": {"posthoc.json": shown(args.pretrained / POSTHOC_FILE)}}]
     notes += [f"{REFERENCE}: {name} not fitted: {why}" for name, why in reference["failures"].items()]
     # Rows in the report's order: the arms, their stacked rows arm by arm, the reference.
@@ -574,10 +513,7 @@ def write_outputs(args, command: str, seeds_done: list[int], manifest: dict, con
               "AP@[.5:.95]). Rows with `+` stack a post-hoc calibrator fitted on the held-out target scenes on the "
               f"fine-tuned model; `{REFERENCE}` rows measure the pretrained detector itself (context only).", "",
               *bench.results_table(summary), "",
-              "## LRP-optimal-threshold protocol, oLRP and OCE", "",
-              "LaECE_0 and LRP (IoU 0) with each class cut at its LRP-optimal threshold found on the held-out "
-              "scenes with that row's scores (Kuzucu et al.); oLRP (threshold-free, IoU 0.5); OCE (score >= 0.3). "
-              "Percent, lower is better.", "", *metric_table(summary), "",
+              *bench.metric_section(summary, "the held-out scenes"), "",
               "## Spread over seeds and ratio to the baseline", "", *bench.spread_table(summary), "",
               "## Analysis", "", *bench.analysis(summary, bench.judge_goal(summary)), ""]
     if panels:

@@ -2,14 +2,18 @@
 
 A benchmark run folder (``<work_dir>/<...>/<arm>/seed_<s>/``) holds the trained model and its checkpoints (megabytes)
 and the few files a report is made from: ``metrics.json`` (train.py's numbers), ``posthoc.json`` (the benchmark's
-re-evaluation) and ``benchmark_arguments.json`` (the train.py arguments it was made with). ``save`` copies those
+re-evaluation), ``diagnostics.json`` (``benchmarks/calibration_diagnostics.py``'s statistics),
+``benchmark_arguments.json`` (the train.py arguments it was made with) and ``config.json`` (the model's
+configuration: the reports state each arm's Cal settings from it). ``save`` copies those
 files of every finished run (one with a ``metrics.json``) under ``<records>``, keeping the layout; ``restore`` puts
 them back into a work dir, so that ``benchmarks/finetune.py`` / ``benchmarks/calibration.py`` reuse those runs
 (they skip a folder whose ``metrics.json`` exists and was made with the same arguments, and keep a ``posthoc.json``
-whose sources are unchanged) and train only the missing ones.
+or ``diagnostics.json`` whose sources are unchanged) and train only the missing ones.
 
     python benchmarks/run_records.py save outputs/benchmarks/finetune_cpu benchmarks/results/finetune_cpu_runs
     python benchmarks/run_records.py restore benchmarks/results/finetune_cpu_runs outputs/benchmarks/finetune_cpu
+    python benchmarks/run_records.py save outputs/benchmarks/calibration_cpu_long \
+        benchmarks/results/calibration_cpu_long_runs
 
 Restore into the same work dir path (the recorded arguments name it), with the same code version (the report states
 its commit), and let the benchmark recreate what the restored runs were trained from (the pretrained detector of
@@ -24,7 +28,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-RECORD_FILES = ("metrics.json", "posthoc.json", "benchmark_arguments.json")
+RECORD_FILES = ("metrics.json", "posthoc.json", "diagnostics.json", "benchmark_arguments.json", "config.json")
 
 
 def finished_runs(root: Path) -> list[Path]:

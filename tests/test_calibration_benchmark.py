@@ -244,6 +244,21 @@ def test_smoke_run_writes_the_report_and_the_diagram(tmp_path):
         assert results[arm][0] == pytest.approx([100 * summary[arm]["in_domain"]["d_ece"].mean], abs=0.005,
                                                 nan_ok=True)
         assert results[arm][1] == pytest.approx([100 * summary[arm]["in_domain"]["map"].mean], abs=0.005)
+    # Resumed on another machine from the runs' record files alone (benchmarks/run_records.py save, a fresh work dir,
+    # restore: no model, no checkpoint), the benchmark trains nothing, re-evaluates nothing (there is no model to
+    # load) and states the same numbers.
+    records = [sys.executable, str(ROOT / "benchmarks" / "run_records.py")]
+    subprocess.run([*records, "save", str(tmp_path / "runs"), str(tmp_path / "records")], check=True, cwd=ROOT)
+    shutil.rmtree(tmp_path / "runs")
+    subprocess.run([*records, "restore", str(tmp_path / "records"), str(tmp_path / "runs")], check=True, cwd=ROOT)
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "trained" not in again.stdout
+    resumed = (tmp_path / "results" / "smoke.md").read_text()
+    for column in ("D-ECE in", "D-ECE in range", "LaECE_0 @LRP-opt in"):  # the cells as written (n/a included)
+        assert table_rows(resumed, column) == table_rows(report, column)
+    assert "cal-detr + Platt scaling" in table_rows(resumed, "LaECE_0 @LRP-opt in")
 
 
 # ------------------------------------------------------------------------------- --cal_settings and the sweep
@@ -399,6 +414,63 @@ def test_diagnostic_statistics_by_hand(tmp_path):
                                                               tmp_path / "baseline" / "seed_1"]}
 
 
+def fake_result(d_ece):
+    """An ``evaluate_model``-style result: the summary metrics and the reliability bins a diagram needs."""
+    return {"d_ece": d_ece, "map": 0.4, "map_50": 0.6, "laece": 0.2, "num_detections": 7,
+            "bin_counts": [3, 4], "bin_precisions": [0.2, 0.5], "bin_confidences": [0.3, 0.6], "bin_edges": [0.0, 0.5, 1.0]}
+
+
+def test_reevaluations_are_kept_in_the_run_folder_and_reused(tmp_path, monkeypatch):
+    """ensure_posthoc: one re-evaluation per model and source; the record holds every row's numbers and bins, and a
+    changed source (another run, other calibration scenes) re-evaluates."""
+    write_run(tmp_path, "cal-detr", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    folder = bench.run_folder(tmp_path, "cal-detr", 0)
+    calls = []
+
+    def reevaluate_rows(folder_, datasets, calibration, batch_size, calibrators=None, thresholds=False):
+        calls.append((Path(folder_), datasets, calibration, sorted(calibrators)))
+        return ({"raw": {"in_domain": fake_result(0.1), "out_of_domain": fake_result(0.1)},
+                 "temperature scaling": {"in_domain": fake_result(0.05), "out_of_domain": fake_result(0.07)}},
+                {"isotonic regression": "too few detections"}, {})
+
+    monkeypatch.setattr(bench, "reevaluate_rows", reevaluate_rows)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    source = {"version": bench.POSTHOC_VERSION, "calibration": {"seed": 1, "num_images": 3},
+              "metrics_sha256": bench.sha256(folder / "metrics.json")}
+    get_data = lambda: ({"in_domain": "in", "out_of_domain": "out"}, ["a", "b", "c"])  # noqa: E731
+    calibrators = {"temperature scaling": None, "isotonic regression": None}
+    record = bench.ensure_posthoc(folder, get_data, 8, metrics, source, calibrators=calibrators)
+    assert calls == [(folder, {"in_domain": "in", "out_of_domain": "out"}, ["a", "b", "c"],
+                      ["isotonic regression", "temperature scaling"])]
+    assert json.loads((folder / bench.POSTHOC_FILE).read_text()) == record
+    assert record["calibration"] == {"num_images": 3} and record["failures"] == {
+        "isotonic regression": "too few detections"}
+    assert record["rows"]["temperature scaling"]["out_of_domain"]["d_ece"] == 0.07
+    assert record["reliability"]["raw"]["in_domain"] == {key: fake_result(0.1)[key] for key in bench.RELIABILITY_KEYS}
+    # The raw row is checked against train.py's numbers: out-of-domain AP 0.4 re-evaluated, 0.2 in metrics.json.
+    assert record["notes"] == ["cal-detr seed 0 out-of-domain: re-evaluated map 0.4000, train.py measured 0.2000"]
+    # Reused while the source holds: no model is needed (none exists here).
+    assert bench.ensure_posthoc(folder, lambda: pytest.fail("re-evaluated"), 8, metrics, source) == record
+    assert len(calls) == 1
+    bench.ensure_posthoc(folder, get_data, 8, metrics, {**source, "calibration": {"seed": 2, "num_images": 3}},
+                         calibrators=calibrators)
+    assert len(calls) == 2
+
+
+def test_diagnostics_are_kept_in_the_run_folder_and_reused(tmp_path, monkeypatch):
+    write_run(tmp_path, "baseline", 0, split_metrics(0.1, 0.4), split_metrics(0.1, 0.2))
+    folder = bench.run_folder(tmp_path, "baseline", 0)
+    measured = []
+    monkeypatch.setattr(diagnostics, "measure", lambda folder_, dataset, batch_size: measured.append(dataset) or {
+        "per_image": 2.0, "mean_k": float("nan")})
+    first = diagnostics.ensure_statistics(folder, lambda: "scenes", 4, num_images=10, seed=3)
+    assert measured == ["scenes"] and first["per_image"] == 2.0 and math.isnan(first["mean_k"])
+    again = diagnostics.ensure_statistics(folder, lambda: pytest.fail("measured"), 4, num_images=10, seed=3)
+    assert again["per_image"] == 2.0 and measured == ["scenes"]
+    diagnostics.ensure_statistics(folder, lambda: "other scenes", 4, num_images=10, seed=4)
+    assert measured == ["scenes", "other scenes"]
+
+
 def test_report_quotes_the_sweep_and_names_the_chosen_settings(tmp_path):
     make_runs(tmp_path / "runs")
     runs = bench.load_runs(tmp_path / "runs", ["baseline", "cal-detr"], [0, 1, 2])
@@ -491,6 +563,7 @@ def test_run_records_carry_finished_runs_to_another_machine(tmp_path):
     arguments = bench.train_arguments("baseline", 0, folder, ["--max_train_steps", "50"])
     (folder / "benchmark_arguments.json").write_text(json.dumps(arguments))
     (folder / "posthoc.json").write_text('{"rows": {}}')
+    (folder / "diagnostics.json").write_text('{"statistics": {}}')
     (folder / "model.safetensors").write_bytes(b"weights")
     (work / "baseline" / "seed_1").mkdir()  # unfinished: no metrics.json
     (work / "pretrained").mkdir()

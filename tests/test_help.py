@@ -28,6 +28,7 @@ SCRIPTS = [
     "benchmarks/calibrator_choice.py",
     "benchmarks/finetune.py",
     "benchmarks/deployment.py",
+    "benchmarks/evidence.py",
     "benchmarks/matching_scale.py",
     "benchmarks/metrics.py",
     "benchmarks/run_records.py",
