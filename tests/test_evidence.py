@@ -5,6 +5,7 @@ recommendation and confidence shares."""
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -129,8 +130,19 @@ def test_the_report_states_each_regime_and_the_missing_ones(tmp_path, monkeypatc
     assert overview["From scratch until confident (9000 steps)"] == [
         "3", "0.52x / 0.80x", "met / met", "`cal-detr + temperature scaling`: 0.19x / 0.20x", "no"]
     assert record["scratch_long"]["rows"]["cal-detr"]["d_ece_ratio_to_baseline"]["out_of_domain"] == pytest.approx(0.8)
+    assert "Interim" not in text
+    # With one seed recorded, the regime's section says it is interim; the goal cannot hold without a spread.
+    for arm in ("baseline", "cal-detr"):
+        for seed in (1, 2):
+            shutil.rmtree(bench.run_folder(tmp_path / "scratch", arm, seed))
+    evidence.main(["--results_dir", str(tmp_path / "results"), "--scratch_long_records", str(tmp_path / "scratch"),
+                   "--finetune_records", str(tmp_path / "nothing")])
+    text = (tmp_path / "results" / "evidence_cpu.md").read_text()
+    assert "**Interim: 1 of the 3 seeds" in text
+    assert json.loads((tmp_path / "results" / "evidence_cpu.json").read_text())["scratch_long"]["overall"] == "not met"
+    scratch_records(tmp_path / "again")
     # A recorded run without its re-evaluation is refused, naming the command that makes it.
-    (bench.run_folder(tmp_path / "scratch", "cal-detr", 1) / "posthoc.json").unlink()
+    (bench.run_folder(tmp_path / "again", "cal-detr", 1) / "posthoc.json").unlink()
     with pytest.raises(SystemExit, match="benchmarks/calibration.py"):
         evidence.main(["--results_dir", str(tmp_path / "results"), "--scratch_long_records",
-                       str(tmp_path / "scratch")])
+                       str(tmp_path / "again"), "--finetune_records", str(tmp_path / "nothing")])
