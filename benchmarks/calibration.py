@@ -12,11 +12,12 @@ other arguments, which stops the benchmark.
 
 From those folders it reports, per arm, the mean, standard deviation and range over seeds of AP, AP50, D-ECE and
 LaECE in-domain and out-of-domain (the corrupted copy); each arm's mean D-ECE relative to the baseline's; issue
-7's goal, met or not met; post-hoc rows (temperature scaling and isotonic regression fitted on fresh scenes of
+7's goal, met or not met; post-hoc rows (temperature scaling, Platt scaling and isotonic regression fitted on fresh scenes of
 the train split, never the evaluation split) on the baseline and Cal-DETR models; a reliability diagram of both
 (first seed). The saved models are re-evaluated for the diagram and the post-hoc rows, since ``metrics.json``
 holds no bins; each re-evaluation is kept in the run's ``posthoc.json``, so runs carried to another machine by
-``benchmarks/run_records.py`` (their record files, not their models) are reported without training them again. Output: ``benchmarks/results/<name>.md`` and ``<name>_reliability.png``.
+``benchmarks/run_records.py`` (their record files, not their models) are reported without training them again.
+Output: ``benchmarks/results/<name>.md`` and ``<name>_reliability.png``.
 """
 
 from __future__ import annotations
@@ -400,14 +401,29 @@ def ensure_posthoc(folder, get_data, batch_size: int, metrics: dict | None, sour
     None where there are none. The record: ``rows`` (``{row: {split: summarize(result)}}``, ``raw`` first),
     ``thresholds``, ``failures``, ``reliability`` (each row's bins, enough for a reliability diagram), ``notes`` and
     ``{calibration_name: {"num_images": ...}}``."""
-    from hf_caldetr.evaluation import summarize
-
     folder = Path(folder)
-    path = folder / POSTHOC_FILE
+    return cached_record(folder / POSTHOC_FILE, source, lambda: reevaluation_record(
+        folder, get_data, batch_size, metrics, source, calibrators, thresholds, calibration_name))
+
+
+def cached_record(path: Path, source: dict, compute) -> dict:
+    """The JSON record at ``path`` while its ``"source"`` equals ``source``; else ``compute()`` (a dict holding
+    ``source``), written there and returned. What a run's result depends on goes in ``source``, so a changed input
+    redoes it and an unchanged one never does."""
     if path.is_file():
         record = json.loads(path.read_text())
         if record.get("source") == source:
             return record
+    record = compute()
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def reevaluation_record(folder: Path, get_data, batch_size: int, metrics: dict | None, source: dict,
+                        calibrators: dict | None, thresholds: bool, calibration_name: str) -> dict:
+    """``ensure_posthoc``'s record, measured."""
+    from hf_caldetr.evaluation import summarize
+
     datasets, calibration_dataset = get_data()
     results, failures, class_thresholds = reevaluate_rows(folder, datasets, calibration_dataset, batch_size,
                                                           calibrators=calibrators, thresholds=thresholds)
@@ -423,7 +439,6 @@ def ensure_posthoc(folder, get_data, batch_size: int, metrics: dict | None, sour
                                     for split, result in by_split.items()} for row, by_split in results.items()},
               "notes": reevaluation_notes(folder.parent.name, int(seed) if seed.isdigit() else seed, results["raw"],
                                           metrics) if metrics else []}
-    path.write_text(json.dumps(record, indent=2))
     return record
 
 
@@ -673,7 +688,7 @@ def parse_arguments(argv: list[str]):
                         help="the folder the report and its diagram are written to (default: the repository's "
                              "benchmarks/results)")
     parser.add_argument("--no_post_hoc", action="store_true",
-                        help="skip the post-hoc calibrator rows (temperature scaling, isotonic regression) "
+                        help="skip the post-hoc calibrator rows (temperature scaling, Platt scaling, isotonic regression) "
                              "(default: off)")
     parser.add_argument("--num_calibration_images", type=int,
                         help="number of fresh train-split scenes the post-hoc calibrators are fitted on "

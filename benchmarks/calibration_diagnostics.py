@@ -122,16 +122,10 @@ def ensure_statistics(folder: Path, get_dataset, batch_size: int, num_images: in
     """``measure`` of one run, kept in ``<folder>/diagnostics.json`` (``benchmarks/run_records.py`` carries it to
     another machine) and reused while the run's ``metrics.json`` and the scenes (count, seed) are unchanged.
     ``get_dataset()``: the scenes, called only when the model is measured."""
-    path = folder / DIAGNOSTICS_FILE
     source = {"version": DIAGNOSTICS_VERSION, "metrics_sha256": bench.sha256(folder / "metrics.json"),
               "num_images": num_images, "seed": seed}
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("source") == source:
-            return record["statistics"]
-    statistics = measure(folder, get_dataset(), batch_size)
-    path.write_text(json.dumps({"source": source, "statistics": statistics}, indent=2))
-    return statistics
+    return bench.cached_record(folder / DIAGNOSTICS_FILE, source, lambda: {
+        "source": source, "statistics": measure(folder, get_dataset(), batch_size)})["statistics"]
 
 
 def main(argv=None) -> None:
