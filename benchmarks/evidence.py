@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                             help=f"the run records of the regime '{regime.title}' (<arm>/seed_<s>/ folders) "
                                  f"(default: {regime.records.relative_to(ROOT)})")
     args = parser.parse_args(argv)
-    regimes = [Regime(**{**regime.__dict__, "records": getattr(args, f"{regime.key}_records")}) for regime in REGIMES]
+    regimes = [replace(regime, records=getattr(args, f"{regime.key}_records")) for regime in REGIMES]
     measured = {regime.key: measure_regime(regime) for regime in regimes}
 
     lines = ["# Cal-DETR evidence: which recipe, in which regime", "",

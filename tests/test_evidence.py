@@ -2,6 +2,7 @@
 own aggregation of the committed records (finetune_cpu.json), and hand-made records with hand-computed verdicts,
 recommendation and confidence shares."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -112,7 +113,7 @@ def test_a_regime_from_hand_made_records(tmp_path):
     assert measured["train_minutes"] == {"baseline": pytest.approx(11.0), "cal-detr": pytest.approx(11.0)}
     # Cal-DETR 0.19 / 0.21 = 0.905x in-domain: not met there.
     scratch_records(tmp_path / "weak", cal_in=(0.18, 0.19, 0.20))
-    weak = evidence.measure_regime(evidence.Regime(**{**regime.__dict__, "records": tmp_path / "weak"}))
+    weak = evidence.measure_regime(dataclasses.replace(regime, records=tmp_path / "weak"))
     assert [v.verdict for v in weak["verdicts"]] == ["not met", "met"]
     assert [ok for _, ok in weak["verdicts"][0].checks] == [False, False, True, True]
 
