@@ -110,7 +110,8 @@ def test_a_regime_from_hand_made_records(tmp_path):
     # Confidence: the baseline's bins from 0.5 up: seed 0 (1+1+1+1) / 10 = 0.4, seeds 1-2 6 / 10 = 0.6: not met.
     assert measured["confidence"]["shares"] == pytest.approx([0.4, 0.6, 0.6])
     assert measured["confidence"]["met"] is False
-    assert measured["train_minutes"] == {"baseline": pytest.approx(11.0), "cal-detr": pytest.approx(11.0)}
+    assert measured["train_minutes"] == {arm: {"fastest": pytest.approx(10.0), "mean": pytest.approx(11.0)}
+                                        for arm in ("baseline", "cal-detr")}
     # Cal-DETR 0.19 / 0.21 = 0.905x in-domain: not met there.
     scratch_records(tmp_path / "weak", cal_in=(0.18, 0.19, 0.20))
     weak = evidence.measure_regime(dataclasses.replace(regime, records=tmp_path / "weak"))
