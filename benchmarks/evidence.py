@@ -148,8 +148,8 @@ def measure_regime(regime: Regime) -> dict | None:
     recommended, lines = finetune.recommend(
         summary, len(seeds), confident["met"], train=regime.train, heldout=regime.heldout, trained=regime.trained,
         unconfident="The baseline detector did not meet the confidence criterion: this is not the confident regime.")
-    # Recorded wall time: a run that was paused or shared the CPU records longer, so the fastest seed is the one to
-    # read as "alone on the machine".
+    # Recorded wall time: a run that was paused or shared the CPU records longer, so the fastest seed is the closest
+    # to a run alone on the machine.
     seconds = {arm: [m["run"]["train_seconds"] for m in runs[arm]] for arm in arms}
     minutes = {arm: {"fastest": min(values) / 60, "mean": float(np.mean(values)) / 60} for arm, values in seconds.items()}
     return {"arms": arms, "seeds": seeds, "summary": summary, "verdicts": verdicts, "overall": overall,
