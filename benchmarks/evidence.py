@@ -151,7 +151,8 @@ def measure_regime(regime: Regime) -> dict | None:
     # Recorded wall time: a run that was paused or shared the CPU records longer, so the fastest seed is the closest
     # to a run alone on the machine.
     seconds = {arm: [m["run"]["train_seconds"] for m in runs[arm]] for arm in arms}
-    minutes = {arm: {"fastest": min(values) / 60, "mean": float(np.mean(values)) / 60} for arm, values in seconds.items()}
+    minutes = {arm: {"fastest": min(values) / 60, "mean": float(np.mean(values)) / 60}
+               for arm, values in seconds.items()}
     return {"arms": arms, "seeds": seeds, "summary": summary, "verdicts": verdicts, "overall": overall,
             "confidence": confident, "recommended": recommended, "recommendation": lines, "notes": notes,
             "train_minutes": minutes, "rows": per_row}
