@@ -1,7 +1,10 @@
 """Time one optimizer step of the plain transformers model against its Cal-DETR subclass.
 
 Same config, same weights, same batch; runs interleaved (plain, cal, plain, cal, ...) after a warm-up; the
-median of each and their ratio are printed (and appended to a markdown file with --output).
+median of each and their ratio are printed (and appended to a markdown file with --output). With ``--rounds R``
+this is done R times, each round with freshly built models (where a model's tensors lie in memory moves its step
+time by a few tenths of a percent, which one pair of models cannot average out): the row gives the median over the
+rounds of each round's medians and ratio, and the lowest and highest round ratio.
 
     python benchmarks/train_step.py                                  # every family, the main job's model size, CPU
     python benchmarks/train_step.py --model deformable_detr --size r50 --dtype bf16   # R50, 300 queries, 800x1066
@@ -116,6 +119,9 @@ def main():
     parser.add_argument("--steps", type=int, default=20,
                         help="timed optimizer steps of each model, interleaved; the median is reported "
                              "(default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the measurement with freshly built models; the median of the rounds' ratios "
+                             "is reported with their range (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed optimizer steps of each model before the timed ones (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -138,15 +144,23 @@ def main():
     rows = []
     models = args.model
     for model_type in models:
-        medians, peak = measure(argparse.Namespace(**{**vars(args), "model": model_type}))
-        ratio = medians["cal"] / medians["plain"]
+        rounds = [measure(argparse.Namespace(**{**vars(args), "model": model_type})) for _ in range(args.rounds)]
+        plain_ms = statistics.median(medians["plain"] for medians, _ in rounds) * 1000
+        cal_ms = statistics.median(medians["cal"] for medians, _ in rounds) * 1000
+        ratios = [medians["cal"] / medians["plain"] for medians, _ in rounds]
+        ratio = f"{statistics.median(ratios):.3f}"
+        if args.rounds > 1:
+            ratio += f" ({min(ratios):.3f}-{max(ratios):.3f})"
+        peak = {name: max(peaks[name] for _, peaks in rounds) for name in rounds[0][1]}
         memory = f"{peak['plain'] / 2**30:.2f} / {peak['cal'] / 2**30:.2f}" if peak else "n/a"
         row = (f"| {model_type} | {args.size} | {args.batch_size}x{args.height}x{args.width} | {args.dtype} | "
-               f"{medians['plain'] * 1000:.1f} | {medians['cal'] * 1000:.1f} | {ratio:.3f} | {memory} | {machine} |")
+               f"{plain_ms:.1f} | {cal_ms:.1f} | {ratio} | {memory} | {machine} |")
         rows.append(row)
-        print(f"{model_type}: plain {medians['plain'] * 1000:.1f} ms/step, cal {medians['cal'] * 1000:.1f} ms/step, "
-              f"ratio {ratio:.3f} (median of {args.steps}, {args.timer} time, {machine})")
-    header = ("| model | size | batch | dtype | plain ms/step | cal ms/step | cal/plain | peak GiB plain / cal | machine |\n"
+        spread = f"; {args.rounds} rounds" if args.rounds > 1 else ""
+        print(f"{model_type}: plain {plain_ms:.1f} ms/step, cal {cal_ms:.1f} ms/step, ratio {ratio} "
+              f"(median of {args.steps}{spread}, {args.timer} time, {machine})")
+    header = ("| model | size | batch | dtype | plain ms/step | cal ms/step | cal/plain"
+              + (" (range over rounds)" if args.rounds > 1 else "") + " | peak GiB plain / cal | machine |\n"
               "|---|---|---|---|---|---|---|---|---|")
     print(header)
     print("\n".join(rows))
