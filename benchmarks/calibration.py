@@ -329,6 +329,34 @@ def row_values(metrics: dict | None, posthoc: dict, row: str) -> dict:
     return values
 
 
+def recorded_rows(work_dir, arms, seeds, runs: dict, missing_hint: str | None = None):
+    """The report's rows of the recorded runs, from each model's ``posthoc.json``.
+
+    Returns ``(rows, notes, records)``: ``rows`` maps each row (``arm``: the model's own scores; ``arm + calibrator``
+    for each of ``STACKED``) to ``[(seed, folder, row_values), ...]``, in the report's order (the arms, then their
+    stacked rows arm by arm); ``notes`` are the records' notes and the calibrators that could not be fitted;
+    ``records`` the post-hoc records by arm, in seed order. ``runs``: ``load_runs``'s metrics of the same arms and
+    seeds. A missing record stops with its path and ``missing_hint``.
+    """
+    rows, notes, records = {}, [], {arm: [] for arm in arms}
+    for arm in arms:
+        for seed, metrics in zip(seeds, runs[arm]):
+            folder = run_folder(work_dir, arm, seed)
+            path = folder / POSTHOC_FILE
+            if not path.is_file():
+                raise SystemExit(f"{path} is missing" + (f": {missing_hint}" if missing_hint else ""))
+            posthoc = json.loads(path.read_text())
+            records[arm].append(posthoc)
+            notes += posthoc["notes"] + [f"{arm} seed {seed}: {name} not fitted: {why}"
+                                         for name, why in posthoc["failures"].items()]
+            for row in ("raw", *STACKED):
+                if row in posthoc["rows"]:
+                    rows.setdefault(arm if row == "raw" else f"{arm} + {row}", []).append(
+                        (seed, folder, row_values(metrics, posthoc, row)))
+    order = [*arms, *[f"{arm} + {row}" for arm in arms for row in STACKED]]
+    return {row: rows[row] for row in order if row in rows}, notes, records
+
+
 def reevaluate(folder, datasets: dict, calibration_dataset, batch_size: int) -> tuple[dict, dict]:
     """Re-run a saved model over ``datasets``: ``({row: {split: evaluate_model-style result}}, {calibrator:
     why it could not be fitted})``, row ``"raw"`` the model's own scores, the others post-hoc calibrated."""

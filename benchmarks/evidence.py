@@ -122,24 +122,11 @@ def measure_regime(regime: Regime) -> dict | None:
     if "baseline" not in arms or not seeds:
         return None
     runs = bench.load_runs(regime.records, arms, seeds)  # also checks that only method and seed differ
-    per_row, notes, baseline_posthoc = {}, [], []
-    for arm in arms:
-        for seed, metrics in zip(seeds, runs[arm]):
-            path = bench.run_folder(regime.records, arm, seed) / bench.POSTHOC_FILE
-            if not path.is_file():
-                raise SystemExit(f"{path} is missing: run `{regime.command}` (it re-evaluates every saved model), "
-                                 "then save its records with benchmarks/run_records.py")
-            posthoc = json.loads(path.read_text())
-            notes += posthoc["notes"] + [f"{arm} seed {seed}: {name} not fitted: {why}"
-                                         for name, why in posthoc["failures"].items()]
-            if arm == "baseline":
-                baseline_posthoc.append(posthoc)
-            for row in ("raw", *bench.STACKED):
-                if row in posthoc["rows"]:
-                    per_row.setdefault(arm if row == "raw" else f"{arm} + {row}", []).append(
-                        bench.row_values(metrics, posthoc, row))
-    order = [*arms, *[f"{arm} + {row}" for arm in arms for row in bench.STACKED]]
-    per_row = {row: per_row[row] for row in order if row in per_row}
+    rows, notes, records = bench.recorded_rows(
+        regime.records, arms, seeds, runs, f"run `{regime.command}` (it re-evaluates every saved model), then save its "
+                                           "records with benchmarks/run_records.py")
+    per_row = {row: [values for _, _, values in entries] for row, entries in rows.items()}
+    baseline_posthoc = records["baseline"]
     summary = bench.aggregate(per_row, metrics=bench.REPORT_METRICS)
     verdicts = [finetune.judge_split(summary, split) for split in bench.SPLITS]
     overall = ("not evaluated" if any(v.verdict == "not evaluated" for v in verdicts) else

@@ -205,13 +205,14 @@ def finetune_arguments(args, target_dir: Path, pretrained: Path) -> list[str]:
 
 def check_confidence(pretrained: Path, batch_size: int) -> dict:
     """The confidence criterion on the pretrained model's in-domain (source validation) scenes; cached in
-    ``confidence.json`` next to the ``metrics.json`` it belongs to."""
-    record_path = pretrained / "confidence.json"
-    source = bench.sha256(pretrained / "metrics.json")
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        if record.get("metrics_sha256") == source:
-            return record
+    ``confidence.json`` next to the ``metrics.json`` it belongs to (redone when that changes)."""
+    source = {"metrics_sha256": bench.sha256(pretrained / "metrics.json")}
+    return bench.cached_record(pretrained / "confidence.json", source,
+                               lambda: measure_confidence(pretrained, batch_size, source))
+
+
+def measure_confidence(pretrained: Path, batch_size: int, source: dict) -> dict:
+    """:func:`check_confidence`'s record, measured."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
@@ -228,15 +229,14 @@ def check_confidence(pretrained: Path, batch_size: int) -> dict:
     loader = accelerator.prepare(DataLoader(validation, batch_size=batch_size, collate_fn=make_collate_fn(processor)))
     scores = collect_matches(model, loader, processor, accelerator).scores
     share = float(np.mean(scores >= CONFIDENT_SCORE)) if len(scores) else float("nan")
-    record = {"metrics_sha256": source, "scenes": f"{len(validation)} source validation scenes (digits default, "
-                                                  f"data seed {arguments['data_seed']}), the pretraining's in-domain split",
-              "counted_detections": int(len(scores)), "share_confident": share,
-              "mean_score": float(np.mean(scores)) if len(scores) else float("nan"),
-              "criterion": f"at least {100 * CONFIDENT_SHARE:.0f} % of the counted detections (score >= 0.3, images "
-                           f"with ground truth) score >= {CONFIDENT_SCORE}",
-              "met": bool(share >= CONFIDENT_SHARE)}
-    record_path.write_text(json.dumps(record, indent=2))
-    return record
+    return {"source": source,
+            "scenes": f"{len(validation)} source validation scenes (digits default, data seed "
+                      f"{arguments['data_seed']}), the pretraining's in-domain split",
+            "counted_detections": int(len(scores)), "share_confident": share,
+            "mean_score": float(np.mean(scores)) if len(scores) else float("nan"),
+            "criterion": f"at least {100 * CONFIDENT_SHARE:.0f} % of the counted detections (score >= 0.3, images "
+                         f"with ground truth) score >= {CONFIDENT_SCORE}",
+            "met": bool(share >= CONFIDENT_SHARE)}
 
 
 # ------------------------------------------------------------------------------------------------ re-evaluation
@@ -449,30 +449,18 @@ def write_outputs(args, command: str, seeds_done: list[int], manifest: dict, con
     """Aggregate the recorded runs of ``seeds_done`` and write the markdown, JSON and diagram; returns the JSON."""
     runs_dir = args.work_dir / "runs"
     runs = bench.load_runs(runs_dir, args.arms, seeds_done)  # also checks that only method and seed differ
-    per_row, notes = {}, []
-    for arm in args.arms:
-        for seed, metrics in zip(seeds_done, runs[arm]):
-            folder = bench.run_folder(runs_dir, arm, seed)
-            posthoc = json.loads((folder / POSTHOC_FILE).read_text())
-            notes += posthoc["notes"] + [f"{arm} seed {seed}: {name} not fitted: {why}"
-                                         for name, why in posthoc["failures"].items()]
-            for row in ("raw", *STACKED):
-                if row in posthoc["rows"]:
-                    name = arm if row == "raw" else f"{arm} + {row}"
-                    per_row.setdefault(name, []).append({
-                        "seed": seed, "folder": shown(folder), "values": bench.row_values(metrics, posthoc, row),
-                        "sources": {"metrics.json": shown(folder / "metrics.json"),
-                                    "posthoc.json": shown(folder / POSTHOC_FILE)}})
-    for row in ("raw", *STACKED):
+    rows, notes, _ = bench.recorded_rows(runs_dir, args.arms, seeds_done, runs)
+    per_row = {row: [{"seed": seed, "folder": shown(folder), "values": values,
+                      "sources": {"metrics.json": shown(folder / "metrics.json"),
+                                  "posthoc.json": shown(folder / POSTHOC_FILE)}}
+                     for seed, folder, values in entries]
+               for row, entries in rows.items()}
+    for row in ("raw", *STACKED):  # the reference after the arms' rows
         if row in reference["rows"]:
             per_row[REFERENCE + ("" if row == "raw" else f" + {row}")] = [{
                 "seed": None, "folder": shown(args.pretrained), "values": bench.row_values(None, reference, row),
                 "sources": {"posthoc.json": shown(args.pretrained / POSTHOC_FILE)}}]
     notes += [f"{REFERENCE}: {name} not fitted: {why}" for name, why in reference["failures"].items()]
-    # Rows in the report's order: the arms, their stacked rows arm by arm, the reference.
-    order = [*args.arms, *[f"{arm} + {row}" for arm in args.arms for row in STACKED],
-             *[REFERENCE + ("" if row == "raw" else f" + {row}") for row in ("raw", *STACKED)]]
-    per_row = {row: per_row[row] for row in order if row in per_row}
     summary = bench.aggregate({row: [entry["values"] for entry in entries] for row, entries in per_row.items()},
                               metrics=REPORT_METRICS)
     verdicts = [judge_split(summary, split) for split in SPLITS]
