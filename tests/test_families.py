@@ -268,3 +268,32 @@ def test_final_layer_matches_are_kept_however_the_matcher_is_called():
     with FinalLayerMatches(Matcher, logits, boxes, (2,)) as matches:
         matcher(other, [], 2)
     assert matches.indices is None
+
+
+def test_a_loss_function_set_on_a_cal_model_is_wrapped_by_its_parameter_names():
+    """A Cal model names the arguments of its loss function from the function's parameters (and replaces the
+    logits by name); a function it cannot name them for is refused with the reason, not run with wrong arguments."""
+    from hf_caldetr.models.calibrated import stock_loss_function
+
+    cal = make("detr").train()
+    pixel_values, labels = tiny_batch(num_labels=NUM_LABELS)
+    expected = run(cal, pixel_values, labels)
+    stock = stock_loss_function(MODEL_FAMILIES["detr"].model_class)
+    seen = {}
+
+    def named(logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, **kwargs):
+        seen["logits"] = logits
+        return stock(logits, labels, device, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
+
+    cal.loss_function = named
+    out = run(cal, pixel_values, labels)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=0)
+    assert out.loss_dict.keys() == expected.loss_dict.keys()
+    assert not torch.equal(seen["logits"], out.logits)  # the loss saw the modulated logits, the output is raw
+
+    def variadic(*args, **kwargs):
+        return stock(*args, **kwargs)
+
+    cal.loss_function = variadic
+    with pytest.raises(TypeError, match="by name"):
+        run(cal, pixel_values, labels)

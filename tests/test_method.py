@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from hf_caldetr.method import (
-    gather_positives,
     logit_prototype,
     logit_uncertainty,
     mix_logits,
     mixed_targets,
+    mixed_targets_from_counts,
     modulate_logits,
     pooled_logit_mixing,
-    soft_target_cross_entropy,
+    positive_rows,
 )
 
 
@@ -91,22 +91,21 @@ def test_pooled_mixing_in_one_process_equals_the_pure_functions():
     assert total == 0 and mixed.shape == (0, 3) and targets.shape == (0, 3)
 
 
-def test_gather_positives_pools_images():
+def test_positive_rows_pool_images():
     logits = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
     targets = [{"class_labels": torch.tensor([2, 0])}, {"class_labels": torch.tensor([1])}]
     indices = [(torch.tensor([3, 1]), torch.tensor([1, 0])), (torch.tensor([2]), torch.tensor([0]))]
-    (batch_idx, query_idx), classes = gather_positives(logits, targets, indices)
-    assert batch_idx.tolist() == [0, 0, 1] and query_idx.tolist() == [3, 1, 2]
-    assert classes.tolist() == [0, 2, 1]
-    assert torch.equal(logits[batch_idx, query_idx], torch.stack([logits[0, 3], logits[0, 1], logits[1, 2]]))
+    rows, classes = positive_rows(targets, indices, num_queries=4)
+    assert rows == [3, 1, 6]  # image 1, query 2: row 4 + 2
+    assert classes == [0, 2, 1]
+    assert torch.equal(logits.flatten(0, 1)[rows], torch.stack([logits[0, 3], logits[0, 1], logits[1, 2]]))
 
 
-def test_soft_target_cross_entropy_by_hand():
-    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
-    targets = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
-    # Row 0: -log(1/2). Row 1: p = (3/4, 1/4): -(0.5 log 0.75 + 0.5 log 0.25).
-    expected = (math.log(2) - 0.5 * math.log(0.75) - 0.5 * math.log(0.25)) / 2
-    assert soft_target_cross_entropy(logits, targets, normalizer=2).item() == pytest.approx(expected)
+def test_scaled_mixed_targets():
+    # The normaliser folded into the targets: every entry times the scale, rows summing to it.
+    scaled = mixed_targets_from_counts([0, 2], [2, 0, 1], alpha=0.9, scale=0.25)
+    assert torch.allclose(scaled, 0.25 * mixed_targets_from_counts([0, 2], [2, 0, 1], alpha=0.9))
+    assert torch.allclose(scaled.sum(1), torch.full((2,), 0.25))
 
 
 def test_gradient_flows_through_the_variance():

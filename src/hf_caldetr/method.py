@@ -10,10 +10,7 @@ calls these functions.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-import torch.nn.functional as F
 
 from .distributed import sum_across_processes, world_size
 
@@ -69,32 +66,29 @@ def modulate_logits(final_logits: torch.Tensor, uncertainty: torch.Tensor, mode:
     return final_logits - squashed
 
 
-def gather_positives(
-    logits: torch.Tensor, targets: list[dict], indices: list[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The matched ("positive") queries of a batch, pooled over its images.
+def positive_rows(
+    targets: list[dict], indices: list[tuple[torch.Tensor, torch.Tensor]], num_queries: int
+) -> tuple[list[int], list[int]]:
+    """The matched ("positive") queries of a batch, pooled over its images, as host-side lists.
 
     Args:
-        logits: ``[B, Q, C]``.
         targets: per image, a dict with ``class_labels`` ``[T_b]``.
         indices: per image, the matcher's ``(query_indices, target_indices)``.
+        num_queries: ``Q``, the queries per image.
 
     Returns:
-        ``((batch_idx, query_idx), classes)``: the positions of the ``P`` positives in ``logits`` and their
-        ground-truth classes ``[P]``.
+        ``(rows, classes)``: the positions of the ``P`` positives as rows of the ``[B * Q, C]`` flattened logits
+        (``b * Q + q``), and their ground-truth classes.
     """
-    # The matches are a few host-side integers: build the index lists on the host and make three small tensors,
-    # rather than one operation per image (on CPU each small operation costs more than its data).
-    images, queries, classes = [], [], []
+    # The matches are a few host-side integers: one index tensor made from them costs less than an indexing
+    # operation per image (on CPU each small operation costs more than its data).
+    rows, classes = [], []
     for image, ((src, tgt), target) in enumerate(zip(indices, targets)):
         labels = target["class_labels"].tolist()
-        src = src.tolist()
-        images += [image] * len(src)
-        queries += src
+        offset = image * num_queries
+        rows += [offset + query for query in src.tolist()]
         classes += [labels[t] for t in tgt.tolist()]
-    device = logits.device
-    as_index = partial(torch.tensor, dtype=torch.long, device=device)
-    return (as_index(images), as_index(queries)), as_index(classes)
+    return rows, classes
 
 
 def mix_logits(positive_logits: torch.Tensor, prototype: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -120,8 +114,8 @@ def logit_prototype(positive_logits: torch.Tensor) -> torch.Tensor:
 
 
 def mixed_targets_from_counts(
-    positive_classes: torch.Tensor, class_counts: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float32,
-    total: int | None = None,
+    positive_classes: torch.Tensor | list[int], class_counts: torch.Tensor | list[int], alpha: float,
+    dtype: torch.dtype = torch.float32, total: int | None = None, scale: float = 1.0, device=None,
 ) -> torch.Tensor:
     """Smoothed targets of the mixed logits, given the class counts of all ``P`` positives in the pool.
 
@@ -130,20 +124,23 @@ def mixed_targets_from_counts(
     sums to 1. With ``P = 1`` the target is the one-hot. Class id 0 is a class like any other.
 
     Args:
-        positive_classes: ``[P_local]`` class ids of the positives whose targets are wanted.
+        positive_classes: ``[P_local]`` class ids of the positives whose targets are wanted (a tensor or a list).
         class_counts: ``[C]`` number of positives of each class in the whole pool (``P = class_counts.sum()``),
             which may be larger than the local positives when the pool spans processes (a tensor or a list).
         total: ``P`` when the caller knows it (saves reading it off the counts).
+        scale: every entry multiplied by it (a loss's normaliser folded into its targets).
+        device: where the targets go (default: that of ``class_counts``, else of ``positive_classes``, else CPU).
     """
     # A few hundred numbers at most: computed on the host and made into one tensor.
+    if device is None:
+        device = next((x.device for x in (class_counts, positive_classes) if isinstance(x, torch.Tensor)), None)
     counts = class_counts.tolist() if isinstance(class_counts, torch.Tensor) else list(class_counts)
-    classes = positive_classes.tolist()
+    classes = positive_classes.tolist() if isinstance(positive_classes, torch.Tensor) else list(positive_classes)
     total = sum(counts) if total is None else total
     share = (1 - alpha) / (total - 1) if total > 1 else 0.0
-    own = alpha - share if total > 1 else 1.0
-    base = [count * share for count in counts]
+    own = (alpha - share if total > 1 else 1.0) * scale
+    base = [count * share * scale for count in counts]
     rows = [base[:label] + [base[label] + own] + base[label + 1:] for label in classes]
-    device = class_counts.device if isinstance(class_counts, torch.Tensor) else positive_classes.device
     return torch.tensor(rows, dtype=dtype, device=device).reshape(len(classes), len(counts))
 
 
@@ -153,16 +150,9 @@ def mixed_targets(positive_classes: torch.Tensor, num_columns: int, alpha: float
     return mixed_targets_from_counts(positive_classes, counts, alpha, dtype)
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, normalizer: float) -> torch.Tensor:
-    """Cross-entropy of softmax ``logits`` ``[P, C]`` against soft ``targets`` ``[P, C]``, summed, over ``normalizer``.
-
-    The mixing loss of softmax heads (DETR): ``-sum_i sum_c t_ic log softmax(z~_i)_c / normalizer``.
-    """
-    return F.cross_entropy(logits, targets, reduction="sum") / normalizer
-
-
 def pooled_logit_mixing(
-    positive_logits: torch.Tensor, positive_classes: torch.Tensor, num_columns: int, alpha: float
+    positive_logits: torch.Tensor, positive_classes: torch.Tensor | list[int], num_columns: int, alpha: float,
+    target_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mixed logits and smoothed targets of this process's positives, pooled over the global batch.
 
@@ -171,25 +161,30 @@ def pooled_logit_mixing(
 
     Args:
         positive_logits: ``[P_local, C]``.
-        positive_classes: ``[P_local]``.
+        positive_classes: ``[P_local]`` (a tensor or a list).
+        target_scale: the targets multiplied by it (see :func:`mixed_targets_from_counts`).
 
     Returns:
         ``(mixed_logits [P_local, C], targets [P_local, C], P)`` with ``P`` the number of positives of the global
         batch; with ``P = 0`` the logits come back unchanged and the targets empty.
     """
+    if isinstance(positive_classes, torch.Tensor):
+        positive_classes = positive_classes.tolist()
     if world_size() == 1:
-        total = positive_classes.shape[0]
+        total = len(positive_classes)
         if total == 0:
             return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
         counts = [0] * num_columns
-        for label in positive_classes.tolist():
+        for label in positive_classes:
             counts[label] += 1
         prototype = positive_logits.mean(dim=0)
     else:
-        counts = sum_across_processes(torch.bincount(positive_classes.long(), minlength=num_columns))
+        local = torch.tensor(positive_classes, dtype=torch.long, device=positive_logits.device)
+        counts = sum_across_processes(torch.bincount(local, minlength=num_columns))
         total = int(counts.sum())
         if total == 0:
             return positive_logits, positive_logits.new_zeros(positive_logits.shape), 0
         prototype = sum_across_processes(positive_logits.sum(dim=0), differentiable=True) / total
-    targets = mixed_targets_from_counts(positive_classes, counts, alpha, positive_logits.dtype, total)
+    targets = mixed_targets_from_counts(positive_classes, counts, alpha, positive_logits.dtype, total, target_scale,
+                                        positive_logits.device)
     return mix_logits(positive_logits, prototype, alpha), targets, total

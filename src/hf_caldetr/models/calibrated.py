@@ -48,8 +48,32 @@ def stock_loss_function(parent: type):
 
 
 @lru_cache(maxsize=64)
-def _signature(function) -> inspect.Signature:
-    return inspect.signature(function)
+def _parameter_names(function) -> tuple[str, ...]:
+    """The names of ``function``'s parameters that a positional argument fills."""
+    names = []
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
+            raise TypeError(f"the loss function {function!r} takes positional-only or *args parameters; a Cal model "
+                            "reads and replaces the loss function's arguments by name (logits, labels, pred_boxes, "
+                            "...): give it a function whose parameters are named as transformers' own")
+        if parameter.kind is parameter.POSITIONAL_OR_KEYWORD:
+            names.append(parameter.name)
+    return tuple(names)
+
+
+def _bind(function, args: tuple, kwargs: dict) -> dict:
+    """``function``'s arguments by name, for a call ``function(**arguments)``: what ``inspect.Signature.bind`` gives
+    for these parameters, from a cached list of names (the loss is called every step; ``bind`` costs tens of
+    microseconds)."""
+    names = _parameter_names(function)
+    if len(args) > len(names):
+        raise TypeError(f"{function!r} takes {len(names)} positional arguments but {len(args)} were given")
+    arguments = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name in arguments:
+            raise TypeError(f"{function!r} got multiple values for argument {name!r}")
+        arguments[name] = value
+    return arguments
 
 
 def _num_denoising(arguments: dict) -> int:
@@ -186,8 +210,7 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
     Returns ``(loss, loss_dict, auxiliary_outputs)``, as transformers' loss functions do.
     """
     config, family = model.config, model.cal_family
-    call = _signature(loss_function).bind(*args, **kwargs)
-    arguments = call.arguments
+    arguments = _bind(loss_function, args, kwargs)
     num_denoising = _num_denoising(arguments)
     logits, targets = arguments["logits"], arguments["labels"]
     final = logits[:, num_denoising:] if num_denoising else logits
@@ -200,9 +223,9 @@ def calibrated_loss(model, loss_function, *args, **kwargs):
         pred_boxes = arguments["pred_boxes"][:, num_denoising:] if num_denoising else arguments["pred_boxes"]
         matches = FinalLayerMatches(_matcher_class(family, config), final, pred_boxes, _matcher_extra(family, config, final))
         with matches:
-            loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
+            loss, loss_dict, auxiliary_outputs = loss_function(**arguments)
     else:
-        loss, loss_dict, auxiliary_outputs = loss_function(*call.args, **call.kwargs)
+        loss, loss_dict, auxiliary_outputs = loss_function(**arguments)
     device = logits.device
     # One cross-process reduction a step, shared by the normaliser and the mixing loss.
     global_boxes = num_boxes_across_processes(targets, device)

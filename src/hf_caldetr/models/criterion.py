@@ -6,16 +6,20 @@ The matching, the positives and the cross-process pooling are the same for both.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 
-from ..method import gather_positives, pooled_logit_mixing, soft_target_cross_entropy
+from ..method import pooled_logit_mixing, positive_rows
 
 
-def _mixed_positives(logits, targets, indices, alpha):
-    """Positions, mixed logits and smoothed targets of the matched queries, pooled over processes."""
-    positions, classes = gather_positives(logits, targets, indices)
-    mixed, soft_targets, total_positives = pooled_logit_mixing(logits[positions], classes, logits.shape[-1], alpha)
-    return positions, mixed, soft_targets, total_positives
+def _mixed_positives(logits, targets, indices, alpha, target_scale=1.0):
+    """Rows of the ``[B * Q, C]`` flattened logits, mixed logits and smoothed targets of the matched queries,
+    pooled over processes."""
+    rows, classes = positive_rows(targets, indices, logits.shape[1])
+    rows = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    mixed, soft_targets, total_positives = pooled_logit_mixing(logits.flatten(0, 1)[rows], classes, logits.shape[-1],
+                                                               alpha, target_scale)
+    return rows, mixed, soft_targets, total_positives
 
 
 def sigmoid_logit_mixing_loss(
@@ -39,12 +43,13 @@ def sigmoid_logit_mixing_loss(
         alpha: the mixing ``alpha`` (``logit_mixing_alpha``).
         focal_alpha, focal_gamma: the focal loss's weighting of positives and its focusing exponent.
     """
-    positions, mixed, soft_targets, total_positives = _mixed_positives(logits, targets, indices, alpha)
+    rows, mixed, soft_targets, total_positives = _mixed_positives(logits, targets, indices, alpha)
     if total_positives == 0:
         # No box anywhere in the global batch: mixing is undefined; keep the graph connected.
         return logits.sum() * 0.0
-    mixed_logits = logits.index_put(positions, mixed)
-    full_targets = torch.zeros_like(logits).index_put(positions, soft_targets.to(logits.dtype))
+    flat = logits.flatten(0, 1)
+    mixed_logits = flat.index_put((rows,), mixed).view_as(logits)
+    full_targets = torch.zeros_like(flat).index_put_((rows,), soft_targets.to(logits.dtype)).view_as(logits)
     loss = sigmoid_focal_loss(mixed_logits, full_targets, num_boxes, alpha=focal_alpha, gamma=focal_gamma)
     return loss * logits.shape[1]
 
@@ -68,7 +73,8 @@ def softmax_logit_mixing_loss(
         indices: per image, the final layer's ``(query_indices, target_indices)``.
         alpha: the mixing ``alpha`` (``logit_mixing_alpha``).
     """
-    _, mixed, soft_targets, total_positives = _mixed_positives(logits, targets, indices, alpha)
+    # The normaliser goes into the targets (the loss is linear in them): one operation fewer.
+    _, mixed, soft_targets, total_positives = _mixed_positives(logits, targets, indices, alpha, 1.0 / num_boxes)
     if total_positives == 0:
         return logits.sum() * 0.0
-    return soft_target_cross_entropy(mixed, soft_targets, num_boxes)
+    return F.cross_entropy(mixed, soft_targets, reduction="sum")
