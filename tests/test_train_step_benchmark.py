@@ -1,0 +1,39 @@
+"""benchmarks/train_step.py as a user runs it: its rows hold what it measured, one round or several."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_rows(tmp_path, *options) -> list[list[str]]:
+    output = tmp_path / "rows.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.run([sys.executable, "benchmarks/train_step.py", "--model", "detr", "--size", "tiny",
+                              "--steps", "2", "--warmup", "1", "--device", "cpu", "--output", str(output), *options],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return [[cell.strip() for cell in line.strip("|\n").split("|")] for line in output.read_text().splitlines()]
+
+
+def test_one_round_reports_the_ratio_of_its_medians(tmp_path):
+    (row,) = run_rows(tmp_path)
+    model, size, batch, dtype, plain_ms, cal_ms, ratio = row[:7]
+    assert (model, size, batch, dtype) == ("detr", "tiny", "4x64x64", "fp32")
+    plain_ms, cal_ms, ratio = float(plain_ms), float(cal_ms), float(ratio)
+    assert plain_ms > 0 and cal_ms > 0
+    # The ratio of the unrounded medians; the milliseconds are printed to 0.1.
+    assert ratio == pytest.approx(cal_ms / plain_ms, abs=0.001 + 0.1 / plain_ms)
+
+
+def test_rounds_report_the_median_ratio_and_its_range(tmp_path):
+    (row,) = run_rows(tmp_path, "--rounds", "2")
+    median, spread = row[6].split(" ", 1)
+    low, high = (float(value) for value in spread.strip("()").split("-"))
+    # Two rounds: the median is the mean of the two round ratios, the lowest and the highest.
+    assert low <= float(median) <= high
+    assert float(median) == pytest.approx((low + high) / 2, abs=0.0011)
