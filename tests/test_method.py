@@ -102,9 +102,11 @@ def test_positive_rows_pool_images():
 
 
 def test_scaled_mixed_targets():
-    # The normaliser folded into the targets: every entry times the scale, rows summing to it.
+    # Pool of classes 0, 0, 2 (P = 3, alpha 0.9): each other positive adds 0.1 / 2 to its class, so class 0's
+    # target is [0.95, 0, 0.05] and class 2's [0.10, 0, 0.90]; the normaliser 1/4 folded in multiplies every entry.
     scaled = mixed_targets_from_counts([0, 2], [2, 0, 1], alpha=0.9, scale=0.25)
-    assert torch.allclose(scaled, 0.25 * mixed_targets_from_counts([0, 2], [2, 0, 1], alpha=0.9))
+    expected = 0.25 * torch.tensor([[0.95, 0.0, 0.05], [0.10, 0.0, 0.90]])
+    assert torch.allclose(scaled, expected)
     assert torch.allclose(scaled.sum(1), torch.full((2,), 0.25))
 
 

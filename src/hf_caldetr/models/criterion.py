@@ -12,12 +12,12 @@ from transformers.loss.loss_for_object_detection import sigmoid_focal_loss
 from ..method import pooled_logit_mixing, positive_rows
 
 
-def _mixed_positives(logits, targets, indices, alpha, target_scale=1.0):
+def _mixed_positives(flat_logits, num_queries, targets, indices, alpha, target_scale=1.0):
     """Rows of the ``[B * Q, C]`` flattened logits, mixed logits and smoothed targets of the matched queries,
     pooled over processes."""
-    rows, classes = positive_rows(targets, indices, logits.shape[1])
-    rows = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    mixed, soft_targets, total_positives = pooled_logit_mixing(logits.flatten(0, 1)[rows], classes, logits.shape[-1],
+    rows, classes = positive_rows(targets, indices, num_queries)
+    rows = torch.tensor(rows, dtype=torch.long, device=flat_logits.device)
+    mixed, soft_targets, total_positives = pooled_logit_mixing(flat_logits[rows], classes, flat_logits.shape[-1],
                                                                alpha, target_scale)
     return rows, mixed, soft_targets, total_positives
 
@@ -43,11 +43,11 @@ def sigmoid_logit_mixing_loss(
         alpha: the mixing ``alpha`` (``logit_mixing_alpha``).
         focal_alpha, focal_gamma: the focal loss's weighting of positives and its focusing exponent.
     """
-    rows, mixed, soft_targets, total_positives = _mixed_positives(logits, targets, indices, alpha)
+    flat = logits.flatten(0, 1)
+    rows, mixed, soft_targets, total_positives = _mixed_positives(flat, logits.shape[1], targets, indices, alpha)
     if total_positives == 0:
         # No box anywhere in the global batch: mixing is undefined; keep the graph connected.
         return logits.sum() * 0.0
-    flat = logits.flatten(0, 1)
     mixed_logits = flat.index_put((rows,), mixed).view_as(logits)
     full_targets = torch.zeros_like(flat).index_put_((rows,), soft_targets.to(logits.dtype)).view_as(logits)
     loss = sigmoid_focal_loss(mixed_logits, full_targets, num_boxes, alpha=focal_alpha, gamma=focal_gamma)
@@ -74,7 +74,8 @@ def softmax_logit_mixing_loss(
         alpha: the mixing ``alpha`` (``logit_mixing_alpha``).
     """
     # The normaliser goes into the targets (the loss is linear in them): one operation fewer.
-    _, mixed, soft_targets, total_positives = _mixed_positives(logits, targets, indices, alpha, 1.0 / num_boxes)
+    _, mixed, soft_targets, total_positives = _mixed_positives(logits.flatten(0, 1), logits.shape[1], targets, indices,
+                                                               alpha, 1.0 / num_boxes)
     if total_positives == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(mixed, soft_targets, reduction="sum")
