@@ -20,15 +20,21 @@ from contextlib import nullcontext
 
 import torch
 
+from hf_caldetr.configuration import CAL_FIELDS
 from hf_caldetr.families import MODEL_FAMILIES, preset_config_kwargs
+from hf_caldetr.training import check_config_overrides, parse_config_overrides
 
 
-def build_pair(model_type: str, size: str, num_labels: int):
-    """The stock model and its Cal class (the paper's settings) from the registry's ``size`` preset, one config."""
+def build_pair(model_type: str, size: str, num_labels: int, config_overrides: dict | None = None):
+    """The stock model and its Cal class (the paper's settings, unless ``config_overrides`` sets a Cal field) from
+    the registry's ``size`` preset with ``config_overrides``, one config."""
     family = MODEL_FAMILIES[model_type]
-    kwargs = preset_config_kwargs(family, size, num_labels=num_labels)
+    overrides = dict(config_overrides or {})
+    cal_settings = {name: overrides.pop(name) for name in list(overrides) if name in CAL_FIELDS}
+    check_config_overrides(family, overrides)
+    kwargs = preset_config_kwargs(family, size, num_labels=num_labels, **overrides)
     return (family.model_class, family.config_class(**kwargs), family.cal_model_class,
-            family.cal_config_class(**kwargs))
+            family.cal_config_class(**kwargs, **cal_settings))
 
 
 def make_batch(batch_size, height, width, num_labels, boxes_per_image, device, seed=0):
@@ -61,7 +67,8 @@ def measure(args):
     # On a shared CPU, wall time measures the neighbours; the process's CPU time (one thread) measures the step.
     clock = time.process_time if args.timer == "cpu" else time.perf_counter
     device = torch.device(args.device)
-    plain_cls, plain_config, cal_cls, cal_config = build_pair(args.model, args.size, args.num_labels)
+    plain_cls, plain_config, cal_cls, cal_config = build_pair(args.model, args.size, args.num_labels,
+                                                              parse_config_overrides(args.config_overrides))
     torch.manual_seed(0)
     plain = plain_cls(plain_config).to(device).train()
     cal = cal_cls(cal_config).to(device).train()
@@ -104,6 +111,10 @@ def main():
                         help="a model preset of the registry (hf_caldetr.families): small is what examples/train.py "
                              "trains by default (the main job's model), tiny the tests' models, r50 the published "
                              "shapes (random weights; for a GPU) (default: %(default)s)")
+    parser.add_argument("--config_overrides", default=None,
+                        help="config fields of both models as examples/train.py takes them, e.g. "
+                             "auxiliary_loss=true; a Cal field (use_logit_mixing=false, ...) goes to the Cal model "
+                             "only. The row's size column shows them (default: the preset as it is)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="images per step (default: 8 for small, the main job's; 4 for tiny; 2 for r50)")
     parser.add_argument("--height", type=int, default=None,
@@ -136,6 +147,12 @@ def main():
         given or default for given, default in zip((args.batch_size, args.height, args.width, args.num_labels),
                                                    defaults))
 
+    # A misspelt or foreign override is refused before anything is timed, for every family asked for.
+    overrides = parse_config_overrides(args.config_overrides)
+    for model_type in args.model:
+        check_config_overrides(MODEL_FAMILIES[model_type],
+                               {key: value for key, value in overrides.items() if key not in CAL_FIELDS})
+
     if args.timer is None:
         args.timer = "wall" if args.device.startswith("cuda") else "cpu"
     if args.timer == "cpu":
@@ -153,7 +170,8 @@ def main():
             ratio += f" ({min(ratios):.3f}-{max(ratios):.3f})"
         peak = {name: max(peaks[name] for _, peaks in rounds) for name in rounds[0][1]}
         memory = f"{peak['plain'] / 2**30:.2f} / {peak['cal'] / 2**30:.2f}" if peak else "n/a"
-        row = (f"| {model_type} | {args.size} | {args.batch_size}x{args.height}x{args.width} | {args.dtype} | "
+        size = f"{args.size} ({args.config_overrides})" if args.config_overrides else args.size
+        row = (f"| {model_type} | {size} | {args.batch_size}x{args.height}x{args.width} | {args.dtype} | "
                f"{plain_ms:.1f} | {cal_ms:.1f} | {ratio} | {memory} | {machine} |")
         rows.append(row)
         spread = f"; {args.rounds} rounds" if args.rounds > 1 else ""

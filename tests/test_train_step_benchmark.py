@@ -37,3 +37,31 @@ def test_rounds_report_the_median_ratio_and_its_range(tmp_path):
     # Two rounds: the median is the mean of the two round ratios, the lowest and the highest.
     assert low <= float(median) <= high
     assert float(median) == pytest.approx((low + high) / 2, abs=0.0011)
+
+
+def test_config_overrides_reach_both_models_and_show_in_the_row(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
+    train_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_step)
+    _, plain_config, _, cal_config = train_step.build_pair("detr", "tiny", 10,
+                                                           {"auxiliary_loss": True, "use_logit_mixing": False})
+    assert plain_config.auxiliary_loss is True and cal_config.auxiliary_loss is True
+    # A Cal field goes to the Cal model only; the rest of the method keeps the paper's settings.
+    assert cal_config.use_logit_mixing is False and cal_config.uncertainty_modulation == "multiplicative"
+    assert not hasattr(plain_config, "use_logit_mixing")
+
+    (row,) = run_rows(tmp_path, "--config_overrides", "auxiliary_loss=true")
+    assert row[1] == "tiny (auxiliary_loss=true)"
+    assert float(row[6]) > 0
+
+
+def test_a_misspelt_config_override_is_refused_before_timing(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.run([sys.executable, "benchmarks/train_step.py", "--model", "detr", "--size", "tiny",
+                              "--config_overrides", "auxilary_loss=true"],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert process.returncode != 0
+    assert "['auxilary_loss'] are not fields of DetrConfig" in process.stderr
+    assert "plain" not in process.stdout

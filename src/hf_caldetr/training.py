@@ -25,8 +25,8 @@ from .families import (  # noqa: F401  (re-exported: the scripts' one import pla
 )
 
 __all__ = ["METHODS", "MODEL_FAMILIES", "MODEL_PRESETS", "ModelFamily", "build_model", "check_checkpoint",
-           "checkpoint_model_type", "decoder_layer_logits", "freeze_batch_norm", "has_layer_logits",
-           "layer_logits_options", "method_settings", "model_family", "parse_config_overrides",
+           "check_config_overrides", "checkpoint_model_type", "decoder_layer_logits", "freeze_batch_norm",
+           "has_layer_logits", "layer_logits_options", "method_settings", "model_family", "parse_config_overrides",
            "preset_config_kwargs", "small_backbone_config", "unfreeze_batch_norm"]
 
 # method -> Cal settings. Every arm trains the Cal class, so that training choices outside the method
@@ -60,6 +60,17 @@ def parse_config_overrides(text: str | None) -> dict:
                 except ValueError:
                     overrides[key] = value
     return overrides
+
+
+def check_config_overrides(family, overrides: dict) -> None:
+    """Refuse config overrides that are not fields of ``family``'s config: a transformers config keeps unknown keys
+    as unused attributes, so a misspelt override would change nothing, silently."""
+    known = {field.name for field in dataclasses.fields(family.config_class)} | set(
+        inspect.signature(family.config_class.__init__).parameters)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--config_overrides: {unknown} are not fields of {family.config_class.__name__} (a config "
+                         "keeps unknown keys unused); check the spelling")
 
 
 def method_settings(method: str, **cal_overrides) -> dict:
@@ -125,12 +136,7 @@ def build_model(method: str, id2label: dict[int, str], model_name_or_path: str |
     if model_type is None:
         model_type = checkpoint_model_type(model_name_or_path) if model_name_or_path else "deformable_detr"
     family = model_family(model_type)
-    known = {field.name for field in dataclasses.fields(family.config_class)} | set(
-        inspect.signature(family.config_class.__init__).parameters)
-    unknown = sorted(set(config_overrides) - known)
-    if unknown:
-        raise ValueError(f"--config_overrides: {unknown} are not fields of {family.config_class.__name__} (a config "
-                         "keeps unknown keys unused); check the spelling")
+    check_config_overrides(family, config_overrides)
     model_class = family.cal_model_class
     labels = {"num_labels": len(id2label), "id2label": dict(id2label),
               "label2id": {name: index for index, name in id2label.items()}}
