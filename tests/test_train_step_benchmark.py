@@ -57,11 +57,16 @@ def test_config_overrides_reach_both_models_and_show_in_the_row(tmp_path):
     assert float(row[6]) > 0
 
 
-def test_a_misspelt_config_override_is_refused_before_timing(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("auxilary_loss=true", "['auxilary_loss'] are not fields of DetrConfig"),
+    ("uncertainty_modulation=bogus", "uncertainty_modulation must be one of"),
+])
+def test_a_wrong_config_override_is_refused_before_timing(override, message):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.run([sys.executable, "benchmarks/train_step.py", "--model", "detr", "--size", "tiny",
-                              "--config_overrides", "auxilary_loss=true"],
+    # Refused while the configs are built, before the first family is timed.
+    process = subprocess.run([sys.executable, "benchmarks/train_step.py", "--model", "detr", "conditional_detr",
+                              "--size", "tiny", "--config_overrides", override],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert process.returncode != 0
-    assert "['auxilary_loss'] are not fields of DetrConfig" in process.stderr
+    assert message in process.stderr
     assert "plain" not in process.stdout
