@@ -20,17 +20,15 @@ from contextlib import nullcontext
 
 import torch
 
-from hf_caldetr.configuration import CAL_FIELDS
 from hf_caldetr.families import MODEL_FAMILIES, preset_config_kwargs
-from hf_caldetr.training import check_config_overrides, parse_config_overrides
+from hf_caldetr.training import check_config_overrides, parse_config_overrides, split_cal_overrides
 
 
 def build_pair(model_type: str, size: str, num_labels: int, config_overrides: dict | None = None):
     """The stock model and its Cal class (the paper's settings, unless ``config_overrides`` sets a Cal field) from
     the registry's ``size`` preset with ``config_overrides``, one config."""
     family = MODEL_FAMILIES[model_type]
-    overrides = dict(config_overrides or {})
-    cal_settings = {name: overrides.pop(name) for name in list(overrides) if name in CAL_FIELDS}
+    overrides, cal_settings = split_cal_overrides(config_overrides)
     check_config_overrides(family, overrides)
     kwargs = preset_config_kwargs(family, size, num_labels=num_labels, **overrides)
     return (family.model_class, family.config_class(**kwargs), family.cal_model_class,

@@ -27,7 +27,7 @@ from .families import (  # noqa: F401  (re-exported: the scripts' one import pla
 __all__ = ["METHODS", "MODEL_FAMILIES", "MODEL_PRESETS", "ModelFamily", "build_model", "check_checkpoint",
            "check_config_overrides", "checkpoint_model_type", "decoder_layer_logits", "freeze_batch_norm",
            "has_layer_logits", "layer_logits_options", "method_settings", "model_family", "parse_config_overrides",
-           "preset_config_kwargs", "small_backbone_config", "unfreeze_batch_norm"]
+           "preset_config_kwargs", "small_backbone_config", "split_cal_overrides", "unfreeze_batch_norm"]
 
 # method -> Cal settings. Every arm trains the Cal class, so that training choices outside the method
 # (``num_boxes_normalization``) are the same for all; ``baseline`` has the method off: the stock transformers loss
@@ -60,6 +60,14 @@ def parse_config_overrides(text: str | None) -> dict:
                 except ValueError:
                     overrides[key] = value
     return overrides
+
+
+def split_cal_overrides(overrides: dict | None) -> tuple[dict, dict]:
+    """``(model config fields, Cal settings)`` of config overrides: a Cal field given as a config override is a Cal
+    setting (it goes to the Cal model only, through the Cal settings' checks)."""
+    overrides = dict(overrides or {})
+    cal_settings = {name: overrides.pop(name) for name in list(overrides) if name in CAL_FIELDS}
+    return overrides, cal_settings
 
 
 def check_config_overrides(family, overrides: dict) -> None:
@@ -125,13 +133,13 @@ def build_model(method: str, id2label: dict[int, str], model_name_or_path: str |
     ``model_type`` defaults to the checkpoint's own, or ``deformable_detr`` for a fresh model. A checkpoint with
     another label set gets a new classification head (``ignore_mismatched_sizes``).
     """
-    config_overrides = dict(config_overrides or {})
-    # A Cal field given as a config override is a Cal setting: it goes through the same checks (refused for the
-    # stock baseline), and is not overwritten by the method's own settings.
-    for name in [key for key in config_overrides if key in CAL_FIELDS]:
+    # A Cal field given as a config override goes through the Cal settings' checks (refused for the stock
+    # baseline), and is not overwritten by the method's own settings.
+    config_overrides, cal_fields = split_cal_overrides(config_overrides)
+    for name, value in cal_fields.items():
         if cal_overrides.get(name) is not None:
             raise ValueError(f"{name} is given twice (as --{name} and in --config_overrides): give it once")
-        cal_overrides[name] = config_overrides.pop(name)
+        cal_overrides[name] = value
     settings = method_settings(method, **cal_overrides)
     if model_type is None:
         model_type = checkpoint_model_type(model_name_or_path) if model_name_or_path else "deformable_detr"
